@@ -1,0 +1,150 @@
+"""The Volume type: a label array plus its spatial geometry, understood by every module.
+
+Conventions (the one internal convention of vertrefine):
+
+* Physical coordinates are LPS millimetres (DICOM / ITK): +x = patient left, +y = posterior,
+  +z = superior. NIfTI's RAS is converted on reading and back on writing.
+* Arrays are indexed ``[k, j, i]`` (= ``[z, y, x]``), as ``SimpleITK.GetArrayFromImage`` returns them.
+* Index tuples handed to :class:`Geometry` methods are in ITK order ``(i, j, k)``.
+* ``direction`` is the 3x3 matrix whose column ``c`` is the LPS unit vector of index axis ``c``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import SimpleITK as sitk
+
+SourceKind = Literal["nifti", "dicom-series", "dicom-seg", "memory"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an array's voxels lie in patient space."""
+
+    shape: tuple[int, int, int]
+    """Array shape ``(nz, ny, nx)``."""
+    spacing: tuple[float, float, float]
+    """Voxel size in mm along index axes ``(i, j, k)``."""
+    origin: tuple[float, float, float]
+    """LPS position (mm) of the centre of voxel ``(0, 0, 0)``."""
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    """Row-major 3x3 direction cosines; column ``c`` is the LPS direction of index axis ``c``."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        object.__setattr__(self, "origin", tuple(float(o) for o in self.origin))
+        object.__setattr__(self, "direction", tuple(float(d) for d in np.ravel(self.direction)))
+        if len(self.shape) != 3 or len(self.spacing) != 3 or len(self.origin) != 3 or len(self.direction) != 9:
+            raise ValueError("Geometry needs a 3D shape, spacing, origin and a 3x3 direction")
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    @property
+    def size_ijk(self) -> tuple[int, int, int]:
+        """Size in ITK order ``(nx, ny, nz)``."""
+        return (self.shape[2], self.shape[1], self.shape[0])
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(np.prod(self.spacing))
+
+    def index_to_physical_matrix(self) -> np.ndarray:
+        """4x4 matrix mapping homogeneous ITK indices ``(i, j, k, 1)`` to LPS mm."""
+        m = np.eye(4)
+        m[:3, :3] = self.direction_matrix * np.asarray(self.spacing)[None, :]
+        m[:3, 3] = self.origin
+        return m
+
+    def index_to_physical(self, ijk: np.ndarray) -> np.ndarray:
+        """LPS mm of continuous ITK indices; ``ijk`` is ``(3,)`` or ``(N, 3)``."""
+        ijk = np.asarray(ijk, dtype=float)
+        m = self.index_to_physical_matrix()
+        return ijk @ m[:3, :3].T + m[:3, 3]
+
+    def physical_to_index(self, lps: np.ndarray) -> np.ndarray:
+        """Continuous ITK indices of LPS points; ``lps`` is ``(3,)`` or ``(N, 3)``."""
+        lps = np.asarray(lps, dtype=float)
+        m = self.index_to_physical_matrix()
+        return (lps - m[:3, 3]) @ np.linalg.inv(m[:3, :3]).T
+
+    def is_orthonormal(self, tol: float = 1e-4) -> bool:
+        d = self.direction_matrix
+        return bool(np.allclose(d.T @ d, np.eye(3), atol=tol)) and abs(abs(np.linalg.det(d)) - 1) < tol
+
+    def same_grid(self, other: Geometry, tol: float = 1e-4) -> bool:
+        """True when both describe the same voxels (shape, spacing, origin, direction within ``tol``)."""
+        return (
+            self.shape == other.shape
+            and np.allclose(self.spacing, other.spacing, atol=tol)
+            and np.allclose(self.origin, other.origin, atol=tol * max(1.0, *np.abs(self.origin)))
+            and np.allclose(self.direction, other.direction, atol=tol)
+        )
+
+    def describe(self) -> str:
+        return (
+            f"shape {self.shape} spacing {tuple(round(s, 4) for s in self.spacing)} "
+            f"origin {tuple(round(o, 3) for o in self.origin)}"
+        )
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> Geometry:
+        nx, ny, nz = image.GetSize()
+        return cls((nz, ny, nx), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """Set this geometry's spacing, origin and direction on ``image`` (in place) and return it."""
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def reference_image(self, pixel_id: int = sitk.sitkUInt8) -> sitk.Image:
+        """An empty SimpleITK image on this grid, for use as a resampling reference."""
+        return self.apply_to(sitk.Image(list(self.size_ijk), pixel_id))
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a Volume came from, with what a writer needs to reproduce the input's format."""
+
+    path: Path | None
+    kind: SourceKind = "memory"
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """Format-specific: e.g. the NIfTI header, or the DICOM datasets / references of a series."""
+
+
+@dataclass
+class Volume:
+    """A label map (or any scalar array) on a known grid."""
+
+    array: np.ndarray
+    geometry: Geometry
+    source: Source = field(default_factory=lambda: Source(None))
+
+    def __post_init__(self) -> None:
+        if tuple(self.array.shape) != self.geometry.shape:
+            raise ValueError(f"array shape {self.array.shape} does not match geometry {self.geometry.shape}")
+
+    @property
+    def labels(self) -> list[int]:
+        """Sorted non-zero label values present in the array."""
+        values = np.unique(self.array)
+        return [int(v) for v in values if v != 0]
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """Same grid and source, other voxels."""
+        return replace(self, array=array)
+
+    def to_sitk(self) -> sitk.Image:
+        return self.geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(self.array)))
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, source: Source | None = None) -> Volume:
+        return cls(sitk.GetArrayFromImage(image), Geometry.from_sitk(image), source or Source(None))
