@@ -28,6 +28,6 @@ def label_for_level(name: str) -> int | None:
     for suffix in (" VERTEBRA", "_VERTEBRA", " VERTEBRAE"):
         if key.endswith(suffix):
             key = key[: -len(suffix)].strip()
-    if key.startswith("VERTEBRAE_") or key.startswith("VERTEBRA_"):
+    if key.startswith(("VERTEBRAE_", "VERTEBRA_")):
         key = key.split("_", 1)[1]
     return _IDS.get(key)

@@ -39,7 +39,12 @@ class Geometry:
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
         object.__setattr__(self, "origin", tuple(float(o) for o in self.origin))
         object.__setattr__(self, "direction", tuple(float(d) for d in np.ravel(self.direction)))
-        if len(self.shape) != 3 or len(self.spacing) != 3 or len(self.origin) != 3 or len(self.direction) != 9:
+        if (
+            len(self.shape) != 3
+            or len(self.spacing) != 3
+            or len(self.origin) != 3
+            or len(self.direction) != 9
+        ):
             raise ValueError("Geometry needs a 3D shape, spacing, origin and a 3x3 direction")
 
     @property
