@@ -1,0 +1,122 @@
+"""Run one command over a file or a folder of cases: progress, skip-existing, go on past failures."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .cases import Case, case_name, find_cases, is_nifti
+from .errors import InputError, OutputError, VertrefineError
+
+CaseFn = Callable[[int, Path, Path], str]
+"""(case index, input path, output path) -> a short note for the final table."""
+
+
+@dataclass
+class CaseOutcome:
+    case: str
+    status: str  # "done" | "skipped" | "failed"
+    detail: str
+    seconds: float
+
+
+def output_path_for(case: Case, out_dir: Path) -> Path:
+    """NIfTI inputs keep their file name; DICOM inputs become ``<case>.dcm`` (DICOM SEG)."""
+    if is_nifti(case.path):
+        return out_dir / case.path.name
+    return out_dir / f"{case.name}.dcm"
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def plan_cases(input_path: Path, output: Path) -> list[tuple[Case, Path]]:
+    """Pair every input case with its output path; refuse outputs that would overwrite an input."""
+    if not input_path.exists():
+        raise InputError(input_path, "does not exist", "check the path")
+    if input_path.is_dir():
+        cases = find_cases(input_path)
+        if not cases:
+            raise InputError(input_path, "holds no NIfTI or DICOM files", "point at a label map or a folder of them")
+        single = len(cases) == 1 and cases[0].path == input_path  # a DICOM folder is one case
+    else:
+        cases, single = [Case(case_name(input_path), input_path)], True
+    if single:
+        destination = output_path_for(cases[0], output) if output.is_dir() else output
+        if _same_path(input_path, destination):
+            raise OutputError(f"{output}: -o is the input; choose another name so the input is kept")
+        return [(cases[0], destination)]
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"{output}: the input is a folder, so -o must be a folder too")
+    if _same_path(input_path, output):
+        raise OutputError(f"{output}: -o is the input folder; choose another folder so inputs are kept")
+    output.mkdir(parents=True, exist_ok=True)
+    return [(case, output_path_for(case, output)) for case in cases]
+
+
+def run_batch(
+    input_path: Path,
+    output: Path,
+    one_case: CaseFn,
+    *,
+    label: str,
+    skip_existing: bool,
+    console: Console,
+    out: Console,
+) -> int:
+    """Run ``one_case`` over every case; return the exit code (0 all done or skipped, 1 some failed)."""
+    plan = plan_cases(input_path, output)
+    outcomes: list[CaseOutcome] = []
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        task = progress.add_task(label, total=len(plan))
+        for index, (case, destination) in enumerate(plan):
+            progress.update(task, description=f"{label} {case.name}")
+            start = time.perf_counter()
+            if skip_existing and destination.exists():
+                outcomes.append(CaseOutcome(case.name, "skipped", "output exists", 0.0))
+            else:
+                try:
+                    detail = one_case(index, case.path, destination)
+                    outcomes.append(CaseOutcome(case.name, "done", detail, time.perf_counter() - start))
+                except Exception as exc:  # noqa: BLE001 - a batch goes on past any failed case
+                    if os.environ.get("VERTREFINE_DEBUG"):
+                        raise
+                    reason = str(exc) if isinstance(exc, VertrefineError) else f"{type(exc).__name__}: {exc}"
+                    outcomes.append(CaseOutcome(case.name, "failed", reason, time.perf_counter() - start))
+                    progress.console.print(f"[red]failed[/] {case.name}: {reason}", highlight=False, soft_wrap=True)
+            progress.advance(task)
+    return report(outcomes, out)
+
+
+def report(outcomes: list[CaseOutcome], out: Console) -> int:
+    """Print the final counts (and a table of failures); return the exit code."""
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
+    failed = [o for o in outcomes if o.status == "failed"]
+    if len(outcomes) == 1 and not failed:
+        only = outcomes[0]
+        out.print(f"{only.case}: {only.status} ({only.detail}, {only.seconds:.1f} s)", highlight=False)
+    if failed:
+        table = Table(title="failed cases")
+        table.add_column("case")
+        table.add_column("reason")
+        for outcome in failed:
+            table.add_row(outcome.case, outcome.detail)
+        out.print(table)
+    if len(outcomes) > 1 or failed:
+        out.print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
+    return 1 if failed else 0

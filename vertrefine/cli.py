@@ -1,0 +1,305 @@
+"""The ``vertrefine`` command line: thin wrappers that parse options, show progress and set exit codes.
+
+Exit codes: 0 success, 1 some cases of a batch failed, 2 bad input or usage.
+Heavy modules are imported inside the commands so that ``vertrefine --help`` starts fast and no command
+but ``train``/``export`` ever imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import VertrefineError
+
+app = typer.Typer(
+    name="vertrefine",
+    help="CT-quality vertebra segmentations from thick-slice MRI with a latent diffusion energy-based prior.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one error line and return the Exit to raise."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def friendly_errors(command: F) -> F:
+    """Turn vertrefine's errors (and unexpected ones) into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except VertrefineError as exc:
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; rerun the same command to resume", 130) from None
+        except Exception as exc:  # noqa: BLE001 - last resort: never a bare traceback for users
+            if os.environ.get("VERTREFINE_DEBUG"):
+                raise
+            raise fail(
+                f"unexpected {type(exc).__name__}: {exc} (rerun with VERTREFINE_DEBUG=1 for the traceback)"
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out.print(f"vertrefine {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """CT-quality vertebra segmentations from thick-slice MRI with a latent diffusion energy-based prior."""
+
+
+@app.command()
+@friendly_errors
+def info() -> None:
+    """Package versions, the ONNX Runtime providers that work here, and the model bundles found."""
+    from .info import collect_info
+
+    report = collect_info()
+    table = Table(title=f"vertrefine {__version__}", show_header=False)
+    table.add_column("item", style="bold")
+    table.add_column("value")
+    table.add_row("python", f"{sys.version.split()[0]} ({sys.executable})")
+    for name, version in report.packages.items():
+        table.add_row(name, version or "[dim]not installed[/]")
+    table.add_row("providers (working)", ", ".join(report.providers))
+    table.add_row("CUDA", "usable" if report.cuda else "not usable here (CPU is used)")
+    if report.bundles:
+        for bundle in report.bundles:
+            table.add_row("bundle", bundle)
+    else:
+        table.add_row("bundle", "[dim]none found[/] (searched: " + ", ".join(report.bundle_dirs) + ")")
+    out.print(table)
+
+
+@app.command()
+@friendly_errors
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the phantoms into (created if missing).")],
+    cases: Annotated[int, typer.Option("--cases", "-n", min=1, help="Number of whole spines.")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the first case; case i uses seed + i.")] = 0,
+    patches: Annotated[
+        bool,
+        typer.Option("--patches", help="Write single-vertebra 128^3 1 mm patches (training data) instead."),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Rewrite files that already exist.")] = False,
+) -> None:
+    """Procedural lumbar spines (L1..L5, VerSe labels 20..24) at 1 mm, as NIfTI."""
+    from .synth import write_synth_dataset
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with progress_bar() as progress:
+        task = progress.add_task("synth", total=cases)
+        written = write_synth_dataset(
+            out_dir,
+            cases,
+            seed,
+            patches=patches,
+            overwrite=overwrite,
+            on_case=lambda: progress.advance(task),
+        )
+    kind = "patches" if patches else "spines"
+    out.print(f"wrote {len(written)} files ({cases} {kind} cases, seeds {seed}..{seed + cases - 1}) to {out_dir}")
+
+
+class Axis(str, Enum):
+    sagittal = "sagittal"
+    axial = "axial"
+    coronal = "coronal"
+
+
+class Region(str, Enum):
+    patch = "patch"
+    image = "image"
+
+
+@app.command()
+@friendly_errors
+def degrade(
+    input_path: Annotated[Path, typer.Argument(metavar="IN", help="Label map (NIfTI/DICOM) or a folder of them.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output file, or folder when IN is a folder.")],
+    slice_mm: Annotated[float, typer.Option(min=0.5, help="Simulated slice thickness in mm.")] = 5.0,
+    axis: Annotated[Axis, typer.Option(help="Slice direction of the simulated acquisition.")] = Axis.sagittal,
+    seed: Annotated[int, typer.Option(min=0, help="Seed; case i of a folder uses seed + i.")] = 0,
+    in_plane_mm: Annotated[float, typer.Option(min=0.0, help="Simulated in-plane resolution in mm.")] = 1.0,
+    boundary_amplitude_mm: Annotated[
+        float, typer.Option(min=0.0, help="Amplitude of the smooth boundary error, mm.")
+    ] = 1.0,
+    boundary_sigma_mm: Annotated[
+        float, typer.Option(min=0.1, help="Correlation length of the boundary error, mm.")
+    ] = 8.0,
+    threshold_jitter: Annotated[
+        float,
+        typer.Option(min=0.0, max=0.45, help="Per-vertebra random shift of the partial-volume threshold."),
+    ] = 0.1,
+    posterior_loss_mm: Annotated[
+        float, typer.Option(min=0.0, help="Radius of the opening that erodes thin posterior structures, mm.")
+    ] = 2.0,
+    islands: Annotated[int, typer.Option(min=0, help="Mean number of spurious islands per case.")] = 4,
+    skip_existing: Annotated[bool, typer.Option(help="In folder mode, skip cases whose output exists.")] = False,
+) -> None:
+    """Simulate a thick-slice MRI segmentation of a label map, on the input's grid."""
+    from .batch import run_batch
+    from .degrade import degrade as degrade_volume
+    from .io import read_label_map, write_label_map
+
+    knobs = dict(
+        slice_mm=slice_mm,
+        axis=axis.value,
+        in_plane_mm=in_plane_mm,
+        boundary_amplitude_mm=boundary_amplitude_mm,
+        boundary_sigma_mm=boundary_sigma_mm,
+        threshold_jitter=threshold_jitter,
+        posterior_loss_mm=posterior_loss_mm,
+        islands=islands,
+    )
+
+    def one_case(index: int, source: Path, destination: Path) -> str:
+        volume = read_label_map(source)
+        degraded = degrade_volume(volume, seed=seed + index, **knobs)
+        write_label_map(degraded, destination, like=volume)
+        return f"seed {seed + index}"
+
+    code = run_batch(input_path, output, one_case, label="degrade", skip_existing=skip_existing, console=err, out=out)
+    raise typer.Exit(code)
+
+
+@app.command()
+@friendly_errors
+def score(
+    pred: Annotated[Path, typer.Argument(help="Predicted label map, or a folder of them.")],
+    gt: Annotated[Path, typer.Argument(help="Ground-truth label map, or a folder (paired by file name).")],
+    region: Annotated[
+        Region,
+        typer.Option(help="patch: the paper's 128^3 1 mm patch around each true vertebra; image: the whole grid."),
+    ] = Region.patch,
+    csv: Annotated[Path | None, typer.Option("--csv", help="Write per-vertebra rows as CSV.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write rows and summary as JSON.")] = None,
+    resample: Annotated[
+        bool,
+        typer.Option(help="Put predictions on the truth's grid when the grids differ (nearest neighbour)."),
+    ] = False,
+    per_case: Annotated[bool, typer.Option(help="Also print one row per case and vertebra.")] = False,
+) -> None:
+    """DSC, VS, SEN, SPEC, NMI, Cohen's kappa (paper appendix D), HD95 and ASSD per vertebra."""
+    from .score import pair_files, score_pairs, summarize, write_csv, write_json
+
+    pairs, only_pred, only_gt = pair_files(pred, gt)
+    for path in only_pred:
+        err.print(f"[yellow]unpaired prediction:[/] {path}", highlight=False)
+    for path in only_gt:
+        err.print(f"[yellow]unpaired ground truth:[/] {path}", highlight=False)
+    if not pairs:
+        raise fail(f"no pairs of files with the same name in {pred} and {gt}")
+
+    with progress_bar() as progress:
+        task = progress.add_task("score", total=len(pairs))
+        result = score_pairs(pairs, region=region.value, resample=resample, on_case=lambda *_: progress.advance(task))
+    for case, message in result.errors:
+        err.print(f"[red]failed[/] {case}: {message}", highlight=False, soft_wrap=True)
+
+    summary = summarize(result.rows)
+    if per_case:
+        out.print(_rows_table(result.rows))
+    out.print(_summary_table(summary, region.value))
+    if csv:
+        write_csv(result.rows, csv)
+        out.print(f"rows written to {csv}")
+    if json_path:
+        write_json(result.rows, summary, json_path)
+        out.print(f"rows and summary written to {json_path}")
+    if result.errors:
+        raise typer.Exit(1)
+
+
+METRIC_COLUMNS = (
+    ("dsc", "DSC"),
+    ("vs", "VS"),
+    ("sen", "SEN"),
+    ("spec", "SPEC"),
+    ("nmi", "NMI"),
+    ("ck", "CK"),
+    ("hd95_mm", "HD95 mm"),
+    ("assd_mm", "ASSD mm"),
+)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _rows_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="per case and vertebra")
+    table.add_column("case")
+    table.add_column("level")
+    for _, title in METRIC_COLUMNS:
+        table.add_column(title, justify="right")
+    for row in rows:
+        table.add_row(row["case"], row["level"], *(_fmt(row.get(key)) for key, _ in METRIC_COLUMNS))
+    return table
+
+
+def _summary_table(summary: dict[str, Any], region: str) -> Table:
+    table = Table(title=f"mean ± std per vertebra ({region} region)")
+    table.add_column("level")
+    table.add_column("n", justify="right")
+    for _, title in METRIC_COLUMNS:
+        table.add_column(title, justify="right")
+
+    def cells(stats: dict[str, Any]) -> list[str]:
+        values = []
+        for key, _ in METRIC_COLUMNS:
+            entry = stats.get(key) or {}
+            mean, std = entry.get("mean"), entry.get("std")
+            values.append("-" if mean is None else f"{mean:.3f} ± {std:.3f}")
+        return values
+
+    for level, stats in summary["per_level"].items():
+        table.add_row(level, str(stats["n"]), *cells(stats))
+    overall = summary["overall"]
+    table.add_row("[bold]all[/]", str(overall["n"]), *cells(overall), end_section=True)
+    return table
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

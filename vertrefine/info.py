@@ -1,0 +1,84 @@
+"""What `vertrefine info` reports: versions, working ONNX Runtime providers, model bundles found."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .runtime import cuda_usable, working_providers
+
+PACKAGES = (
+    "vertrefine",
+    "numpy",
+    "scipy",
+    "SimpleITK",
+    "nibabel",
+    "pydicom",
+    "highdicom",
+    "onnx",
+    "onnxruntime-gpu",
+    "onnxruntime",
+    "typer",
+    "rich",
+    "torch",
+)
+
+
+@dataclass
+class InfoReport:
+    packages: dict[str, str | None]
+    providers: list[str]
+    cuda: bool
+    bundles: list[str]
+    bundle_dirs: list[str]
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution, without importing it (so torch is never imported)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def bundle_search_dirs() -> list[Path]:
+    """Folders searched for model bundles: $VERTREFINE_WEIGHTS, then the project's weights/ folder."""
+    dirs = [Path(p) for p in os.environ.get("VERTREFINE_WEIGHTS", "").split(os.pathsep) if p]
+    dirs.append(Path(__file__).resolve().parent.parent / "weights")
+    return dirs
+
+
+def describe_bundle(folder: Path) -> str:
+    """'lsd-ebm (latent 64) at /path' from a bundle's manifest.json; says so when it is unreadable."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return f"{manifest.get('kind', '?')} (latent {manifest.get('latent_size', '?')}) at {folder}"
+    except (OSError, ValueError) as exc:
+        return f"unreadable manifest at {folder}: {exc}"
+
+
+def find_bundles(dirs: list[Path]) -> list[str]:
+    found = []
+    for folder in dirs:
+        candidates = [folder] + (sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else [])
+        found += [describe_bundle(c) for c in candidates if (c / "manifest.json").is_file()]
+    return found
+
+
+def collect_info() -> InfoReport:
+    dirs = bundle_search_dirs()
+    packages = {name: package_version(name) for name in PACKAGES}
+    # One of the two ONNX Runtime builds is installed (by platform); show the one that is.
+    for build, other in (("onnxruntime-gpu", "onnxruntime"), ("onnxruntime", "onnxruntime-gpu")):
+        if packages.get(build) and not packages.get(other):
+            packages.pop(other, None)
+    return InfoReport(
+        packages=packages,
+        providers=working_providers(),
+        cuda=cuda_usable(),
+        bundles=find_bundles(dirs),
+        bundle_dirs=[str(d) for d in dirs],
+    )
