@@ -48,22 +48,43 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
+def is_dicom_seg(path: Path) -> bool:
+    """True for a DICOM file whose Modality is SEG (reads the header only)."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"], force=True)
+    except (OSError, ValueError, TypeError, AttributeError, EOFError):
+        return False
+    return str(getattr(header, "Modality", "")).upper() == "SEG"
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and _visible(p) and is_dicom_file(p))
+
+
 def holds_dicom(folder: Path) -> bool:
     """True when the folder directly contains at least one DICOM file."""
-    return any(p.is_file() and _visible(p) and is_dicom_file(p) for p in folder.iterdir())
+    return bool(_dicom_files(folder))
+
+
+def is_series_folder(folder: Path) -> bool:
+    """True when the folder directly holds the slices of a DICOM image series (not only SEG files)."""
+    files = _dicom_files(folder)
+    return bool(files) and not is_dicom_seg(files[0])
 
 
 def find_cases(folder: str | Path) -> list[Case]:
     """Cases directly inside ``folder``, sorted by name.
 
-    A case is a NIfTI file, a DICOM file (a DICOM SEG), or a sub-folder holding DICOM files (a series or a
-    SEG). A folder that itself holds DICOM files is one case, not a folder of cases. Hidden files (such as
-    the ``.name.part`` files of an interrupted write) are skipped.
+    A case is a NIfTI file, a DICOM SEG file, or a sub-folder holding DICOM files (a series or a SEG).
+    A folder that itself holds the slices of a DICOM series is one case, not a folder of cases. Hidden
+    files (such as the ``.name.part`` files of an interrupted write) are skipped.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "is not a folder")
-    if holds_dicom(folder):
+    if is_series_folder(folder):
         return [Case(case_name(folder), folder)]
     cases = []
     for entry in sorted(folder.iterdir()):
