@@ -1,0 +1,652 @@
+"""DICOM label maps: image series whose pixel values are label ids, and DICOM SEG (highdicom).
+
+Orientation: DICOM patient coordinates are LPS mm, as everywhere in vertrefine (see volume.py). A series
+or a SEG becomes an array ``[k, j, i]`` = ``[slice, row, column]``: ``i`` runs along the first
+ImageOrientationPatient triplet (along a row), ``j`` along the second (down a column), ``k`` across the
+slices, which are ordered by their position along the normal row x column (for a series and a SEG
+alike), so ``k`` points along that normal. Use :mod:`vertrefine.io` rather than this module.
+
+SEG written from a SEG: the new SEG references the series the input SEG referenced. When that series
+is found next to the input (its own folder, sub-folders or sibling folders), its headers are used. When
+it is not, the references are carried over from the input SEG itself: its Referenced Series and Source
+Image sequences are copied, and each frame's Derivation Image Sequence points at the source instance
+that the input SEG recorded at the same position (left empty, as the standard allows, where unknown).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sr.codedict import codes
+
+from . import __version__
+from .atomic import atomic_path
+from .errors import InputError, OutputError
+from .labels import label_for_level, level_name
+from .volume import Geometry, Source, Volume
+
+SEG_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"})
+MAX_SCANNED_FILES = 5000
+"""Limit on DICOM headers read while looking for a SEG's source series around it."""
+_MODALITY_OF_SOP_CLASS = {"1.2.840.10008.5.1.4.1.1.2": "CT", "1.2.840.10008.5.1.4.1.1.4": "MR"}
+_PATIENT_STUDY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+_TYPE2_IMAGE_KEYWORDS = (*_PATIENT_STUDY_KEYWORDS, "SliceThickness")
+
+
+# --- coded anatomy ---------------------------------------------------------------------------------
+
+SEGMENT_CATEGORY = codes.SCT.AnatomicalStructure  # SCT 91723000, CID 7150
+GENERIC_VERTEBRA = codes.SCT.Vertebra  # SCT 51282000
+
+
+def property_type_for_label(label: int) -> pydicom.sr.coding.Code:
+    """SNOMED CT code (CID 7151) of a VerSe label: 'L1 vertebra' (66794005) for 20, 'Sacrum' for 26, ...
+
+    Levels without a code of their own (L6, T13, non-VerSe ids) get the generic 'Vertebra' (51282000);
+    the segment label still names the level.
+    """
+    name = level_name(label)
+    keyword = {"sacrum": "Sacrum", "coccyx": "Coccyx"}.get(name, f"{name}Vertebra")
+    try:
+        return getattr(codes.SCT, keyword)
+    except AttributeError:
+        return GENERIC_VERTEBRA
+
+
+_LABEL_OF_CODE: dict[str, int] = {
+    code.value: label
+    for label in range(1, 29)
+    if (code := property_type_for_label(label)).value != GENERIC_VERTEBRA.value
+}
+
+
+# --- reading DICOM folders -------------------------------------------------------------------------
+
+
+@dataclass
+class DicomSeries:
+    """The files of one series in a folder and their headers (no pixel data), in folder order."""
+
+    uid: str
+    files: list[Path]
+    datasets: list[Dataset]
+
+    @property
+    def first(self) -> Dataset:
+        return self.datasets[0]
+
+    @property
+    def is_seg(self) -> bool:
+        return self.first.get("Modality") == "SEG" or self.first.get("SOPClassUID") in SEG_SOP_CLASSES
+
+    def summary(self) -> str:
+        description = str(self.first.get("SeriesDescription", "") or "no description")
+        modality = self.first.get("Modality", "?")
+        return f"{self.uid} ({modality}, '{description}', {len(self.files)} files)"
+
+
+def scan_folder(folder: Path, *, uid: str | None = None, budget: list[int] | None = None) -> list[DicomSeries]:
+    """DICOM series among the files directly in ``folder`` (non-DICOM files are skipped).
+
+    With ``uid`` only that series is kept (other files are read up to SeriesInstanceUID only).
+    ``budget`` is a one-item list of files still allowed to be read; it is decremented.
+    """
+    groups: dict[str, DicomSeries] = {}
+    for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if budget is not None:
+            if budget[0] <= 0:
+                break
+            budget[0] -= 1
+        try:
+            if uid is not None:
+                head = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+                if head.get("SeriesInstanceUID") != uid:
+                    continue
+            dataset = pydicom.dcmread(file, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError):
+            continue
+        series_uid = dataset.get("SeriesInstanceUID")
+        if not series_uid:
+            continue  # DICOMDIR and other non-image objects
+        series = groups.setdefault(str(series_uid), DicomSeries(str(series_uid), [], []))
+        series.files.append(file)
+        series.datasets.append(dataset)
+    return list(groups.values())
+
+
+def choose_series(folder: Path, series: list[DicomSeries], series_uid: str | None) -> DicomSeries:
+    """The series to read from a folder: ``series_uid`` if given, else its only SEG or only series."""
+    if not series:
+        raise InputError(folder, "holds no DICOM files", "point at the folder holding the series' files, or at a file")
+    if series_uid is not None:
+        for item in series:
+            if item.uid == series_uid:
+                return item
+        listing = "; ".join(s.summary() for s in series)
+        raise InputError(folder, f"holds no series {series_uid} (it holds: {listing})", "check the series UID")
+    segs = [s for s in series if s.is_seg]
+    candidates = segs or series
+    if len(candidates) > 1:
+        kind = "DICOM SEG series" if segs else "DICOM series"
+        listing = "; ".join(s.summary() for s in candidates)
+        raise InputError(
+            folder,
+            f"holds {len(candidates)} {kind}: {listing}",
+            "point at a folder holding one series, or choose one by its series UID (series_uid / --series-uid)",
+        )
+    return candidates[0]
+
+
+def read_dicom_folder(folder: Path, *, series_uid: str | None = None) -> Volume:
+    """Read the SEG or the label-map image series held by ``folder``."""
+    series = scan_folder(folder)
+    chosen = choose_series(folder, series, series_uid)
+    if chosen.is_seg:
+        if len(chosen.files) > 1:
+            names = ", ".join(f.name for f in chosen.files[:5])
+            raise InputError(
+                folder, f"holds {len(chosen.files)} SEG instances of one series ({names})", "pass one SEG file"
+            )
+        return read_seg(chosen.files[0], nearby=[s for s in series if not s.is_seg])
+    return read_series(chosen, folder)
+
+
+def read_dicom_file(file: Path, *, series_uid: str | None = None) -> Volume:
+    """Read a DICOM SEG file; an image file stands for the series it belongs to in its folder."""
+    try:
+        dataset = pydicom.dcmread(file, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
+        raise InputError(
+            file, f"is not a readable DICOM file ({type(exc).__name__})", "pass a DICOM SEG file or series folder"
+        ) from exc
+    if dataset.get("Modality") == "SEG" or dataset.get("SOPClassUID") in SEG_SOP_CLASSES:
+        return read_seg(file)
+    uid = series_uid or dataset.get("SeriesInstanceUID")
+    if not uid:
+        raise InputError(file, "is a DICOM object without a series", "pass a DICOM SEG file or series folder")
+    series = scan_folder(file.parent, uid=str(uid))
+    return read_series(choose_series(file.parent, series, str(uid)), file.parent)
+
+
+# --- image series ----------------------------------------------------------------------------------
+
+
+def series_geometry(series: DicomSeries, path: Path) -> tuple[Geometry, list[int]]:
+    """Geometry of a single-frame image series and the order of its files along the slice normal."""
+    datasets = series.datasets
+    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
+        raise InputError(path, "holds multi-frame images", "export the label map as single-frame images or SEG")
+    required = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+    missing = [kw for kw in required if any(kw not in ds or ds.get(kw) is None for ds in datasets)]
+    if missing:
+        raise InputError(path, f"images lack {', '.join(missing)}: not a 3D series", "pass a 3D series or NIfTI file")
+    orientation = np.array([ds.ImageOrientationPatient for ds in datasets], dtype=float)
+    if not np.allclose(orientation, orientation[0], atol=1e-4):
+        raise InputError(path, "its images have different orientations", "pass one 3D series")
+    if len({(int(ds.Rows), int(ds.Columns)) for ds in datasets}) > 1:
+        raise InputError(path, "its images have different sizes", "pass one 3D series")
+    row, col = orientation[0, :3], orientation[0, 3:]
+    normal = np.cross(row, col)
+    positions = np.array([ds.ImagePositionPatient for ds in datasets], dtype=float)
+    along = positions @ normal
+    order = [int(i) for i in np.argsort(along, kind="stable")]
+    first = datasets[order[0]]
+    spacing_z = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+    if len(order) > 1:
+        gaps = np.diff(along[order])
+        if np.any(gaps < 1e-3):
+            raise InputError(path, "several images share one slice position", "pass one 3D series")
+        spacing_z = float(gaps.mean())
+        if np.max(np.abs(gaps - spacing_z)) > 0.01 * spacing_z + 1e-3:
+            raise InputError(
+                path,
+                f"slices are irregularly spaced (gaps {gaps.min():.3g} to {gaps.max():.3g} mm): missing slices?",
+                "pass a complete series with even slice spacing",
+            )
+        stack = positions[order[-1]] - positions[order[0]]
+        if abs(float(stack @ normal)) < (1 - 1e-3) * float(np.linalg.norm(stack)):
+            raise InputError(
+                path,
+                "slices are stacked obliquely to their planes (gantry tilt): a sheared, non-orthonormal grid",
+                "resample the series onto an orthogonal grid first",
+            )
+    pixel_spacing = [float(v) for v in first.PixelSpacing]
+    geometry = Geometry(
+        (len(order), int(first.Rows), int(first.Columns)),
+        (pixel_spacing[1], pixel_spacing[0], spacing_z),
+        positions[order[0]],
+        np.column_stack([row, col, normal]),
+    )
+    return geometry, order
+
+
+def read_series(series: DicomSeries, path: Path) -> Volume:
+    """Read a label map stored as a DICOM image series (pixel values = label ids)."""
+    geometry, order = series_geometry(series, path)
+    files = [series.files[i] for i in order]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(path, "cannot read the series' pixel data", "check that its files are complete") from exc
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path, "holds colour (RGB) images, not a label map", "pass a label map series")
+    array = sitk.GetArrayFromImage(image)
+    if array.shape != geometry.shape:
+        raise InputError(path, f"pixel data of shape {array.shape} does not match its headers", "re-export it")
+    sorted_series = DicomSeries(series.uid, files, [series.datasets[i] for i in order])
+    meta: dict[str, Any] = {"series": sorted_series, "geometry": geometry}
+    return Volume(array, geometry, Source(Path(path), "dicom-series", meta))
+
+
+# --- reading SEG -----------------------------------------------------------------------------------
+
+
+def _geometry_from_hd_affine(affine: np.ndarray, shape: tuple[int, int, int]) -> Geometry:
+    """highdicom maps (slice, row, column) to LPS; vertrefine's index axes (i, j, k) are (column, row, slice)."""
+    linear = np.asarray(affine, dtype=float)[:3, [2, 1, 0]]
+    spacing = np.linalg.norm(linear, axis=0)
+    return Geometry(shape, spacing, np.asarray(affine, dtype=float)[:3, 3], linear / spacing)
+
+
+def _hd_affine_from_geometry(geometry: Geometry) -> np.ndarray:
+    affine = geometry.index_to_physical_matrix()
+    affine[:3, :3] = affine[:3, [2, 1, 0]]
+    return affine
+
+
+def segment_labels(seg: hd.seg.Segmentation) -> dict[int, int]:
+    """Label id for each segment number: a named or coded vertebra level gets its VerSe id; any other
+    segment keeps its segment number, or the next free id when that number is taken."""
+    levels: dict[int, int | None] = {}
+    for number in seg.segment_numbers:
+        description = seg.get_segment_description(number)
+        label = label_for_level(str(description.segment_label or ""))
+        if label is None:
+            label = _LABEL_OF_CODE.get(str(description.segmented_property_type.value))
+        levels[number] = label
+    used = {label for label in levels.values() if label is not None}
+    result: dict[int, int] = {}
+    for number, label in levels.items():
+        if label is None:
+            label = number
+            while label in used:
+                label += 1
+            used.add(label)
+        result[number] = label
+    return result
+
+
+def read_seg(file: Path, *, nearby: Sequence[DicomSeries] = ()) -> Volume:
+    """Read a DICOM SEG as a label map; segments become label ids (see :func:`segment_labels`).
+
+    When the referenced series is found (among ``nearby`` or in folders around ``file``) and the SEG's
+    frames lie on its slices, the label map is placed on the whole series' grid, so that SEGs of one
+    series share a grid whatever slices they cover; otherwise the grid is the SEG's own frames.
+    """
+    try:
+        seg = hd.seg.segread(file)
+        volume_geometry = seg.get_volume_geometry()
+    except Exception as exc:  # highdicom/pydicom raise many types on malformed objects
+        raise InputError(file, f"cannot read this DICOM SEG ({type(exc).__name__}: {exc})", "re-export it") from exc
+    if volume_geometry is None:
+        raise InputError(file, "its frames do not form a regular 3D volume", "pass a SEG of a 3D series")
+    labels = segment_labels(seg)
+    shape = tuple(int(n) for n in volume_geometry.spatial_shape)
+    array = np.zeros(shape, dtype=np.uint16 if max(labels.values(), default=0) < 65536 else np.int32)
+    fractional = seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
+    for number, label in labels.items():
+        part = seg.get_volume(segment_numbers=[number], rescale_fractional=True)
+        if part.spatial_shape != shape or not np.allclose(part.affine, volume_geometry.affine, atol=1e-4):
+            raise InputError(file, f"segment {number} does not share the SEG's grid", "re-export it")
+        mask = part.array[..., 0]
+        array[(mask >= 0.5) if fractional else (mask > 0)] = label  # overlaps: the later segment wins
+    geometry = _geometry_from_hd_affine(volume_geometry.affine, shape)
+    directions = geometry.direction_matrix
+    if float(np.cross(directions[:, 0], directions[:, 1]) @ directions[:, 2]) < 0:
+        # Stack slices along row x column, as a series is read, so both give the same grid.
+        top = geometry.index_to_physical(np.array([0.0, 0.0, shape[0] - 1.0]))
+        directions = directions * np.array([1.0, 1.0, -1.0])
+        array = np.ascontiguousarray(array[::-1])
+        geometry = Geometry(shape, geometry.spacing, top, directions)
+    referenced = [str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])]
+    source_series = _find_source_series(file, referenced, nearby)
+    if source_series is not None:
+        try:
+            source_geometry, order = series_geometry(source_series, file)
+        except InputError:  # an unusable neighbour is no reason to refuse the SEG: keep its own grid
+            source_series = None
+    if source_series is not None:
+        placed = _place_on_grid(array, geometry, source_geometry)
+        if placed is not None:
+            array, geometry = placed, source_geometry
+        source_series = DicomSeries(
+            source_series.uid,
+            [source_series.files[i] for i in order],
+            [source_series.datasets[i] for i in order],
+        )
+    meta: dict[str, Any] = {
+        "dataset": seg,
+        "segment_labels": labels,
+        "referenced_series_uids": referenced,
+        "source_series": source_series,
+        "geometry": geometry,
+    }
+    return Volume(array, geometry, Source(Path(file), "dicom-seg", meta))
+
+
+def _find_source_series(file: Path, uids: Sequence[str], nearby: Sequence[DicomSeries]) -> DicomSeries | None:
+    """The first referenced series found among ``nearby``, else in the SEG's folder, sub-folders and siblings."""
+    for series in nearby:
+        if series.uid in uids:
+            return series
+    if not uids:
+        return None
+    folder = file.parent
+    candidates = [folder]
+    for parent in (folder, folder.parent) if folder.parent != folder else (folder,):
+        try:
+            candidates += sorted(p for p in parent.iterdir() if p.is_dir() and p not in candidates)
+        except OSError:
+            continue
+    budget = [MAX_SCANNED_FILES]
+    for candidate in candidates:
+        for uid in uids:
+            try:
+                found = scan_folder(candidate, uid=uid, budget=budget)
+            except OSError:
+                continue
+            if found and not found[0].is_seg:
+                return found[0]
+        if budget[0] <= 0:
+            break
+    return None
+
+
+def _place_on_grid(array: np.ndarray, geometry: Geometry, target: Geometry) -> np.ndarray | None:
+    """``array`` embedded in the larger ``target`` grid when its voxels are a run of target slices.
+
+    Both grids stack their slices along row x column (see the module docstring), so no flip is needed.
+    """
+    if geometry.shape[1:] != target.shape[1:] or not np.allclose(geometry.spacing, target.spacing, rtol=1e-3):
+        return None
+    if not np.allclose(geometry.direction, target.direction, atol=1e-4):
+        return None
+    index = target.physical_to_index(np.asarray(geometry.origin))
+    start = int(round(index[2]))
+    if not np.allclose(index, [0.0, 0.0, start], atol=1e-2) or start < 0 or start + array.shape[0] > target.shape[0]:
+        return None
+    placed = np.zeros(target.shape, dtype=array.dtype)
+    placed[start : start + array.shape[0]] = array
+    return placed
+
+
+# --- writing SEG -----------------------------------------------------------------------------------
+
+
+def write_dicom_seg(
+    volume: Volume,
+    path: str | Path,
+    *,
+    source_images: str | Path | Sequence[Dataset | str | Path] | None = None,
+    like: Volume | None = None,
+) -> Path:
+    """Write ``volume`` as a BINARY DICOM SEG, one segment per label present, atomically; return the path.
+
+    Segments are named by level ('L1'), coded as SCT 'Anatomical Structure' / '<level> vertebra'
+    (CID 7150 / 7151), algorithm type AUTOMATIC, algorithm 'vertrefine' with its version. The SEG
+    references its source series: ``source_images`` (datasets, files, or a series folder) when given;
+    else the series that ``like`` (default ``volume.source``) was read from; for a ``like`` read from a
+    SEG, the series that SEG referenced (see the module docstring).
+    """
+    path = Path(path)
+    labels = volume.labels
+    if not labels:
+        raise OutputError(f"{path}: nothing to write: the label map has no labelled voxel")
+    source = like.source if like is not None else volume.source
+    restore_from: Dataset | None = None
+    if source_images is not None:
+        datasets = _source_datasets(source_images, path)
+    elif source.kind == "dicom-series":
+        datasets = source.meta["series"].datasets
+    elif source.kind == "dicom-seg" and source.meta.get("source_series") is not None:
+        datasets = source.meta["source_series"].datasets
+    elif source.kind == "dicom-seg":
+        restore_from = source.meta["dataset"]
+        datasets = _reference_stubs(restore_from, source.path or path)
+    else:
+        raise InputError(
+            source.path or path,
+            f"a DICOM SEG must reference the DICOM images it segments, and this label map came from "
+            f"{'a ' + source.kind + ' file' if source.kind != 'memory' else 'memory'}",
+            "pass the source DICOM series folder (source_images / --source-series), or write NIfTI",
+        )
+    datasets = [_with_type2_attributes(ds) for ds in datasets]
+    lookup = np.zeros(max(labels) + 1, dtype=np.uint16 if len(labels) > 255 else np.uint8)
+    lookup[labels] = np.arange(1, len(labels) + 1)
+    pixels = hd.Volume(
+        array=lookup[volume.array],
+        affine=_hd_affine_from_geometry(volume.geometry),
+        coordinate_system="PATIENT",
+        frame_of_reference_uid=datasets[0].FrameOfReferenceUID,
+    )
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="vertrefine", family=codes.cid7162.ArtificialIntelligence, version=__version__
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=level_name(label),
+            segmented_property_category=SEGMENT_CATEGORY,
+            segmented_property_type=property_type_for_label(label),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_id=level_name(label),
+            tracking_uid=hd.UID(),
+        )
+        for number, label in enumerate(labels, start=1)
+    ]
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=datasets,
+            pixel_array=pixels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=_series_number(datasets[0]),
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="vertrefine",
+            manufacturer_model_name="vertrefine",
+            software_versions=__version__,
+            device_serial_number="0",
+            content_label="VERTEBRAE",
+            content_description="Vertebra segmentation (vertrefine)",
+            series_description="Vertebrae (vertrefine)",
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise InputError(
+            source.path or path, f"cannot build a DICOM SEG on these source images ({exc})", "check the source series"
+        ) from exc
+    if restore_from is not None:
+        _restore_references(seg, restore_from)
+    with atomic_path(path) as tmp:
+        seg.save_as(tmp)
+    return path
+
+
+def _source_datasets(source_images: str | Path | Sequence[Dataset | str | Path], path: Path) -> list[Dataset]:
+    if isinstance(source_images, (str, Path)):
+        folder = Path(source_images)
+        if not folder.is_dir():
+            raise InputError(folder, "is not a folder of DICOM images", "pass the source series folder")
+        images = [s for s in scan_folder(folder) if not s.is_seg]
+        return choose_series(folder, images, None).datasets
+    datasets = []
+    for item in source_images:
+        if isinstance(item, Dataset):
+            datasets.append(item)
+            continue
+        try:
+            datasets.append(pydicom.dcmread(item, stop_before_pixels=True))
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise InputError(item, "is not a readable DICOM image", "pass the source series' files") from exc
+    if not datasets:
+        raise InputError(path, "no source images were given", "pass the source series folder")
+    return datasets
+
+
+def _with_type2_attributes(dataset: Dataset) -> Dataset:
+    """A copy of ``dataset`` with the empty type 2 attributes that highdicom reads added where missing."""
+    if all(keyword in dataset for keyword in _TYPE2_IMAGE_KEYWORDS):
+        return dataset
+    completed = copy.copy(dataset)
+    for keyword in _TYPE2_IMAGE_KEYWORDS:
+        if keyword not in completed:
+            setattr(completed, keyword, None)
+    return completed
+
+
+def _series_number(source: Dataset) -> int:
+    try:
+        return int(source.get("SeriesNumber") or 0) % 100000 + 1000
+    except (TypeError, ValueError):
+        return 1000
+
+
+def _known_source_positions(seg: Dataset) -> dict[str, np.ndarray]:
+    """Position of each source instance that a SEG's frames record as spatially aligned with them."""
+    known: dict[str, np.ndarray] = {}
+    for frame in seg.get("PerFrameFunctionalGroupsSequence", []):
+        planes = frame.get("PlanePositionSequence")
+        if not planes:
+            continue
+        position = np.asarray(planes[0].ImagePositionPatient, dtype=float)
+        for derivation in frame.get("DerivationImageSequence", []) or []:
+            for item in derivation.get("SourceImageSequence", []) or []:
+                if item.get("SpatialLocationsPreserved", "YES") == "YES" and "ReferencedFrameNumber" not in item:
+                    known[str(item.ReferencedSOPInstanceUID)] = position
+    return known
+
+
+def _reference_stubs(seg: Dataset, path: Path) -> list[Dataset]:
+    """Header-only stand-ins for the images a SEG references, to build a new SEG referencing them.
+
+    Only patient/study/series/frame-of-reference identity matters: :func:`_restore_references`
+    replaces every reference highdicom derives from them by the input SEG's own references.
+    """
+    series_items = seg.get("ReferencedSeriesSequence") or []
+    instances = [item for series in series_items for item in series.get("ReferencedInstanceSequence", [])]
+    if not instances or "FrameOfReferenceUID" not in seg:
+        raise InputError(
+            path,
+            "this DICOM SEG does not say which series it segments",
+            "pass the source DICOM series folder (source_images / --source-series)",
+        )
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    first = instances[0]
+    stub = Dataset()
+    for keyword in _PATIENT_STUDY_KEYWORDS:
+        setattr(stub, keyword, seg.get(keyword))
+    stub.SeriesInstanceUID = series_items[0].SeriesInstanceUID
+    stub.SOPClassUID = first.ReferencedSOPClassUID
+    stub.SOPInstanceUID = first.ReferencedSOPInstanceUID
+    stub.Modality = _MODALITY_OF_SOP_CLASS.get(str(first.ReferencedSOPClassUID), "OT")
+    stub.FrameOfReferenceUID = seg.FrameOfReferenceUID
+    stub.Rows, stub.Columns = seg.Rows, seg.Columns
+    stub.ImageOrientationPatient = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    stub.PixelSpacing = shared.PixelMeasuresSequence[0].PixelSpacing
+    stub.SliceThickness = shared.PixelMeasuresSequence[0].get("SliceThickness")
+    frame = seg.PerFrameFunctionalGroupsSequence[0]
+    stub.ImagePositionPatient = frame.PlanePositionSequence[0].ImagePositionPatient
+    return [stub]
+
+
+def _restore_references(seg: Dataset, original: Dataset) -> None:
+    """Make ``seg`` reference what ``original`` (the SEG it was derived from) referenced."""
+    seg.ReferencedSeriesSequence = copy.deepcopy(original.ReferencedSeriesSequence)
+    if "SourceImageSequence" in original:
+        seg.SourceImageSequence = copy.deepcopy(original.SourceImageSequence)
+    else:
+        seg.SourceImageSequence = [
+            _reference_item(item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID)
+            for series in original.ReferencedSeriesSequence
+            for item in series.get("ReferencedInstanceSequence", [])
+        ]
+    known = _known_source_positions(original)
+    classes = {
+        str(item.ReferencedSOPInstanceUID): item.ReferencedSOPClassUID
+        for series in original.ReferencedSeriesSequence
+        for item in series.get("ReferencedInstanceSequence", [])
+    }
+    aligned = _same_frame_layout(seg, original) and bool(known)
+    uids = list(known)
+    positions = np.array([known[uid] for uid in uids]) if uids else np.zeros((0, 3))
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        frame.DerivationImageSequence = []
+        if not aligned:
+            continue
+        position = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        distance = np.linalg.norm(positions - position, axis=1)
+        nearest = int(np.argmin(distance))
+        if distance[nearest] > 1e-2 or uids[nearest] not in classes:
+            continue
+        item = _reference_item(classes[uids[nearest]], uids[nearest])
+        item.PurposeOfReferenceCodeSequence = [
+            hd.sr.CodedConcept.from_code(codes.cid7202.SourceImageForImageProcessingOperation)
+        ]
+        item.SpatialLocationsPreserved = "YES"
+        derivation = Dataset()
+        derivation.DerivationCodeSequence = [hd.sr.CodedConcept.from_code(codes.cid7203.SegmentationImageDerivation)]
+        derivation.SourceImageSequence = [item]
+        frame.DerivationImageSequence = [derivation]
+
+
+def _reference_item(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class_uid
+    item.ReferencedSOPInstanceUID = sop_instance_uid
+    return item
+
+
+def _same_frame_layout(a: Dataset, b: Dataset) -> bool:
+    """True when two multi-frame objects have frames of one size, orientation and pixel spacing."""
+    try:
+        sa, sb = a.SharedFunctionalGroupsSequence[0], b.SharedFunctionalGroupsSequence[0]
+        return (
+            (a.Rows, a.Columns) == (b.Rows, b.Columns)
+            and np.allclose(
+                [float(v) for v in sa.PlaneOrientationSequence[0].ImageOrientationPatient],
+                [float(v) for v in sb.PlaneOrientationSequence[0].ImageOrientationPatient],
+                atol=1e-4,
+            )
+            and np.allclose(
+                [float(v) for v in sa.PixelMeasuresSequence[0].PixelSpacing],
+                [float(v) for v in sb.PixelMeasuresSequence[0].PixelSpacing],
+                rtol=1e-4,
+            )
+        )
+    except (AttributeError, IndexError, KeyError):
+        return False

@@ -1,0 +1,156 @@
+"""Read and write label maps: NIfTI, DICOM image series and DICOM SEG, all as one :class:`Volume`.
+
+Orientation convention (the one of volume.py): physical coordinates are LPS mm (+x patient left,
++y posterior, +z superior) and arrays are indexed ``[k, j, i]`` (= ``[z, y, x]``). NIfTI's RAS affine
+is converted to LPS on reading and back on writing (nibabel's ``[i, j, k]`` arrays are transposed);
+DICOM is LPS already, and a series or SEG becomes ``[slice, row, column]``.
+
+Every reader records in ``volume.source`` what a writer needs to reproduce the input's format: the
+NIfTI header, the DICOM series' sorted files and headers, or the SEG dataset and the series it
+references. :func:`write_label_map` chooses the format by the destination's name and reuses them.
+Bad input raises :class:`~vertrefine.errors.InputError` with one line naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from .dicom_seg import read_dicom_file, read_dicom_folder, write_dicom_seg
+from .errors import InputError, OutputError
+from .nifti import is_nifti_path, read_nifti, write_nifti
+from .volume import Volume
+
+__all__ = [
+    "MAX_LABELS",
+    "is_dicom_output",
+    "is_nifti_path",
+    "is_supported_input",
+    "read_label_map",
+    "validate_label_map",
+    "write_dicom_seg",
+    "write_label_map",
+    "write_nifti",
+]
+
+MAX_LABELS = 100
+"""A label map with more distinct non-zero values than this is taken for an intensity image."""
+DICOM_FILE_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
+_SEGMENT_FIRST = "segment it first: vertrefine takes a vertebra label map (one integer id per vertebra)"
+
+
+def is_dicom_output(path: str | Path) -> bool:
+    """True when ``path`` names a DICOM SEG output (``.dcm``)."""
+    return Path(path).suffix.lower() == ".dcm"
+
+
+def is_supported_input(path: str | Path) -> bool:
+    """True for the inputs :func:`read_label_map` accepts by name: NIfTI, DICOM files, folders."""
+    path = Path(path)
+    return path.is_dir() or is_nifti_path(path) or path.suffix.lower() in DICOM_FILE_SUFFIXES
+
+
+def read_label_map(path: str | Path, *, series_uid: str | None = None, allow_empty: bool = False) -> Volume:
+    """Read and validate a label map.
+
+    ``path`` is a ``.nii``/``.nii.gz`` file, a DICOM SEG file (``.dcm`` or no suffix), or a folder of
+    DICOM files holding either a SEG or an image series whose pixel values are label ids (a single
+    DICOM image file stands for its series). ``series_uid`` picks one series of a folder holding
+    several. ``allow_empty`` accepts a label map without any labelled voxel (e.g. a prediction being
+    scored). Segments of a SEG become label ids: a segment naming or coding a vertebra level ('L1',
+    'T12', 'L1 vertebra', SCT 66794005) gets its VerSe id, any other keeps its segment number.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "does not exist", "check the path")
+    if path.is_dir():
+        volume = read_dicom_folder(path, series_uid=series_uid)
+    elif is_nifti_path(path):
+        volume = read_nifti(path)
+    elif path.suffix.lower() in DICOM_FILE_SUFFIXES:
+        volume = read_dicom_file(path, series_uid=series_uid)
+    else:
+        raise InputError(
+            path,
+            f"unsupported file type '{path.suffix}'",
+            "pass a .nii/.nii.gz file, a DICOM SEG (.dcm) file or a DICOM series folder",
+        )
+    return validate_label_map(volume, path, allow_empty=allow_empty)
+
+
+def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = False) -> Volume:
+    """Refuse what is not a usable 3D label map; return it with a compact unsigned integer array.
+
+    Refused: single-slice (2D) data, a sheared (non-orthonormal) direction matrix, non-numeric voxels,
+    an intensity image (non-integer or negative values, or more than :data:`MAX_LABELS` labels) and,
+    unless ``allow_empty``, a map without any labelled voxel. Float arrays holding only integers are
+    cast. The array becomes uint8 (max < 256), uint16 (max < 65536) or int32.
+    """
+    array, geometry = volume.array, volume.geometry
+    if min(geometry.shape) < 2:
+        raise InputError(path, f"is 2D (a single slice, array shape {geometry.shape})", "pass a 3D label map")
+    if not geometry.is_orthonormal():
+        raise InputError(
+            path,
+            "has a non-orthonormal (sheared) direction matrix",
+            "resample it onto an orthogonal grid first (e.g. SimpleITK or 3D Slicer)",
+        )
+    if array.dtype == np.bool_:
+        array = array.view(np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise InputError(path, f"holds {array.dtype} voxels, not a label map", "pass an integer label map")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise InputError(path, "holds NaN or infinite values: looks like an intensity image", _SEGMENT_FIRST)
+        if not np.array_equal(array, np.round(array)):
+            raise InputError(
+                path, "holds non-integer values: looks like an intensity image, not a label map", _SEGMENT_FIRST
+            )
+    low, high = (array.min(), array.max()) if array.size else (0, 0)
+    if low < 0:
+        raise InputError(
+            path, f"holds negative values (min {low:g}): looks like an intensity image, not a label map", _SEGMENT_FIRST
+        )
+    if high >= 2**31:
+        raise InputError(path, f"holds values up to {high:g}: looks like an intensity image", _SEGMENT_FIRST)
+    if high > MAX_LABELS:  # only then can there be more than MAX_LABELS distinct labels
+        count = int(np.count_nonzero(np.unique(array)))
+        if count > MAX_LABELS:
+            raise InputError(
+                path,
+                f"holds {count} distinct values: looks like an intensity image, not a label map",
+                _SEGMENT_FIRST,
+            )
+    if high == 0 and not allow_empty:
+        raise InputError(
+            path, "is an empty mask (no labelled voxel)", "check that the segmentation worked, or pass another file"
+        )
+    dtype = np.uint8 if high < 256 else np.uint16 if high < 65536 else np.int32
+    if array.dtype != dtype:
+        array = array.astype(dtype)
+    return volume.with_array(array) if array is not volume.array else volume
+
+
+def write_label_map(
+    volume: Volume,
+    path: str | Path,
+    *,
+    like: Volume | None = None,
+    source_images: str | Path | Sequence[Dataset | str | Path] | None = None,
+) -> Path:
+    """Write ``volume`` in the format its destination names, atomically; return the path.
+
+    ``.nii``/``.nii.gz`` -> NIfTI (:func:`write_nifti`), ``.dcm`` -> DICOM SEG (:func:`write_dicom_seg`).
+    ``like`` is the input this output corresponds to (default: ``volume.source``); its NIfTI header or
+    DICOM references are reused. ``source_images`` (a series folder, files or datasets) names the
+    series a SEG references when ``like`` did not come from DICOM; NIfTI output ignores it.
+    """
+    path = Path(path)
+    if is_nifti_path(path):
+        return write_nifti(volume, path, like=like)
+    if is_dicom_output(path):
+        return write_dicom_seg(volume, path, like=like, source_images=source_images)
+    raise OutputError(f"{path}: unsupported output type; name it .nii, .nii.gz (NIfTI) or .dcm (DICOM SEG)")
