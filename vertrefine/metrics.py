@@ -115,9 +115,7 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
-def surface_distances(
-    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]
-) -> tuple[float | None, float | None]:
+def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> tuple[float | None, float | None]:
     """``(HD95, ASSD)`` in mm between the surfaces of ``pred`` and ``gt``.
 
     ``spacing`` is the voxel size in **array axis order**, i.e. ``(sz, sy, sx)`` for an array indexed
