@@ -1,0 +1,398 @@
+"""Resampling onto the 1 mm working grid and back, vertebra instances, 128^3 patches and stitching.
+
+The working grid is axis-aligned in LPS (identity direction): array axis 0 (k) points superior, axis 1 (j)
+posterior, axis 2 (i) to the patient's left, whatever the input's orientation (see ``working_geometry``).
+
+Label resampling (``resample_labels``):
+
+* ``"nearest"``: SimpleITK nearest neighbour.
+* ``"label-aware"`` (default): for each label, the signed distance of the source voxel centres to the
+  surface of the label's voxel cubes (mm, negative inside; ``scipy.ndimage.distance_transform_edt`` on the
+  label's bounding box + 2 voxels) is interpolated linearly onto the target grid (SimpleITK), and each
+  target voxel takes the label with the smallest negative distance (background if none). The zero level
+  runs through the source voxel faces, so volumes are kept; upsampling gives smooth surfaces instead of
+  staircases; only each label's box is touched, so it is fast. Labels that touch split along the middle.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .volume import Geometry, Volume
+
+WORKING_SPACING_MM = 1.0
+PATCH_SIZE = 128
+
+LABEL_METHODS = ("label-aware", "nearest")
+_SDF_MARGIN = 2  # source voxels of background kept around each label's box for its distance map
+_FAR = np.float32(1e6)  # signed distance given to target voxels outside a label's box
+# Sources are sampled this far (LPS mm) off the target voxel centres. On grids whose spacings are
+# multiples of each other, target centres fall exactly on source voxel faces (signed distance 0, or a
+# nearest-neighbour tie decided by rounding noise); the offset breaks those ties one consistent way, like
+# round-half-up, instead of always towards the background, which would shrink every label.
+_TIE_SHIFT_MM = np.array([1.0, 2.0, 3.0]) * 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# Grids and resampling
+# --------------------------------------------------------------------------------------------------
+
+
+def working_geometry(geometry: Geometry, spacing: float = WORKING_SPACING_MM) -> Geometry:
+    """The axis-aligned (identity direction) isotropic grid covering ``geometry``'s whole voxel box.
+
+    An input that is already identity-directed with this spacing is returned unchanged. Otherwise the
+    grid spans the LPS bounding box of the 8 outer corners of the input's voxel box (half-voxel borders
+    included), and its voxel centres lie on the lattice ``input origin + m * spacing`` (m integer): for an
+    axis-aligned input (any flips or axis permutation) whose spacing is an integer multiple of ``spacing``,
+    every input voxel centre is then a working voxel centre, so input -> working -> input is clean.
+    """
+    s = float(spacing)
+    if s <= 0:
+        raise ValueError(f"spacing must be positive, got {spacing}")
+    identity = np.allclose(geometry.direction_matrix, np.eye(3), atol=1e-6)
+    if identity and np.allclose(geometry.spacing, s, rtol=0, atol=1e-6):
+        return geometry
+    corners = geometry.index_to_physical(_box_corners(geometry.size_ijk))
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    ref = np.asarray(geometry.origin)
+    tol = 1e-6
+    origin = ref + np.floor((lo - ref) / s + 0.5 + tol) * s  # first lattice centre whose voxel reaches lo
+    size = np.maximum(np.ceil((hi - (origin - s / 2)) / s - tol), 1).astype(int)
+    return Geometry(shape=(size[2], size[1], size[0]), spacing=(s, s, s), origin=tuple(origin))
+
+
+def resample_labels(volume: Volume, target: Geometry, *, method: str = "label-aware") -> Volume:
+    """The label map on ``target``'s grid (dtype and ``source`` kept); on the same grid, an exact copy.
+
+    ``method``: ``"label-aware"`` (smooth, volume-keeping; see the module docstring) or ``"nearest"``.
+    """
+    if method not in LABEL_METHODS:
+        raise ValueError(f"unknown label resampling method {method!r}; use one of {LABEL_METHODS}")
+    array = volume.array
+    if volume.geometry.same_grid(target, tol=1e-6):
+        out = array.copy()
+    elif method == "nearest":
+        out = _sitk_resample(array, volume.geometry, target, sitk.sitkNearestNeighbor, 0.0)
+    else:
+        out = _resample_labels_sdf(array, volume.geometry, target)
+    return replace(volume, array=out, geometry=target)
+
+
+def resample_scalar(volume: Volume, target: Geometry, *, default: float = 0.0) -> Volume:
+    """A scalar map (e.g. probabilities) on ``target``'s grid: linear interpolation, float32."""
+    array = np.asarray(volume.array, dtype=np.float32)
+    if volume.geometry.same_grid(target, tol=1e-6):
+        out = array.copy()
+    else:
+        out = _sitk_resample(array, volume.geometry, target, sitk.sitkLinear, default, nudge=False)
+    return replace(volume, array=out, geometry=target)
+
+
+def to_working_grid(volume: Volume, spacing: float = WORKING_SPACING_MM, method: str = "label-aware") -> Volume:
+    """Labels on the working grid of ``volume`` (see ``working_geometry``)."""
+    return resample_labels(volume, working_geometry(volume.geometry, spacing), method=method)
+
+
+def to_input_grid(working: Volume, original: Geometry, method: str = "label-aware") -> Volume:
+    """Labels from the working grid back onto the input's grid ``original``."""
+    return resample_labels(working, original, method=method)
+
+
+def _box_corners(size_ijk: Sequence[int]) -> np.ndarray:
+    """The 8 outer corners (continuous ITK indices) of a voxel box of ``size_ijk`` voxels."""
+    return np.array(list(itertools.product(*[(-0.5, n - 0.5) for n in size_ijk])), dtype=float)
+
+
+def _sitk_resample(
+    array: np.ndarray, source: Geometry, target: Geometry, interpolator: int, default: float, nudge: bool = True
+) -> np.ndarray:
+    """``array`` on ``source`` sampled at ``target``'s voxel centres (moved by ``_TIE_SHIFT_MM`` if ``nudge``)."""
+    dtype = array.dtype
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.view(np.uint8) if dtype == np.bool_ else array))
+    if nudge:
+        source = replace(source, origin=tuple(np.asarray(source.origin) - _TIE_SHIFT_MM))
+    source.apply_to(image)
+    out = sitk.Resample(image, target.reference_image(image.GetPixelID()), sitk.Transform(), interpolator, default)
+    return sitk.GetArrayFromImage(out).astype(dtype, copy=False)
+
+
+def _label_boxes(array: np.ndarray) -> list[tuple[int, tuple[slice, ...]]]:
+    """(label value, bounding-box slices) of every non-zero value of an integer array."""
+    if array.dtype == np.bool_:
+        array = array.view(np.uint8)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"label maps need an integer array, got {array.dtype}")
+    if array.size == 0:
+        return []
+    if int(array.min()) >= 0 and int(array.max()) < 1 << 20:
+        return [(v + 1, s) for v, s in enumerate(ndimage.find_objects(array)) if s is not None]
+    values, inverse = np.unique(array, return_inverse=True)
+    boxes = ndimage.find_objects(inverse.reshape(array.shape).astype(np.int32) + 1)
+    return [(int(v), s) for v, s in zip(values, boxes, strict=True) if v != 0 and s is not None]
+
+
+def _sub_geometry(geometry: Geometry, start_kji: Sequence[int], shape: Sequence[int]) -> Geometry:
+    """The grid of ``geometry``'s sub-array starting at array index ``start_kji``."""
+    origin = geometry.index_to_physical(np.asarray(start_kji, dtype=float)[::-1])
+    return Geometry(tuple(shape), geometry.spacing, tuple(origin), geometry.direction)
+
+
+def _target_region(source: Geometry, target: Geometry) -> tuple[slice, ...] | None:
+    """Slices of ``target``'s array holding every voxel centre inside ``source``'s voxel box."""
+    corners = target.physical_to_index(source.index_to_physical(_box_corners(source.size_ijk)))
+    lo = np.maximum(np.floor(corners.min(axis=0)).astype(int), 0)[::-1]
+    hi = np.minimum(np.ceil(corners.max(axis=0)).astype(int) + 1, target.size_ijk)[::-1]
+    if np.any(hi <= lo):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+
+
+def _signed_distance(mask: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
+    """Signed distance (mm, negative inside) of each voxel centre to the surface of the mask's voxel cubes.
+
+    The EDT gives the distance ``|v|`` to the nearest voxel centre of the other side, ``n`` voxels away
+    along each axis; the nearest point of that voxel's cube lies ``|v| / (2 max|n|)`` closer. Without
+    this correction the distance jumps by two voxels across the surface instead of one.
+    """
+    grid = np.indices(mask.shape, sparse=True)
+    phi = np.empty(mask.shape, dtype=np.float32)
+    for side, sign in ((mask, -1.0), (~mask, 1.0)):
+        dist, index = ndimage.distance_transform_edt(side, sampling=sampling, return_indices=True)
+        reach = np.abs(index[0] - grid[0])
+        for axis in (1, 2):
+            np.maximum(reach, np.abs(index[axis] - grid[axis]), out=reach)
+        phi[side] = sign * (dist * (1.0 - 0.5 / np.maximum(reach, 1)))[side]
+    return phi
+
+
+def _resample_labels_sdf(array: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
+    """Label-aware resampling (see the module docstring)."""
+    out = np.zeros(target.shape, dtype=array.dtype)
+    best = np.zeros(target.shape, dtype=np.float32)  # only negative (inside) distances can win
+    sampling = source.spacing[::-1]
+    for value, box in _label_boxes(array):
+        lo = [max(s.start - _SDF_MARGIN, 0) for s in box]
+        hi = [min(s.stop + _SDF_MARGIN, n) for s, n in zip(box, array.shape, strict=True)]
+        sub = array[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] == value
+        sub_geometry = _sub_geometry(source, lo, sub.shape)
+        region = _target_region(sub_geometry, target)
+        if region is None:
+            continue
+        phi = np.full(sub.shape, -_FAR, dtype=np.float32) if sub.all() else _signed_distance(sub, sampling)
+        region_geometry = _sub_geometry(target, [s.start for s in region], [s.stop - s.start for s in region])
+        phi_t = _sitk_resample(phi, sub_geometry, region_geometry, sitk.sitkLinear, float(_FAR))
+        best_r, out_r = best[region], out[region]
+        wins = phi_t < best_r
+        best_r[wins] = phi_t[wins]
+        out_r[wins] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Instances
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One vertebra: its id in the instance array and the label id it is written back as."""
+
+    instance_id: int
+    label: int
+    centroid: tuple[float, float, float]
+    """Centre of mass in array index order ``(k, j, i)`` on the grid it was found on."""
+    centroid_lps: tuple[float, float, float]
+    """Centre of mass in LPS mm."""
+    voxels: int
+
+
+def find_instances(
+    volume: Volume, *, min_fraction: float = 0.05, min_voxels: int = 27, connectivity: int = 26
+) -> tuple[np.ndarray, list[Instance]]:
+    """The vertebra instances of a label map, ordered superior to inferior (larger LPS z first).
+
+    * Several non-zero labels: one instance per label, ``instance_id == label``; the instance array is the
+      label array (int32), every voxel kept.
+    * A single non-zero value ``v`` whose mask has more than one sizeable connected component (``connectivity``
+      26, i.e. face, edge or corner neighbours, or 6 for faces only): a binary mask of several vertebrae.
+      Components smaller than ``min_fraction`` of the largest or than ``min_voxels`` are islands and are
+      dropped (0 in the instance array); the others get ids 1..n from superior to inferior, ``label == v``.
+    * A single value with one sizeable component (e.g. a one-vertebra file labelled 22, or a binary mask of
+      one vertebra): one instance ``instance_id == label == v``, every voxel kept.
+    """
+    array = volume.array
+    boxes = _label_boxes(array)
+    if len(boxes) == 1:
+        value, box = boxes[0]
+        if connectivity not in (6, 26):
+            raise ValueError(f"connectivity must be 6 or 26, got {connectivity}")
+        structure = ndimage.generate_binary_structure(3, 3 if connectivity == 26 else 1)
+        components, count = ndimage.label(array[box] == value, structure=structure)
+        sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+        keep = np.flatnonzero(sizes >= max(min_voxels, min_fraction * sizes.max())) + 1
+        if keep.size > 1:
+            return _split_instances(volume, box, components, keep, value)
+    instances = [_instance(volume.geometry, array[b] == v, b, v, v) for v, b in boxes]
+    return array.astype(np.int32), _superior_first(instances)
+
+
+def restore_labels(instance_array: np.ndarray, instances: Sequence[Instance]) -> np.ndarray:
+    """The label array: each instance id replaced by its label (ids of no instance are left as they are)."""
+    moved = [(i.instance_id, i.label) for i in instances if i.instance_id != i.label]
+    if not moved or instance_array.size == 0:
+        return instance_array.copy()
+    top = max(int(instance_array.max()), *(i for i, _ in moved))
+    if int(instance_array.min()) >= 0 and top < 1 << 20:
+        lut = np.arange(top + 1, dtype=instance_array.dtype)
+        for instance_id, label in moved:
+            lut[instance_id] = label
+        return lut[instance_array]
+    out = instance_array.copy()
+    for instance_id, label in moved:
+        out[instance_array == instance_id] = label
+    return out
+
+
+def _split_instances(
+    volume: Volume, box: tuple[slice, ...], components: np.ndarray, keep: np.ndarray, value: int
+) -> tuple[np.ndarray, list[Instance]]:
+    parts = ndimage.find_objects(components)
+    found = []
+    for component in keep:
+        part = parts[component - 1]
+        whole = tuple(slice(b.start + p.start, b.start + p.stop) for b, p in zip(box, part, strict=True))
+        found.append((component, _instance(volume.geometry, components[part] == component, whole, 0, value)))
+    found.sort(key=lambda item: -item[1].centroid_lps[2])
+    lut = np.zeros(components.max() + 1, dtype=np.int32)
+    instances = []
+    for new_id, (component, instance) in enumerate(found, start=1):
+        lut[component] = new_id
+        instances.append(replace(instance, instance_id=new_id))
+    instance_array = np.zeros(volume.array.shape, dtype=np.int32)
+    instance_array[box] = lut[components]
+    return instance_array, instances
+
+
+def _instance(geometry: Geometry, mask: np.ndarray, box: tuple[slice, ...], instance_id: int, label: int) -> Instance:
+    """An instance from its mask cropped to ``box`` (centre of mass from the mask's projections)."""
+    voxels = int(np.count_nonzero(mask))
+    centroid = []
+    for axis in range(3):
+        profile = mask.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)
+        centroid.append(box[axis].start + float(profile @ np.arange(profile.size)) / voxels)
+    lps = geometry.index_to_physical(np.asarray(centroid[::-1]))
+    return Instance(int(instance_id), int(label), tuple(centroid), tuple(float(x) for x in lps), voxels)
+
+
+def _superior_first(instances: list[Instance]) -> list[Instance]:
+    return sorted(instances, key=lambda i: (-i.centroid_lps[2], i.instance_id))
+
+
+# --------------------------------------------------------------------------------------------------
+# Patches
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatchBox:
+    """A cube of ``size`` voxels starting at array index ``start`` (k, j, i); it may leave the volume."""
+
+    start: tuple[int, int, int]
+    size: int = PATCH_SIZE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "start", tuple(int(s) for s in self.start))
+        object.__setattr__(self, "size", int(self.size))
+
+    @property
+    def stop(self) -> tuple[int, int, int]:
+        return tuple(s + self.size for s in self.start)
+
+    def slices(self, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """``(volume slices, patch slices)`` of the part of the box inside an array of ``shape``.
+
+        Both select the same voxels (possibly none: empty slices) in the volume and in the patch.
+        """
+        volume, patch = [], []
+        for start, n in zip(self.start, shape, strict=True):
+            lo, hi = min(max(start, 0), n), max(min(start + self.size, n), 0)
+            hi = max(hi, lo)
+            volume.append(slice(lo, hi))
+            patch.append(slice(lo - start, hi - start))
+        return tuple(volume), tuple(patch)
+
+
+def patch_box(centroid_kji: Sequence[float], size: int = PATCH_SIZE) -> PatchBox:
+    """The box whose voxel ``size // 2`` (each axis) is the rounded centre of mass."""
+    return PatchBox(tuple(int(np.floor(c + 0.5)) - size // 2 for c in centroid_kji), int(size))
+
+
+def crop(array: np.ndarray, box: PatchBox, fill: float = 0) -> np.ndarray:
+    """The ``size^3`` patch of ``array`` in ``box``, ``fill`` where the box leaves the array."""
+    out = np.full((box.size,) * 3, fill, dtype=array.dtype)
+    inside, part = box.slices(array.shape)
+    out[part] = array[inside]
+    return out
+
+
+def crop_instances(
+    instance_array: np.ndarray, instances: Sequence[Instance], size: int = PATCH_SIZE
+) -> list[tuple[Instance, PatchBox, np.ndarray]]:
+    """Each instance's box and float32 binary patch of its own mask (other instances are 0): encoder input."""
+    out = []
+    for instance in instances:
+        box = patch_box(instance.centroid, size)
+        patch = np.zeros((size,) * 3, dtype=np.float32)
+        inside, part = box.slices(instance_array.shape)
+        patch[part] = instance_array[inside] == instance.instance_id
+        out.append((instance, box, patch))
+    return out
+
+
+def stitch(
+    instance_array: np.ndarray,
+    patches: Sequence[tuple[int, PatchBox, np.ndarray]],
+    *,
+    threshold: float = 0.5,
+) -> np.ndarray:
+    """Put refined probability patches ``(instance_id, box, probabilities)`` back into the instance array.
+
+    Every refined id's old voxels are cleared; each voxel then takes the id whose patch gives it the
+    highest probability, if above ``threshold`` (equal probabilities: the earlier patch). Voxels of ids
+    with no patch are kept as they are and never overwritten. Works within the union of the boxes.
+    """
+    out = instance_array.copy()
+    if not patches:
+        return out
+    refined = np.isin(instance_array, np.unique([int(p[0]) for p in patches]))
+    out[refined] = 0
+    shape = instance_array.shape
+    starts = np.array([box.slices(shape)[0] for _, box, _ in patches])
+    lo = [min(s.start for s in starts[:, a]) for a in range(3)]
+    hi = [max(s.stop for s in starts[:, a]) for a in range(3)]
+    if any(h <= low for low, h in zip(lo, hi, strict=True)):
+        return out
+    union = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    best = np.full([b - a for a, b in zip(lo, hi, strict=True)], threshold, dtype=np.float32)
+    winner = np.zeros(best.shape, dtype=out.dtype)
+    for instance_id, box, probabilities in patches:
+        if probabilities.shape != (box.size,) * 3:
+            raise ValueError(f"patch of shape {probabilities.shape} does not match its box of size {box.size}")
+        inside, part = box.slices(shape)
+        local = tuple(slice(s.start - a, s.stop - a) for s, a in zip(inside, lo, strict=True))
+        p = np.asarray(probabilities[part], dtype=np.float32)
+        best_r, winner_r = best[local], winner[local]
+        wins = p > best_r
+        best_r[wins] = p[wins]
+        winner_r[wins] = instance_id
+    region = out[union]
+    free = (winner != 0) & ((instance_array[union] == 0) | refined[union])
+    region[free] = winner[free]
+    return out
