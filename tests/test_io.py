@@ -17,6 +17,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from vertrefine import io
+from vertrefine.dicom_seg import scan_folder
 from vertrefine.errors import InputError, OutputError, VertrefineError
 from vertrefine.volume import Geometry, Source, Volume
 
@@ -376,6 +377,162 @@ def test_seg_from_nifti_needs_source_series(ct_case, tmp_path):
     on_ct = Volume(ct_case["volume"].array, ct_case["volume"].geometry, volume.source)
     io.write_label_map(on_ct, tmp_path / "out.dcm", source_images=ct_case["root"] / "ct")
     assert pydicom.dcmread(tmp_path / "out.dcm").ReferencedSeriesSequence[0].SeriesInstanceUID == ct_case["series_uid"]
+
+
+# --- de-identified series (empty UIDs) and folders with other files -------------------------------
+
+
+def _blank_uids(folder: Path, *, frame_of_reference: bool = False) -> list[str]:
+    """Empty the series' Study/Series/SOP UIDs and PatientID like a de-identifier that blanks them, and
+    rename its files 'CT.<MediaStorageSOPInstanceUID>' (no DICOM suffix); return the file-meta UIDs."""
+    uids = []
+    for file in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(file)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID"):
+            setattr(ds, keyword, "")
+        if frame_of_reference:
+            ds.FrameOfReferenceUID = ""
+        uid = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.save_as(folder / f"CT.{uid}", enforce_file_format=True)
+        file.unlink()
+        assert pydicom.dcmread(folder / f"CT.{uid}").file_meta.MediaStorageSOPInstanceUID == uid
+        uids.append(str(uid))
+    return uids
+
+
+def _slice_coded_labels(shape: tuple[int, int, int] = (8, 24, 24)) -> np.ndarray:
+    """Labels that differ from slice to slice (20 + k % 5, shifted boxes), so a wrong slice order shows."""
+    array = np.zeros(shape, dtype=np.uint8)
+    for k in range(shape[0]):
+        array[k, 2 + k : 9 + k, 3 + 2 * k : 7 + 2 * k] = 20 + k % 5
+    return array
+
+
+@pytest.fixture(scope="module")
+def blank_ct(tmp_path_factory) -> dict:
+    """A CT series (oblique) whose Study/Series/SOP UIDs are empty, files named like 'CT.1.2.826...'."""
+    root = tmp_path_factory.mktemp("blank_ct")
+    direction = _rotation(-0.15, 0.3)
+    ct = np.random.default_rng(3).integers(0, 1500, size=(8, 24, 24))
+    _make_series(root / "ct", ct, direction=direction, origin=(-40.0, -120.0, -700.5))
+    return {"root": root, "folder": root / "ct", "uids": set(_blank_uids(root / "ct")), "direction": direction}
+
+
+def test_series_without_uids_is_read_as_one_series_and_ct_is_refused(blank_ct):
+    folder = blank_ct["folder"]
+    series = scan_folder(folder)
+    assert [s.uid for s in series] == [io.NO_SERIES_UID] and len(series[0].files) == 8
+    one_file = sorted(folder.iterdir())[2]
+    assert io.is_supported_input(one_file)  # 'CT.1.2.826...' : a numeric "suffix", but the DICM preamble
+    for path in (folder, one_file):
+        with pytest.raises(InputError) as info:
+            io.read_label_map(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: is a CT image series ('synthetic', 8 files) that holds")
+        assert "intensity image" in message and "segment it first" in message and "\n" not in message
+    geometry = io.dicom_series_geometry(folder)
+    expected = Geometry((8, 24, 24), (0.8, 0.7, 2.5), (-40.0, -120.0, -700.5), blank_ct["direction"])
+    assert geometry.same_grid(expected, tol=1e-6)
+    assert io.dicom_series_geometry(one_file) == geometry
+
+
+def test_seg_of_series_without_uids_references_its_instances_and_reads_back(blank_ct, tmp_path):
+    geometry = io.dicom_series_geometry(blank_ct["folder"])
+    labels = _slice_coded_labels()
+    labels[0] = labels[-1] = 0  # empty end slices: frames not stored, instances still referenced
+    volume = Volume(labels, geometry)
+    (tmp_path / "seg").mkdir()
+    out = io.write_dicom_seg(volume, tmp_path / "seg" / "out.dcm", source_images=blank_ct["folder"])
+    seg = pydicom.dcmread(out)
+    ct = pydicom.dcmread(next(blank_ct["folder"].iterdir()), stop_before_pixels=True)
+    # Real instance UIDs (from the file meta); no empty or invented series; a study UID of its own.
+    assert {item.ReferencedSOPInstanceUID for item in seg.SourceImageSequence} == blank_ct["uids"]
+    assert {item.ReferencedSOPClassUID for item in seg.SourceImageSequence} == {CT_IMAGE_STORAGE}
+    frame_refs = [f.DerivationImageSequence[0].SourceImageSequence[0] for f in seg.PerFrameFunctionalGroupsSequence]
+    assert {item.ReferencedSOPInstanceUID for item in frame_refs} <= blank_ct["uids"] and len(frame_refs) >= 6
+    assert "ReferencedSeriesSequence" not in seg
+    assert seg.StudyInstanceUID and seg.SeriesInstanceUID and seg.SOPInstanceUID
+    assert seg.FrameOfReferenceUID == ct.FrameOfReferenceUID
+    # Alone, the SEG reads on its own frames (slices 1..6) ...
+    alone = io.read_label_map(out)
+    assert alone.source.meta["source_series"] is None and alone.geometry.shape == (6, 24, 24)
+    np.testing.assert_array_equal(alone.array, labels[1:7])
+    # ... and with the series beside it (a sibling folder, or the same folder) on the series' full grid.
+    shutil.copytree(blank_ct["folder"], tmp_path / "ct")
+    for path in (out, Path(shutil.copy(out, tmp_path / "ct" / "seg.dcm")).parent):
+        back = io.read_label_map(path)
+        assert back.source.kind == "dicom-seg" and back.source.meta["source_series"].uid == io.NO_SERIES_UID
+        assert back.geometry.same_grid(geometry, tol=1e-6)
+        np.testing.assert_array_equal(back.array, labels)
+    # A SEG written from that SEG keeps the references and lands in the same (derived) study.
+    refined = back.with_array(np.where(back.array == 22, 0, back.array))
+    again = pydicom.dcmread(io.write_label_map(refined, tmp_path / "seg" / "refined.dcm"))
+    assert again.StudyInstanceUID == seg.StudyInstanceUID and "ReferencedSeriesSequence" not in again
+    assert {item.ReferencedSOPInstanceUID for item in again.SourceImageSequence} == blank_ct["uids"]
+    np.testing.assert_array_equal(io.read_label_map(tmp_path / "seg" / "refined.dcm").array, refined.array)
+
+
+def test_seg_of_series_without_frame_of_reference_is_refused(tmp_path):
+    _make_series(tmp_path / "ct", np.zeros((4, 16, 16), dtype=np.uint16))
+    _blank_uids(tmp_path / "ct", frame_of_reference=True)
+    labels = np.zeros((4, 16, 16), dtype=np.uint8)
+    labels[1:3, 4:9, 4:9] = 20
+    volume = Volume(labels, _geometry_of_series(labels))
+    with pytest.raises(InputError) as info:
+        io.write_dicom_seg(volume, tmp_path / "out.dcm", source_images=tmp_path / "ct")
+    message = str(info.value)
+    assert str(tmp_path / "ct") in message and "no FrameOfReferenceUID" in message and "NIfTI" in message
+    assert "\n" not in message and not (tmp_path / "out.dcm").exists()
+
+
+def test_label_series_without_uids_round_trips_and_leaves_its_headers_untouched(tmp_path):
+    labels = _slice_coded_labels()
+    _make_series(tmp_path / "lab", labels, modality="OT", sop_class=SECONDARY_CAPTURE)
+    uids = set(_blank_uids(tmp_path / "lab"))
+    volume = io.read_label_map(tmp_path / "lab")
+    np.testing.assert_array_equal(volume.array, labels)
+    datasets = volume.source.meta["series"].datasets
+    seg = pydicom.dcmread(io.write_label_map(volume, tmp_path / "out.dcm"))
+    assert {item.ReferencedSOPInstanceUID for item in seg.SourceImageSequence} == uids
+    assert all(ds.SOPInstanceUID == "" and ds.StudyInstanceUID == "" for ds in datasets)  # copies were changed
+
+
+def test_series_without_uids_split_by_frame_of_reference(tmp_path):
+    folder = tmp_path / "two"
+    _make_series(folder / "a", _labels(), modality="OT", sop_class=SECONDARY_CAPTURE, description="labels")
+    _make_series(folder / "b", _labels() // 2, modality="OT", sop_class=SECONDARY_CAPTURE, description="labels")
+    for sub in ("a", "b"):
+        _blank_uids(folder / sub)
+        for file in (folder / sub).iterdir():
+            file.rename(folder / f"{sub}{file.name}")
+    with pytest.raises(
+        InputError, match=r"holds 2 DICOM series: \(no SeriesInstanceUID\) #1 \(OT, 'labels', 8 files\)"
+    ):
+        io.read_label_map(folder)
+    first = io.read_label_map(folder, series_uid=f"{io.NO_SERIES_UID} #1")
+    second = io.read_label_map(folder, series_uid=f"{io.NO_SERIES_UID} #2")
+    assert sorted([first.labels, second.labels]) == [[10, 11, 12], [20, 21, 22, 23, 24]]
+
+
+def test_label_series_beside_other_files_reads_in_slice_order(tmp_path):
+    labels = _slice_coded_labels()
+    folder = tmp_path / "mixed"
+    _make_series(folder, labels, modality="OT", sop_class=SECONDARY_CAPTURE, direction=_rotation(0.1, 2.5))
+    (folder / "readme.txt").write_text("labels exported by hand")
+    (folder / "params.json").write_text("{}")
+    (folder / ".DS_Store").write_bytes(b"\x00\x01")
+    _save_nifti(folder / "labels.nii.gz", labels.transpose(2, 1, 0), np.eye(4))
+    other = Dataset()  # a DICOM object without a series and without pixels (like a DICOMDIR)
+    other.file_meta = FileMetaDataset()
+    other.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    other.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    other.FileSetID = "SET"
+    other.save_as(folder / "DICOMDIR", enforce_file_format=True)
+    volume = io.read_label_map(folder)
+    np.testing.assert_array_equal(volume.array, labels)
+    # The files went to GDCM sorted along the slice normal (InstanceNumber = slice index + 1 here).
+    assert [ds.InstanceNumber for ds in volume.source.meta["series"].datasets] == list(range(1, 9))
 
 
 # --- bad inputs ------------------------------------------------------------------------------------

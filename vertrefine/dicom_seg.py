@@ -11,12 +11,18 @@ is found next to the input (its own folder, sub-folders or sibling folders), its
 it is not, the references are carried over from the input SEG itself: its Referenced Series and Source
 Image sequences are copied, and each frame's Derivation Image Sequence points at the source instance
 that the input SEG recorded at the same position (left empty, as the standard allows, where unknown).
+
+De-identified series whose StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID were emptied: image
+files without a SeriesInstanceUID are grouped into one series named :data:`NO_SERIES_UID` (split by
+modality, series number and description, frame of reference, orientation and image size when these
+differ), and an empty SOPInstanceUID / SOPClassUID is read from the file meta (MediaStorage...). See
+:func:`write_dicom_seg` for what a SEG of such a series references.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
 from . import __version__
 from .atomic import atomic_path
@@ -35,6 +42,8 @@ from .errors import InputError, OutputError
 from .labels import label_for_level, level_name
 from .volume import Geometry, Source, Volume
 
+NO_SERIES_UID = "(no SeriesInstanceUID)"
+"""Stands for the SeriesInstanceUID of image files that have none (emptied by de-identification)."""
 SEG_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"})
 MAX_SCANNED_FILES = 5000
 """Limit on DICOM headers read while looking for a SEG's source series around it."""
@@ -106,32 +115,87 @@ class DicomSeries:
         return f"{self.uid} ({modality}, '{description}', {len(self.files)} files)"
 
 
+def looks_like_dicom(path: str | Path) -> bool:
+    """True when ``path`` is a file carrying the DICOM preamble ('DICM' at byte 128), whatever its name."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_no_series_uid(uid: str) -> bool:
+    """True for the stand-in name of a series whose files have no SeriesInstanceUID."""
+    return uid.startswith(NO_SERIES_UID)
+
+
+def instance_uid_of(dataset: Dataset) -> str:
+    """The dataset's SOPInstanceUID, or its file meta's MediaStorageSOPInstanceUID when that is empty."""
+    uid = dataset.get("SOPInstanceUID")
+    if not uid:
+        uid = getattr(getattr(dataset, "file_meta", None), "MediaStorageSOPInstanceUID", "")
+    return str(uid or "")
+
+
+def class_uid_of(dataset: Dataset) -> str:
+    """The dataset's SOPClassUID, or its file meta's MediaStorageSOPClassUID when that is empty."""
+    uid = dataset.get("SOPClassUID")
+    if not uid:
+        uid = getattr(getattr(dataset, "file_meta", None), "MediaStorageSOPClassUID", "")
+    return str(uid or "")
+
+
+def _no_uid_key(dataset: Dataset) -> tuple:
+    """What tells apart series without a SeriesInstanceUID that share a folder."""
+    orientation = tuple(round(float(v), 4) + 0.0 for v in dataset.get("ImageOrientationPatient") or ())
+    return (
+        str(dataset.get("Modality") or ""),
+        str(dataset.get("SeriesNumber") or ""),
+        str(dataset.get("SeriesDescription") or ""),
+        str(dataset.get("FrameOfReferenceUID") or ""),
+        orientation,
+        (int(dataset.get("Rows") or 0), int(dataset.get("Columns") or 0)),
+    )
+
+
 def scan_folder(folder: Path, *, uid: str | None = None, budget: list[int] | None = None) -> list[DicomSeries]:
     """DICOM series among the files directly in ``folder`` (non-DICOM files are skipped).
 
-    With ``uid`` only that series is kept (other files are read up to SeriesInstanceUID only).
-    ``budget`` is a one-item list of files still allowed to be read; it is decremented.
+    Image files without a SeriesInstanceUID form series named :data:`NO_SERIES_UID` (numbered
+    ``"(no SeriesInstanceUID) #1"``, ``#2``... when they split, see the module docstring); DICOM objects
+    without a series that are not images (DICOMDIR) are skipped. With ``uid`` only that series is kept
+    (other files are read up to SeriesInstanceUID only); a stand-in ``uid`` keeps every series without
+    a SeriesInstanceUID. ``budget`` is a one-item list of files still allowed to be read; it is decremented.
     """
-    groups: dict[str, DicomSeries] = {}
+    groups: dict[object, DicomSeries] = {}
+    wanted = None if uid is None else "" if is_no_series_uid(uid) else uid
     for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         if budget is not None:
             if budget[0] <= 0:
                 break
             budget[0] -= 1
         try:
-            if uid is not None:
+            if wanted is not None:
                 head = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-                if head.get("SeriesInstanceUID") != uid:
+                if str(head.get("SeriesInstanceUID") or "") != wanted:
                     continue
             dataset = pydicom.dcmread(file, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError):
+        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
             continue
-        series_uid = dataset.get("SeriesInstanceUID")
-        if not series_uid:
-            continue  # DICOMDIR and other non-image objects
-        series = groups.setdefault(str(series_uid), DicomSeries(str(series_uid), [], []))
+        series_uid = str(dataset.get("SeriesInstanceUID") or "")
+        if series_uid:
+            key: object = series_uid
+        elif "Rows" in dataset and "Columns" in dataset:
+            key = _no_uid_key(dataset)
+        else:
+            continue  # DICOMDIR and other non-image objects without a series
+        series = groups.setdefault(key, DicomSeries(series_uid, [], []))
         series.files.append(file)
         series.datasets.append(dataset)
+    unnamed = [series for series in groups.values() if not series.uid]
+    for number, series in enumerate(unnamed, start=1):
+        series.uid = NO_SERIES_UID if len(unnamed) == 1 else f"{NO_SERIES_UID} #{number}"
     return list(groups.values())
 
 
@@ -143,6 +207,9 @@ def choose_series(folder: Path, series: list[DicomSeries], series_uid: str | Non
         for item in series:
             if item.uid == series_uid:
                 return item
+        unnamed = [item for item in series if is_no_series_uid(item.uid)]
+        if series_uid == NO_SERIES_UID and len(unnamed) == 1:
+            return unnamed[0]
         listing = "; ".join(s.summary() for s in series)
         raise InputError(folder, f"holds no series {series_uid} (it holds: {listing})", "check the series UID")
     segs = [s for s in series if s.is_seg]
@@ -174,19 +241,43 @@ def read_dicom_folder(folder: Path, *, series_uid: str | None = None) -> Volume:
 
 def read_dicom_file(file: Path, *, series_uid: str | None = None) -> Volume:
     """Read a DICOM SEG file; an image file stands for the series it belongs to in its folder."""
+    dataset = _read_header(file)
+    if dataset.get("Modality") == "SEG" or dataset.get("SOPClassUID") in SEG_SOP_CLASSES:
+        return read_seg(file)
+    return read_series(_series_of_file(file, dataset, series_uid), file.parent)
+
+
+def dicom_series_geometry(path: str | Path, *, series_uid: str | None = None) -> Geometry:
+    """Geometry of the image series in a folder, or of the one a file belongs to, from its headers only.
+
+    The grid a label map must lie on for a SEG referencing that series (see :func:`write_dicom_seg`).
+    """
+    path = Path(path)
+    if path.is_dir():
+        series = choose_series(path, [s for s in scan_folder(path) if not s.is_seg], series_uid)
+    else:
+        series = _series_of_file(path, _read_header(path), series_uid)
+    return series_geometry(series, path)[0]
+
+
+def _read_header(file: Path) -> Dataset:
     try:
-        dataset = pydicom.dcmread(file, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
+        return pydicom.dcmread(file, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
         raise InputError(
             file, f"is not a readable DICOM file ({type(exc).__name__})", "pass a DICOM SEG file or series folder"
         ) from exc
-    if dataset.get("Modality") == "SEG" or dataset.get("SOPClassUID") in SEG_SOP_CLASSES:
-        return read_seg(file)
-    uid = series_uid or dataset.get("SeriesInstanceUID")
-    if not uid:
+
+
+def _series_of_file(file: Path, dataset: Dataset, series_uid: str | None) -> DicomSeries:
+    """The series (``series_uid``, else the file's own) that an image file stands for in its folder."""
+    uid = series_uid or str(dataset.get("SeriesInstanceUID") or "")
+    if uid:
+        return choose_series(file.parent, scan_folder(file.parent, uid=uid), uid)
+    if "Rows" not in dataset or "Columns" not in dataset:
         raise InputError(file, "is a DICOM object without a series", "pass a DICOM SEG file or series folder")
-    series = scan_folder(file.parent, uid=str(uid))
-    return read_series(choose_series(file.parent, series, str(uid)), file.parent)
+    series = scan_folder(file.parent, uid=NO_SERIES_UID)
+    return choose_series(file.parent, [s for s in series if file.name in {f.name for f in s.files}], None)
 
 
 # --- image series ----------------------------------------------------------------------------------
@@ -256,6 +347,9 @@ def read_series(series: DicomSeries, path: Path) -> Volume:
     array = sitk.GetArrayFromImage(image)
     if array.shape != geometry.shape:
         raise InputError(path, f"pixel data of shape {array.shape} does not match its headers", "re-export it")
+    if not np.allclose(image.GetOrigin(), geometry.origin, atol=1e-3 * max(1.0, *np.abs(geometry.origin))):
+        # GDCM keeps the order it is given; this guards the slice order the array is read in.
+        raise InputError(path, "its pixel data were read in another slice order than its headers", "re-export it")
     sorted_series = DicomSeries(series.uid, files, [series.datasets[i] for i in order])
     meta: dict[str, Any] = {"series": sorted_series, "geometry": geometry}
     return Volume(array, geometry, Source(Path(path), "dicom-series", meta))
@@ -331,8 +425,10 @@ def read_seg(file: Path, *, nearby: Sequence[DicomSeries] = ()) -> Volume:
         directions = directions * np.array([1.0, 1.0, -1.0])
         array = np.ascontiguousarray(array[::-1])
         geometry = Geometry(shape, geometry.spacing, top, directions)
-    referenced = [str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])]
-    source_series = _find_source_series(file, referenced, nearby)
+    referenced = [
+        str(uid) for item in seg.get("ReferencedSeriesSequence", []) or [] if (uid := item.get("SeriesInstanceUID"))
+    ]
+    source_series = _find_source_series(file, referenced, nearby, set() if referenced else _referenced_instances(seg))
     if source_series is not None:
         try:
             source_geometry, order = series_geometry(source_series, file)
@@ -357,12 +453,41 @@ def read_seg(file: Path, *, nearby: Sequence[DicomSeries] = ()) -> Volume:
     return Volume(array, geometry, Source(Path(file), "dicom-seg", meta))
 
 
-def _find_source_series(file: Path, uids: Sequence[str], nearby: Sequence[DicomSeries]) -> DicomSeries | None:
-    """The first referenced series found among ``nearby``, else in the SEG's folder, sub-folders and siblings."""
-    for series in nearby:
+def _referenced_instances(seg: Dataset) -> set[str]:
+    """SOPInstanceUIDs of the images a SEG references (series, source and per-frame references)."""
+    items = [
+        item
+        for series in seg.get("ReferencedSeriesSequence", []) or []
+        for item in series.get("ReferencedInstanceSequence", []) or []
+    ]
+    items += list(seg.get("SourceImageSequence", []) or [])
+    for frame in seg.get("PerFrameFunctionalGroupsSequence", []) or []:
+        for derivation in frame.get("DerivationImageSequence", []) or []:
+            items += list(derivation.get("SourceImageSequence", []) or [])
+    return {str(uid) for item in items if (uid := item.get("ReferencedSOPInstanceUID"))}
+
+
+def _find_source_series(
+    file: Path, uids: Sequence[str], nearby: Sequence[DicomSeries], instances: Collection[str] = ()
+) -> DicomSeries | None:
+    """The first referenced series found among ``nearby``, else in the SEG's folder, sub-folders and siblings.
+
+    ``uids`` are the series UIDs the SEG references; a SEG of a series without SeriesInstanceUID
+    references none, and its source is the series without one that holds any of its ``instances``.
+    """
+
+    def is_source(series: DicomSeries) -> bool:
+        if series.is_seg:
+            return False
         if series.uid in uids:
+            return True
+        return is_no_series_uid(series.uid) and any(instance_uid_of(ds) in instances for ds in series.datasets)
+
+    for series in nearby:
+        if is_source(series):
             return series
-    if not uids:
+    wanted = list(uids) or ([NO_SERIES_UID] if instances else [])
+    if not wanted:
         return None
     folder = file.parent
     candidates = [folder]
@@ -373,13 +498,14 @@ def _find_source_series(file: Path, uids: Sequence[str], nearby: Sequence[DicomS
             continue
     budget = [MAX_SCANNED_FILES]
     for candidate in candidates:
-        for uid in uids:
+        for uid in wanted:
             try:
                 found = scan_folder(candidate, uid=uid, budget=budget)
             except OSError:
                 continue
-            if found and not found[0].is_seg:
-                return found[0]
+            for series in found:
+                if is_source(series):
+                    return series
         if budget[0] <= 0:
             break
     return None
@@ -419,7 +545,21 @@ def write_dicom_seg(
     (CID 7150 / 7151), algorithm type AUTOMATIC, algorithm 'vertrefine' with its version. The SEG
     references its source series: ``source_images`` (datasets, files, or a series folder) when given;
     else the series that ``like`` (default ``volume.source``) was read from; for a ``like`` read from a
-    SEG, the series that SEG referenced (see the module docstring).
+    SEG, the series that SEG referenced (see the module docstring). The label map should lie on the
+    source series' grid (:func:`dicom_series_geometry`); frames off its slices reference no instance.
+
+    Source series whose UIDs were emptied by de-identification: an empty SOPInstanceUID or SOPClassUID
+    is taken from the file meta (MediaStorageSOPInstanceUID / ...ClassUID), so the SEG references every
+    source instance by its real UID (Source Image Sequence, and per frame the Derivation Image
+    Sequence) and shares its FrameOfReferenceUID, which places it on the images. With an empty
+    StudyInstanceUID the SEG gets a new study UID of its own (it cannot join a study without a UID),
+    derived from the source instances' UIDs so that every SEG of that series shares it.
+    With an empty SeriesInstanceUID the Referenced Series Sequence is left out rather than naming an
+    empty or invented series (an empty UID would pair the SEG with any other blanked series): viewers
+    that pair a SEG with its images by series UID will not do so; those that place it by frame of
+    reference and positions will, and :func:`vertrefine.io.read_label_map` finds such a series next
+    to the SEG by its instance UIDs. Refused, with one line: source images without a
+    FrameOfReferenceUID, or without a SOPInstanceUID even in their file meta.
     """
     path = Path(path)
     labels = volume.labels
@@ -427,15 +567,17 @@ def write_dicom_seg(
         raise OutputError(f"{path}: nothing to write: the label map has no labelled voxel")
     source = like.source if like is not None else volume.source
     restore_from: Dataset | None = None
+    where = source.path or path
     if source_images is not None:
         datasets = _source_datasets(source_images, path)
+        where = Path(source_images) if isinstance(source_images, (str, Path)) else path
     elif source.kind == "dicom-series":
         datasets = source.meta["series"].datasets
     elif source.kind == "dicom-seg" and source.meta.get("source_series") is not None:
         datasets = source.meta["source_series"].datasets
     elif source.kind == "dicom-seg":
         restore_from = source.meta["dataset"]
-        datasets = _reference_stubs(restore_from, source.path or path)
+        datasets = _reference_stubs(restore_from, where)
     else:
         raise InputError(
             source.path or path,
@@ -443,7 +585,7 @@ def write_dicom_seg(
             f"{'a ' + source.kind + ' file' if source.kind != 'memory' else 'memory'}",
             "pass the source DICOM series folder (source_images / --source-series), or write NIfTI",
         )
-    datasets = [_with_type2_attributes(ds) for ds in datasets]
+    datasets = _prepared_sources(datasets, where)
     lookup = np.zeros(max(labels) + 1, dtype=np.uint16 if len(labels) > 255 else np.uint8)
     lookup[labels] = np.arange(1, len(labels) + 1)
     pixels = hd.Volume(
@@ -488,8 +630,11 @@ def write_dicom_seg(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise InputError(
-            source.path or path, f"cannot build a DICOM SEG on these source images ({exc})", "check the source series"
+            where, f"cannot build a DICOM SEG on these source images ({exc})", "check the source series"
         ) from exc
+    if not datasets[0].get("SeriesInstanceUID"):
+        del seg.ReferencedSeriesSequence
+        seg.SourceImageSequence = [_reference_item(ds.SOPClassUID, ds.SOPInstanceUID) for ds in datasets]
     if restore_from is not None:
         _restore_references(seg, restore_from)
     with atomic_path(path) as tmp:
@@ -500,6 +645,8 @@ def write_dicom_seg(
 def _source_datasets(source_images: str | Path | Sequence[Dataset | str | Path], path: Path) -> list[Dataset]:
     if isinstance(source_images, (str, Path)):
         folder = Path(source_images)
+        if folder.is_file():  # one image file stands for its series
+            return _series_of_file(folder, _read_header(folder), None).datasets
         if not folder.is_dir():
             raise InputError(folder, "is not a folder of DICOM images", "pass the source series folder")
         images = [s for s in scan_folder(folder) if not s.is_seg]
@@ -511,22 +658,54 @@ def _source_datasets(source_images: str | Path | Sequence[Dataset | str | Path],
             continue
         try:
             datasets.append(pydicom.dcmread(item, stop_before_pixels=True))
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        except (InvalidDicomError, OSError, ValueError, EOFError, TypeError) as exc:
             raise InputError(item, "is not a readable DICOM image", "pass the source series' files") from exc
     if not datasets:
         raise InputError(path, "no source images were given", "pass the source series folder")
     return datasets
 
 
-def _with_type2_attributes(dataset: Dataset) -> Dataset:
-    """A copy of ``dataset`` with the empty type 2 attributes that highdicom reads added where missing."""
-    if all(keyword in dataset for keyword in _TYPE2_IMAGE_KEYWORDS):
-        return dataset
-    completed = copy.copy(dataset)
-    for keyword in _TYPE2_IMAGE_KEYWORDS:
-        if keyword not in completed:
-            setattr(completed, keyword, None)
-    return completed
+def _prepared_sources(datasets: Sequence[Dataset], where: Path) -> list[Dataset]:
+    """The source headers as highdicom needs them; changed ones are copies, the callers' stay untouched.
+
+    Adds the empty type 2 attributes highdicom reads where missing, takes an empty SOPInstanceUID /
+    SOPClassUID from the file meta, and gives a series without StudyInstanceUID a new one (see
+    :func:`write_dicom_seg`).
+    """
+    remedy = "de-identify the series keeping its UIDs (or replacing them consistently), or write NIfTI (.nii.gz)"
+    if not all(ds.get("FrameOfReferenceUID") for ds in datasets):
+        raise InputError(
+            where, "the source images have no FrameOfReferenceUID, so a DICOM SEG cannot be placed on them", remedy
+        )
+    new_study = None
+    if not any(ds.get("StudyInstanceUID") for ds in datasets):
+        # The same for every SEG of these images, so that they share one study.
+        sources = sorted(instance_uid_of(ds) for ds in datasets)
+        new_study = generate_uid(entropy_srcs=["vertrefine study", datasets[0].FrameOfReferenceUID, *sources])
+    prepared = []
+    for dataset in datasets:
+        changes: dict[str, Any] = {kw: None for kw in _TYPE2_IMAGE_KEYWORDS if kw not in dataset}
+        if not dataset.get("SOPInstanceUID"):
+            changes["SOPInstanceUID"] = instance_uid_of(dataset)
+        if not dataset.get("SOPClassUID"):
+            changes["SOPClassUID"] = class_uid_of(dataset)
+        if not (changes.get("SOPInstanceUID", True) and changes.get("SOPClassUID", True)):
+            raise InputError(
+                where,
+                "a source image has no SOPInstanceUID or SOPClassUID, not even in its file meta, "
+                "so a DICOM SEG cannot reference it",
+                remedy,
+            )
+        if new_study is not None:
+            changes["StudyInstanceUID"] = new_study
+        if "SeriesInstanceUID" not in dataset:
+            changes["SeriesInstanceUID"] = ""
+        if changes:
+            dataset = copy.deepcopy(dataset)  # copy.copy would share (and change) the caller's elements
+            for keyword, value in changes.items():
+                setattr(dataset, keyword, value)
+        prepared.append(dataset)
+    return prepared
 
 
 def _series_number(source: Dataset) -> int:
@@ -558,7 +737,7 @@ def _reference_stubs(seg: Dataset, path: Path) -> list[Dataset]:
     replaces every reference highdicom derives from them by the input SEG's own references.
     """
     series_items = seg.get("ReferencedSeriesSequence") or []
-    instances = [item for series in series_items for item in series.get("ReferencedInstanceSequence", [])]
+    instances = _instance_items(seg)
     if not instances or "FrameOfReferenceUID" not in seg:
         raise InputError(
             path,
@@ -570,7 +749,7 @@ def _reference_stubs(seg: Dataset, path: Path) -> list[Dataset]:
     stub = Dataset()
     for keyword in _PATIENT_STUDY_KEYWORDS:
         setattr(stub, keyword, seg.get(keyword))
-    stub.SeriesInstanceUID = series_items[0].SeriesInstanceUID
+    stub.SeriesInstanceUID = series_items[0].get("SeriesInstanceUID") if series_items else ""
     stub.SOPClassUID = first.ReferencedSOPClassUID
     stub.SOPInstanceUID = first.ReferencedSOPInstanceUID
     stub.Modality = _MODALITY_OF_SOP_CLASS.get(str(first.ReferencedSOPClassUID), "OT")
@@ -584,23 +763,31 @@ def _reference_stubs(seg: Dataset, path: Path) -> list[Dataset]:
     return [stub]
 
 
+def _instance_items(seg: Dataset) -> list[Dataset]:
+    """The SEG's references to whole source instances: its Referenced Series, else its Source Image Sequence."""
+    items = [
+        item
+        for series in seg.get("ReferencedSeriesSequence", []) or []
+        for item in series.get("ReferencedInstanceSequence", []) or []
+    ]
+    return items or list(seg.get("SourceImageSequence", []) or [])
+
+
 def _restore_references(seg: Dataset, original: Dataset) -> None:
     """Make ``seg`` reference what ``original`` (the SEG it was derived from) referenced."""
-    seg.ReferencedSeriesSequence = copy.deepcopy(original.ReferencedSeriesSequence)
+    if "ReferencedSeriesSequence" in original:
+        seg.ReferencedSeriesSequence = copy.deepcopy(original.ReferencedSeriesSequence)
+    elif "ReferencedSeriesSequence" in seg:
+        del seg.ReferencedSeriesSequence
+    instances = _instance_items(original)
     if "SourceImageSequence" in original:
         seg.SourceImageSequence = copy.deepcopy(original.SourceImageSequence)
     else:
         seg.SourceImageSequence = [
-            _reference_item(item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID)
-            for series in original.ReferencedSeriesSequence
-            for item in series.get("ReferencedInstanceSequence", [])
+            _reference_item(item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) for item in instances
         ]
     known = _known_source_positions(original)
-    classes = {
-        str(item.ReferencedSOPInstanceUID): item.ReferencedSOPClassUID
-        for series in original.ReferencedSeriesSequence
-        for item in series.get("ReferencedInstanceSequence", [])
-    }
+    classes = {str(item.ReferencedSOPInstanceUID): item.ReferencedSOPClassUID for item in instances}
     aligned = _same_frame_layout(seg, original) and bool(known)
     uids = list(known)
     positions = np.array([known[uid] for uid in uids]) if uids else np.zeros((0, 3))

@@ -19,13 +19,22 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from .dicom_seg import read_dicom_file, read_dicom_folder, write_dicom_seg
+from .dicom_seg import (
+    NO_SERIES_UID,
+    dicom_series_geometry,
+    looks_like_dicom,
+    read_dicom_file,
+    read_dicom_folder,
+    write_dicom_seg,
+)
 from .errors import InputError, OutputError
 from .nifti import is_nifti_path, read_nifti, write_nifti
 from .volume import Volume
 
 __all__ = [
     "MAX_LABELS",
+    "NO_SERIES_UID",
+    "dicom_series_geometry",
     "is_dicom_output",
     "is_nifti_path",
     "is_supported_input",
@@ -48,18 +57,25 @@ def is_dicom_output(path: str | Path) -> bool:
 
 
 def is_supported_input(path: str | Path) -> bool:
-    """True for the inputs :func:`read_label_map` accepts by name: NIfTI, DICOM files, folders."""
+    """True for the inputs :func:`read_label_map` accepts: NIfTI, DICOM files (by name or preamble), folders."""
     path = Path(path)
-    return path.is_dir() or is_nifti_path(path) or path.suffix.lower() in DICOM_FILE_SUFFIXES
+    return path.is_dir() or is_nifti_path(path) or _is_dicom_file_path(path)
+
+
+def _is_dicom_file_path(path: Path) -> bool:
+    """A DICOM suffix (or none), or the DICOM preamble: names like 'CT.1.2.840...' have a numeric 'suffix'."""
+    return path.suffix.lower() in DICOM_FILE_SUFFIXES or looks_like_dicom(path)
 
 
 def read_label_map(path: str | Path, *, series_uid: str | None = None, allow_empty: bool = False) -> Volume:
     """Read and validate a label map.
 
-    ``path`` is a ``.nii``/``.nii.gz`` file, a DICOM SEG file (``.dcm`` or no suffix), or a folder of
-    DICOM files holding either a SEG or an image series whose pixel values are label ids (a single
-    DICOM image file stands for its series). ``series_uid`` picks one series of a folder holding
-    several. ``allow_empty`` accepts a label map without any labelled voxel (e.g. a prediction being
+    ``path`` is a ``.nii``/``.nii.gz`` file, a DICOM SEG file (``.dcm``, no suffix, or any name with
+    the DICOM preamble), or a folder of DICOM files holding either a SEG or an image series whose pixel
+    values are label ids (a single DICOM image file stands for its series). ``series_uid`` picks one
+    series of a folder holding several (:data:`NO_SERIES_UID` names one whose files have no
+    SeriesInstanceUID). An image series of intensities (CT, MR) is refused: "segment it first".
+    ``allow_empty`` accepts a label map without any labelled voxel (e.g. a prediction being
     scored). Segments of a SEG become label ids: a segment naming or coding a vertebra level ('L1',
     'T12', 'L1 vertebra', SCT 66794005) gets its VerSe id, any other keeps its segment number.
     """
@@ -70,7 +86,7 @@ def read_label_map(path: str | Path, *, series_uid: str | None = None, allow_emp
         volume = read_dicom_folder(path, series_uid=series_uid)
     elif is_nifti_path(path):
         volume = read_nifti(path)
-    elif path.suffix.lower() in DICOM_FILE_SUFFIXES:
+    elif _is_dicom_file_path(path):
         volume = read_dicom_file(path, series_uid=series_uid)
     else:
         raise InputError(
@@ -78,7 +94,18 @@ def read_label_map(path: str | Path, *, series_uid: str | None = None, allow_emp
             f"unsupported file type '{path.suffix}'",
             "pass a .nii/.nii.gz file, a DICOM SEG (.dcm) file or a DICOM series folder",
         )
-    return validate_label_map(volume, path, allow_empty=allow_empty)
+    try:
+        return validate_label_map(volume, path, allow_empty=allow_empty)
+    except InputError as exc:
+        if volume.source.kind != "dicom-series" or exc.remedy != _SEGMENT_FIRST:
+            raise
+        first = volume.source.meta["series"].first
+        modality = str(first.get("Modality") or "DICOM")
+        description = str(first.get("SeriesDescription") or "no description")
+        count = len(volume.source.meta["series"].files)
+        raise InputError(
+            path, f"is a {modality} image series ('{description}', {count} files) that {exc.problem}", exc.remedy
+        ) from exc
 
 
 def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = False) -> Volume:
