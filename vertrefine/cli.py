@@ -163,19 +163,35 @@ def degrade(
     seed: Annotated[int, typer.Option(min=0, help="Seed; case i of a folder uses seed + i.")] = 0,
     in_plane_mm: Annotated[float, typer.Option(min=0.0, help="Simulated in-plane resolution in mm.")] = 1.0,
     boundary_amplitude_mm: Annotated[
-        float, typer.Option(min=0.0, help="Amplitude of the smooth boundary error, mm.")
-    ] = 1.0,
+        float | None,
+        typer.Option(min=0.0, help="Std of the smooth boundary displacement, mm [default: 0.4 x slice-mm]."),
+    ] = None,
     boundary_sigma_mm: Annotated[
-        float, typer.Option(min=0.1, help="Correlation length of the boundary error, mm.")
+        float, typer.Option(min=0.1, help="Correlation length of the boundary displacement, mm.")
     ] = 8.0,
     threshold_jitter: Annotated[
         float,
-        typer.Option(min=0.0, max=0.45, help="Per-vertebra random shift of the partial-volume threshold."),
+        typer.Option(
+            min=0.0, max=0.45, help="Std of the partial-volume threshold shift (per case, plus half per vertebra)."
+        ),
     ] = 0.1,
     posterior_loss_mm: Annotated[
-        float, typer.Option(min=0.0, help="Radius of the opening that erodes thin posterior structures, mm.")
-    ] = 2.0,
-    islands: Annotated[int, typer.Option(min=0, help="Mean number of spurious islands per case.")] = 4,
+        float | None,
+        typer.Option(
+            min=0.0, help="Radius of the opening that erodes thin posterior parts, mm [default: 0.5 x slice-mm]."
+        ),
+    ] = None,
+    truncation: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Probability that each process tip is cut off.")
+    ] = 0.5,
+    islands: Annotated[float, typer.Option(min=0.0, help="Mean number (Poisson) of spurious islands per case.")] = 4.0,
+    island_radius_mm: Annotated[tuple[float, float], typer.Option(help="Smallest and largest island radius, mm.")] = (
+        1.5,
+        4.0,
+    ),
+    series_uid: Annotated[
+        str | None, typer.Option(help="Which series to read when a DICOM folder holds several.")
+    ] = None,
     skip_existing: Annotated[bool, typer.Option(help="In folder mode, skip cases whose output exists.")] = False,
 ) -> None:
     """Simulate a thick-slice MRI segmentation of a label map, on the input's grid."""
@@ -191,11 +207,13 @@ def degrade(
         boundary_sigma_mm=boundary_sigma_mm,
         threshold_jitter=threshold_jitter,
         posterior_loss_mm=posterior_loss_mm,
+        truncation=truncation,
         islands=islands,
+        island_radius_mm=island_radius_mm,
     )
 
     def one_case(index: int, source: Path, destination: Path) -> str:
-        volume = read_label_map(source)
+        volume = read_label_map(source, series_uid=series_uid)
         degraded = degrade_volume(volume, seed=seed + index, **knobs)
         write_label_map(degraded, destination, like=volume)
         return f"seed {seed + index}"

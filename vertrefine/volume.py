@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import SimpleITK as sitk
+
+if TYPE_CHECKING:  # SimpleITK is imported where it is used: the training path runs without it
+    import SimpleITK as sitk
 
 SourceKind = Literal["nifti", "dicom-series", "dicom-seg", "memory"]
 
@@ -39,12 +41,7 @@ class Geometry:
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
         object.__setattr__(self, "origin", tuple(float(o) for o in self.origin))
         object.__setattr__(self, "direction", tuple(float(d) for d in np.ravel(self.direction)))
-        if (
-            len(self.shape) != 3
-            or len(self.spacing) != 3
-            or len(self.origin) != 3
-            or len(self.direction) != 9
-        ):
+        if len(self.shape) != 3 or len(self.spacing) != 3 or len(self.origin) != 3 or len(self.direction) != 9:
             raise ValueError("Geometry needs a 3D shape, spacing, origin and a 3x3 direction")
 
     @property
@@ -110,9 +107,11 @@ class Geometry:
         image.SetDirection(self.direction)
         return image
 
-    def reference_image(self, pixel_id: int = sitk.sitkUInt8) -> sitk.Image:
-        """An empty SimpleITK image on this grid, for use as a resampling reference."""
-        return self.apply_to(sitk.Image(list(self.size_ijk), pixel_id))
+    def reference_image(self, pixel_id: int | None = None) -> sitk.Image:
+        """An empty SimpleITK image (default uint8) on this grid, for use as a resampling reference."""
+        import SimpleITK as sitk
+
+        return self.apply_to(sitk.Image(list(self.size_ijk), sitk.sitkUInt8 if pixel_id is None else pixel_id))
 
 
 @dataclass(frozen=True)
@@ -148,8 +147,12 @@ class Volume:
         return replace(self, array=array)
 
     def to_sitk(self) -> sitk.Image:
+        import SimpleITK as sitk
+
         return self.geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(self.array)))
 
     @classmethod
     def from_sitk(cls, image: sitk.Image, source: Source | None = None) -> Volume:
+        import SimpleITK as sitk
+
         return cls(sitk.GetArrayFromImage(image), Geometry.from_sitk(image), source or Source(None))

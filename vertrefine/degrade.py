@@ -1,0 +1,332 @@
+"""Thick-slice simulation: what a segmentation of a thick-slice MRI of an anatomy looks like.
+
+Given a good label map (CT quality), :func:`degrade` returns a label map on the same grid with the errors
+a segmentation made on a thick-slice MRI shows:
+
+1. thin posterior structures under-segmented: an opening (radius ``posterior_loss_mm``) removes what is
+   thinner than about twice that radius behind each vertebra's centre of mass, and process tips (spinous,
+   left and right transverse) are randomly cut off (``truncation``);
+2. slab partial volume: each label's occupancy is averaged over slabs ``slice_mm`` thick along the slice
+   axis (and ``in_plane_mm`` in-plane), with a random slab phase, and thresholded at 0.5 plus a random
+   per-case and per-vertebra shift (``threshold_jitter``), so bodies swell or erode and surfaces become
+   staircases;
+3. smooth boundary error: a smooth random field (``boundary_amplitude_mm``, correlation length
+   ``boundary_sigma_mm``) is added to each label's signed distance before the final threshold, on the
+   slab grid, so every slab stays constant along the slice axis (as the segmentation of one thick slice,
+   resampled to the fine grid, would be);
+4. spurious islands: a few small blobs near the spine carrying the nearest vertebra's label.
+
+By default the boundary error and the posterior loss grow with the slice thickness (0.4 and 0.5 times
+``slice_mm``): on the lumbar phantoms of :mod:`vertrefine.synth` the mean Dice per vertebra is then about
+0.88 / 0.82 / 0.76 at 3 / 5 / 7 mm, whatever the slice orientation.
+
+The slice axis is the array axis closest to the physical axis the name implies (sagittal = left-right,
+coronal = anterior-posterior, axial = superior-inferior), read from the volume's direction matrix, so any
+grid orientation works (on an oblique grid the slabs follow the nearest array axis). numpy/scipy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .volume import Geometry, Volume
+
+AMPLITUDE_PER_SLICE_MM = 0.4
+"""Default boundary error (standard deviation, mm) per mm of slice thickness."""
+POSTERIOR_LOSS_PER_SLICE_MM = 0.5
+"""Default radius of the posterior opening (mm) per mm of slice thickness."""
+
+SLICE_AXES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
+"""Slice orientation -> LPS axis of the slice normal (0 = x left-right, 1 = y, 2 = z)."""
+
+
+def slice_array_axis(geometry: Geometry, axis: str) -> int:
+    """Array axis (0 = k, 1 = j, 2 = i) closest to the normal of ``axis`` slices on this grid."""
+    if axis not in SLICE_AXES:
+        raise ValueError(f"axis must be one of {', '.join(SLICE_AXES)}, got {axis!r}")
+    column = int(np.argmax(np.abs(geometry.direction_matrix[SLICE_AXES[axis], :])))
+    return 2 - column
+
+
+def degrade(
+    volume: Volume,
+    *,
+    slice_mm: float = 5.0,
+    axis: str = "sagittal",
+    seed: int = 0,
+    in_plane_mm: float = 1.0,
+    boundary_amplitude_mm: float | None = None,
+    boundary_sigma_mm: float = 8.0,
+    threshold_jitter: float = 0.1,
+    posterior_loss_mm: float | None = None,
+    truncation: float = 0.5,
+    islands: float = 4.0,
+    island_radius_mm: tuple[float, float] = (1.5, 4.0),
+) -> Volume:
+    """Simulate a thick-slice MRI segmentation of ``volume``, on its own grid with its own labels.
+
+    Args:
+        volume: label map (any grid; every non-zero value is one structure).
+        slice_mm: slice thickness of the simulated acquisition (mm).
+        axis: slice orientation, ``"sagittal"``, ``"axial"`` or ``"coronal"``.
+        seed: random seed; the same seed and input give the same output.
+        in_plane_mm: in-plane resolution of the simulated acquisition (mm); no in-plane averaging where it
+            is not coarser than the grid.
+        boundary_amplitude_mm: standard deviation (mm) of the smooth boundary displacement; None:
+            ``0.4 * slice_mm`` (2 mm at 5 mm slices: thicker slices, less certain boundaries).
+        boundary_sigma_mm: correlation length (mm, Gaussian sigma) of that displacement.
+        threshold_jitter: standard deviation of the random shift of the partial-volume threshold (0.5):
+            one shift for the whole case plus half as much per vertebra; > 0 swells, < 0 erodes.
+        posterior_loss_mm: radius (mm) of the opening applied behind each vertebra's centre of mass,
+            which removes posterior structures thinner than about twice that (0 = none); None:
+            ``0.5 * slice_mm`` (2.5 mm at 5 mm slices).
+        truncation: probability that each process tip (spinous, left transverse, right transverse) is
+            cut off, at 60-90 % of its reach from the centre of mass.
+        islands: mean number (Poisson) of spurious islands per case.
+        island_radius_mm: range of the islands' radii (mm).
+    """
+    if slice_mm <= 0 or in_plane_mm < 0:
+        raise ValueError("slice_mm must be positive and in_plane_mm non-negative")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    g = volume.geometry
+    slab_axis = slice_array_axis(g, axis)
+    if boundary_amplitude_mm is None:
+        boundary_amplitude_mm = AMPLITUDE_PER_SLICE_MM * slice_mm
+    if posterior_loss_mm is None:
+        posterior_loss_mm = POSTERIOR_LOSS_PER_SLICE_MM * slice_mm
+    array = np.asarray(volume.array)
+    labels = [int(v) for v in np.unique(array) if v != 0]
+    out = np.zeros_like(array)
+    if not labels:
+        return volume.with_array(out)
+    rng = np.random.default_rng([int(seed), 0xDE9])
+    spacing = np.asarray(g.spacing[::-1], float)  # per array axis
+    block_mm = np.full(3, float(in_plane_mm))
+    block_mm[slab_axis] = float(slice_mm)
+
+    # work on the box around all labels, with room for swelling and islands
+    margin = np.ceil((3 * boundary_amplitude_mm + block_mm + 25.0) / spacing).astype(int)
+    nz = np.nonzero(array)
+    lo = np.maximum([int(a.min()) for a in nz] - margin, 0)
+    hi = np.minimum([int(a.max()) + 1 for a in nz] + margin, array.shape)
+    region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    work = array[region]
+    phys = _physical_axes(g, lo, work.shape)
+
+    # 1. thin posterior structures and process tips
+    masks = {lab: work == lab for lab in labels}
+    for lab in labels:
+        masks[lab] = _lose_posterior(masks[lab], phys, spacing, posterior_loss_mm, truncation, rng)
+
+    # 2. slab partial volume on the acquisition grid
+    starts = [_block_starts(lo[a], work.shape[a], spacing[a], block_mm[a], rng) for a in range(3)]
+    counts = [np.diff(np.append(s, work.shape[a])) for a, s in enumerate(starts)]
+    coarse_spacing = np.array([block_mm[a] if len(starts[a]) < work.shape[a] else spacing[a] for a in range(3)])
+    case_shift = rng.normal(0.0, threshold_jitter)
+    coarse_shape = tuple(len(s) for s in starts)
+    noise = _smooth_noise(coarse_shape, coarse_spacing, boundary_sigma_mm, rng) * np.float32(boundary_amplitude_mm)
+    best = np.full(coarse_shape, np.inf, np.float32)
+    owner = np.zeros(coarse_shape, array.dtype)
+    pad = np.ceil((3 * boundary_amplitude_mm + 2 * coarse_spacing) / coarse_spacing).astype(int) + 1
+    for lab in labels:
+        fraction = _block_mean(masks[lab], starts, counts)
+        threshold = float(np.clip(0.5 + case_shift + rng.normal(0.0, threshold_jitter / 2), 0.15, 0.85))
+        inside = fraction > threshold
+        if not inside.any():
+            continue
+        # 3. smooth boundary error on each label's signed distance (mm)
+        box = _bbox(inside, pad)
+        sdf = _signed_distance(inside[box], coarse_spacing) + noise[box]
+        take = (sdf < 0) & (sdf < best[box])
+        best[box] = np.where(take, sdf, best[box])
+        owner[box] = np.where(take, lab, owner[box])
+
+    # 4. islands near the spine, on the acquisition grid too (so they are slab-shaped)
+    _add_islands(owner, coarse_spacing, islands, island_radius_mm, rng)
+
+    fine = owner
+    for a in range(3):
+        fine = np.repeat(fine, counts[a], axis=a)
+    out[region] = fine
+    return volume.with_array(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _physical_axes(g: Geometry, lo: Sequence[int], shape: Sequence[int]) -> list[list[np.ndarray]]:
+    """For LPS coordinate c (0 = x, 1 = y), the three broadcastable per-array-axis terms of its value."""
+    m = g.index_to_physical_matrix()
+    terms = []
+    for c in range(2):
+        per_axis = []
+        for a in range(3):
+            idx = np.arange(lo[a], lo[a] + shape[a], dtype=np.float32)
+            view = [1, 1, 1]
+            view[a] = -1
+            per_axis.append((idx * np.float32(m[c, 2 - a])).reshape(view))
+        per_axis[0] = per_axis[0] + np.float32(m[c, 3])
+        terms.append(per_axis)
+    return terms
+
+
+def _coordinate(terms: list[np.ndarray], box: tuple[slice, ...]) -> np.ndarray:
+    t0, t1, t2 = terms
+    return t0[box[0], :, :] + t1[:, box[1], :] + t2[:, :, box[2]]
+
+
+def _bbox(mask: np.ndarray, pad: Sequence[int] | int) -> tuple[slice, ...]:
+    pad = np.broadcast_to(np.asarray(pad, int), (3,))
+    idx = np.nonzero(mask)
+    return tuple(
+        slice(max(int(i.min()) - int(p), 0), min(int(i.max()) + 1 + int(p), n))
+        for i, p, n in zip(idx, pad, mask.shape, strict=True)
+    )
+
+
+def _opening(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Morphological opening with a ball of ``radius_mm`` (spacing-aware, via distance transforms)."""
+    eroded = ndimage.distance_transform_edt(mask, sampling=spacing) > radius_mm
+    if not eroded.any():
+        return eroded
+    return ndimage.distance_transform_edt(~eroded, sampling=spacing) <= radius_mm
+
+
+def _lose_posterior(
+    mask: np.ndarray,
+    phys: list[list[np.ndarray]],
+    spacing: np.ndarray,
+    radius_mm: float,
+    truncation: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Open the part behind the centre of mass and cut process tips at random; returns a new mask."""
+    if not mask.any():
+        return mask
+    pad = np.ceil(radius_mm / spacing).astype(int) + 2
+    box = _bbox(mask, pad)
+    sub = mask[box]
+    x = _coordinate(phys[0], box)
+    y = _coordinate(phys[1], box)
+    inside = np.nonzero(sub)
+    xs = np.broadcast_to(x, sub.shape)[inside]
+    ys = np.broadcast_to(y, sub.shape)[inside]
+    x_c, y_c = float(xs.mean()), float(ys.mean())
+    behind = np.broadcast_to(y > y_c, sub.shape)
+    kept = sub.copy()
+    back = sub & behind
+    if radius_mm > 0 and back.any():
+        near = _bbox(back, pad)  # open only around the part behind the centre of mass
+        kept[near] = np.where(behind[near], _opening(sub[near], radius_mm, spacing), sub[near])
+    # process tips: posterior (spinous), left and right (transverse) reach from the centre of mass
+    draws = rng.uniform(size=3)
+    cuts = rng.uniform(0.6, 0.9, size=3)
+    reach_post = float(ys.max()) - y_c
+    reach_left = float(xs.max()) - x_c
+    reach_right = x_c - float(xs.min())
+    if draws[0] < truncation:
+        kept &= ~(y > y_c + cuts[0] * reach_post)
+    if draws[1] < truncation:
+        kept &= ~((x > x_c + cuts[1] * reach_left) & _not_in_front(y, y_c))
+    if draws[2] < truncation:
+        kept &= ~((x < x_c - cuts[2] * reach_right) & _not_in_front(y, y_c))
+    out = mask.copy()
+    out[box] = kept
+    return out
+
+
+def _not_in_front(y: np.ndarray, y_c: float, slack_mm: float = 15.0) -> np.ndarray:
+    """Points not far in front of the centre of mass (transverse processes lie at or behind it)."""
+    return y > y_c - slack_mm
+
+
+def _block_starts(first: int, n: int, spacing: float, block_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """Start indices (within a run of ``n`` voxels from global index ``first``) of blocks ``block_mm`` thick.
+
+    Blocks are laid on the global index axis with a random phase; no blocks (every voxel its own) when
+    ``block_mm`` is not coarser than ``spacing``.
+    """
+    if block_mm <= spacing * 1.0001:
+        return np.arange(n)
+    phase = rng.uniform(0.0, block_mm)
+    centres = (first + np.arange(n)) * spacing
+    block = np.floor((centres - phase) / block_mm).astype(np.int64)
+    return np.flatnonzero(np.diff(block, prepend=block[0] - 1))
+
+
+def _block_mean(mask: np.ndarray, starts: list[np.ndarray], counts: list[np.ndarray]) -> np.ndarray:
+    """Mean of ``mask`` over the blocks (one value per block)."""
+    out = mask.astype(np.float32)
+    for a in range(3):
+        if len(starts[a]) == mask.shape[a]:
+            continue
+        out = np.add.reduceat(out, starts[a], axis=a)
+        shape = [1, 1, 1]
+        shape[a] = -1
+        out /= counts[a].reshape(shape).astype(np.float32)
+    return out
+
+
+def _signed_distance(inside: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Signed distance (mm), negative inside, crossing zero half-way between in- and outside voxels."""
+    half = 0.5 * float(spacing.min())
+    outside_d = ndimage.distance_transform_edt(~inside, sampling=spacing)
+    inside_d = ndimage.distance_transform_edt(inside, sampling=spacing)
+    return np.where(inside, half - inside_d, outside_d - half).astype(np.float32)
+
+
+def _smooth_noise(shape: Sequence[int], spacing: np.ndarray, sigma_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian-filtered white noise with unit standard deviation."""
+    field = rng.standard_normal(shape).astype(np.float32)
+    field = ndimage.gaussian_filter(field, sigma=np.maximum(sigma_mm / spacing, 1e-3), mode="reflect")
+    std = float(field.std())
+    return field / std if std > 0 else field
+
+
+def _add_islands(
+    owner: np.ndarray,
+    spacing: np.ndarray,
+    mean_count: float,
+    radius_mm: tuple[float, float],
+    rng: np.random.Generator,
+) -> None:
+    """Paint small blobs up to ~20 mm from the labels, touching nothing, with the nearest label (in place)."""
+    count = int(rng.poisson(mean_count)) if mean_count > 0 else 0
+    if count == 0 or not owner.any():
+        return
+    dist, nearest = ndimage.distance_transform_edt(owner == 0, sampling=spacing, return_indices=True)
+    labels_at = owner[tuple(nearest)]
+    clearance = dist.copy()  # distance to anything painted, islands included; dist: to the vertebrae
+    touch = float(np.linalg.norm(spacing))  # farther than this from a label, a cell cannot neighbour it
+    lo_r, hi_r = radius_mm
+    for _ in range(count):
+        r = float(rng.uniform(lo_r, hi_r))
+        clear = r + touch + 1.0
+        candidates = np.flatnonzero((clearance.ravel() > clear) & (dist.ravel() < clear + 15.0))
+        if candidates.size == 0:
+            return
+        centre = np.array(np.unravel_index(int(rng.choice(candidates)), owner.shape))
+        label = labels_at[tuple(centre)]
+        radii = r * rng.uniform(0.7, 1.3, 3)
+        reach = np.ceil(radii / spacing).astype(int)
+        box = tuple(slice(max(c - k, 0), min(c + k + 1, n)) for c, k, n in zip(centre, reach, owner.shape, strict=True))
+        grids = np.ogrid[tuple(slice(b.start - c, b.stop - c) for b, c in zip(box, centre, strict=True))]
+        blob = sum((gr * s / rr) ** 2 for gr, s, rr in zip(grids, spacing, radii, strict=True)) <= 1.0
+        blob &= clearance[box] > touch
+        owner[box][blob & (owner[box] == 0)] = label
+        # later islands keep clear of this one: update the distances around it
+        around = tuple(
+            slice(max(b.start - k, 0), min(b.stop + k, n))
+            for b, k, n in zip(box, np.ceil(40.0 / spacing).astype(int), owner.shape, strict=True)
+        )
+        local = ndimage.distance_transform_edt(owner[around] != label, sampling=spacing)
+        clearance[around] = np.minimum(clearance[around], local)
+
+
+__all__ = ["AMPLITUDE_PER_SLICE_MM", "POSTERIOR_LOSS_PER_SLICE_MM", "SLICE_AXES", "degrade", "slice_array_axis"]
