@@ -15,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -49,6 +50,8 @@ def friendly_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
         except VertrefineError as exc:
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
@@ -138,8 +141,8 @@ def synth(
             overwrite=overwrite,
             on_case=lambda: progress.advance(task),
         )
-    kind = "patches" if patches else "spines"
-    out.print(f"wrote {len(written)} files ({cases} {kind} cases, seeds {seed}..{seed + cases - 1}) to {out_dir}")
+    what = "per-vertebra patch files" if patches else "spines"
+    out.print(f"wrote {len(written)} {what} (seeds {seed}..{seed + cases - 1}) to {out_dir}")
 
 
 class Axis(str, Enum):
@@ -298,24 +301,23 @@ def _rows_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _summary_table(summary: dict[str, Any], region: str) -> Table:
-    table = Table(title=f"mean ± std per vertebra ({region} region)")
+    """Mean per level and overall, with a dim row of standard deviations under each (n > 1)."""
+    table = Table(title=f"per-vertebra metrics, mean (std below), {region} region")
     table.add_column("level")
     table.add_column("n", justify="right")
     for _, title in METRIC_COLUMNS:
         table.add_column(title, justify="right")
 
-    def cells(stats: dict[str, Any]) -> list[str]:
-        values = []
-        for key, _ in METRIC_COLUMNS:
-            entry = stats.get(key) or {}
-            mean, std = entry.get("mean"), entry.get("std")
-            values.append("-" if mean is None else f"{mean:.3f} ± {std:.3f}")
-        return values
+    def add(name: str, stats: dict[str, Any]) -> None:
+        entries = [stats.get(key) or {} for key, _ in METRIC_COLUMNS]
+        table.add_row(name, str(stats["n"]), *(_fmt(e.get("mean")) for e in entries))
+        if stats["n"] > 1:
+            table.add_row("", "", *(f"[dim]{_fmt(e.get('std'))}[/]" for e in entries), end_section=True)
 
     for level, stats in summary["per_level"].items():
-        table.add_row(level, str(stats["n"]), *cells(stats))
-    overall = summary["overall"]
-    table.add_row("[bold]all[/]", str(overall["n"]), *cells(overall), end_section=True)
+        add(level, stats)
+    table.add_section()
+    add("[bold]all[/]", summary["overall"])
     return table
 
 
