@@ -72,8 +72,12 @@ def run_batch(
     console: Console,
     out: Console,
 ) -> int:
-    """Run ``one_case`` over every case; return the exit code (0 all done or skipped, 1 some failed)."""
+    """Run ``one_case`` over every case; return the exit code (0 all done or skipped, 1 some failed).
+
+    A single input is not a batch: its error propagates (one line, exit code 2, from the CLI).
+    """
     plan = plan_cases(input_path, output)
+    single = len(plan) == 1
     outcomes: list[CaseOutcome] = []
     progress = Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -94,7 +98,7 @@ def run_batch(
                     detail = one_case(index, case.path, destination)
                     outcomes.append(CaseOutcome(case.name, "done", detail, time.perf_counter() - start))
                 except Exception as exc:  # noqa: BLE001 - a batch goes on past any failed case
-                    if os.environ.get("VERTREFINE_DEBUG"):
+                    if single or os.environ.get("VERTREFINE_DEBUG"):
                         raise
                     reason = str(exc) if isinstance(exc, VertrefineError) else f"{type(exc).__name__}: {exc}"
                     outcomes.append(CaseOutcome(case.name, "failed", reason, time.perf_counter() - start))

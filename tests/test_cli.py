@@ -1,0 +1,134 @@
+"""End-to-end command-line behaviour a user relies on: synth -> degrade -> score, batches, bad inputs."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from vertrefine.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def spines(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("spines")
+    result = invoke("synth", folder, "--cases", "2", "--seed", "123")
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_synth_writes_named_spines_with_lumbar_labels(spines):
+    files = sorted(p.name for p in spines.iterdir())
+    assert files == ["spine_00123.nii.gz", "spine_00124.nii.gz"]
+    image = nib.load(spines / files[0])
+    assert sorted(np.unique(np.asarray(image.dataobj)).tolist()) == [0, 20, 21, 22, 23, 24]
+    assert np.allclose(image.header.get_zooms(), 1.0)
+
+
+def test_synth_patches_are_binary_128_cubes(tmp_path):
+    result = invoke("synth", tmp_path, "--cases", "1", "--seed", "5", "--patches")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"spine_00005_L{i}.nii.gz" for i in range(1, 6)]
+    data = np.asarray(nib.load(tmp_path / names[0]).dataobj)
+    assert data.shape == (128, 128, 128) and set(np.unique(data).tolist()) == {0, 1}
+
+
+def test_degrade_keeps_header_labels_and_is_seeded(spines, tmp_path):
+    source = spines / "spine_00123.nii.gz"
+    for name in ("a.nii.gz", "b.nii.gz"):
+        result = invoke("degrade", source, "-o", tmp_path / name, "--slice-mm", "5", "--seed", "3")
+        assert result.exit_code == 0, result.output
+    original, a, b = (nib.load(p) for p in (source, tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"))
+    assert a.header.binaryblock == original.header.binaryblock
+    assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    assert not np.array_equal(np.asarray(a.dataobj), np.asarray(original.dataobj))
+    assert sorted(np.unique(np.asarray(a.dataobj)).tolist()) == [0, 20, 21, 22, 23, 24]
+
+
+def test_score_reports_paper_metrics_and_writes_json_and_csv(spines, tmp_path):
+    source = spines / "spine_00123.nii.gz"
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    assert invoke("degrade", source, "-o", pred / source.name, "--seed", "1").exit_code == 0
+    result = invoke("score", pred, spines, "--json", tmp_path / "s.json", "--csv", tmp_path / "s.csv")
+    assert result.exit_code == 0, result.output
+    assert "unpaired ground truth" in result.output and "spine_00124" in result.output
+    assert "DSC" in result.output and "HD95" in result.output
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert [row["level"] for row in report["cases"]] == ["L1", "L2", "L3", "L4", "L5"]
+    assert {"case", "label", "dsc", "vs", "sen", "spec", "nmi", "ck", "hd95_mm", "assd_mm"} <= set(report["cases"][0])
+    assert all(0.6 < row["dsc"] < 0.95 for row in report["cases"])
+    assert report["cases"][0]["case"] == "spine_00123"
+    assert (tmp_path / "s.csv").read_text().splitlines()[0].startswith("case,label,level,dsc")
+
+
+def test_batch_goes_on_past_a_bad_case_and_resumes(spines, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("spine_00123.nii.gz", "spine_00124.nii.gz"):
+        (inputs / name).write_bytes((spines / name).read_bytes())
+    (inputs / "broken.nii.gz").write_bytes(b"not a nifti file at all")
+    out = tmp_path / "out"
+    result = invoke("degrade", inputs, "-o", out)
+    assert result.exit_code == 1
+    assert "broken" in result.output and "2 done, 0 skipped, 1 failed" in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["spine_00123.nii.gz", "spine_00124.nii.gz"]
+    (inputs / "broken.nii.gz").unlink()
+    again = invoke("degrade", inputs, "-o", out, "--skip-existing")
+    assert again.exit_code == 0 and "0 done, 2 skipped, 0 failed" in again.output
+
+
+def test_output_equal_to_input_is_refused(spines):
+    source = spines / "spine_00123.nii.gz"
+    before = source.read_bytes()
+    result = invoke("degrade", source, "-o", source)
+    assert result.exit_code == 2 and "input" in result.output
+    assert source.read_bytes() == before
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_intensity_image_gives_one_line_and_no_output(tmp_path):
+    ct = np.random.default_rng(0).normal(40, 300, (20, 20, 20)).astype(np.float32)
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), tmp_path / "ct.nii.gz")
+    result = invoke("degrade", tmp_path / "ct.nii.gz", "-o", tmp_path / "o.nii.gz")
+    assert result.exit_code == 2
+    line = _error_line(result)
+    assert "ct.nii.gz" in line and "segment it first" in line
+    assert not (tmp_path / "o.nii.gz").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ct.nii.gz"]  # no partial or temporary file
+
+
+def test_bad_paths_and_grids_give_one_error_line(spines, tmp_path):
+    assert "does not exist" in _error_line(invoke("degrade", tmp_path / "nope.nii.gz", "-o", tmp_path / "o.nii.gz"))
+    other_grid = tmp_path / "g"
+    other_grid.mkdir()
+    image = nib.load(spines / "spine_00123.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, :-3], image.affine), other_grid / "spine_00123.nii.gz")
+    result = invoke("score", other_grid / "spine_00123.nii.gz", spines / "spine_00123.nii.gz", "--region", "image")
+    assert result.exit_code == 1 and "--resample" in result.output
+    resampled = invoke(
+        "score", other_grid / "spine_00123.nii.gz", spines / "spine_00123.nii.gz", "--region", "image", "--resample"
+    )
+    assert resampled.exit_code == 0, resampled.output
+
+
+def test_dicom_seg_output_without_a_dicom_source_is_refused_without_partial_file(spines, tmp_path):
+    result = invoke("degrade", spines / "spine_00123.nii.gz", "-o", tmp_path / "seg.dcm")
+    assert result.exit_code == 2
+    assert "DICOM" in _error_line(result)
+    assert list(tmp_path.iterdir()) == []
