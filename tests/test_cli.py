@@ -132,3 +132,27 @@ def test_dicom_seg_output_without_a_dicom_source_is_refused_without_partial_file
     assert result.exit_code == 2
     assert "DICOM" in _error_line(result)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_of_dicom_seg_and_series_cases_gives_seg_outputs_referencing_their_series(tmp_path):
+    import pydicom
+    from dicom_helpers import lumbar_bars, make_series
+
+    from vertrefine import io
+    from vertrefine.volume import Geometry, Volume
+
+    labels = lumbar_bars((8, 32, 32))
+    ct_uid, _ = make_series(tmp_path / "ct", np.zeros_like(labels, dtype=np.uint16) + 100, spacing=(1.0, 1.0, 3.0))
+    cases = tmp_path / "cases"
+    label_series_uid, _ = make_series(cases / "label_series", labels, spacing=(1.0, 1.0, 3.0), modality="OT")
+    geometry = Geometry(labels.shape, (1.0, 1.0, 3.0), (-10.0, 20.0, 30.0))
+    io.write_dicom_seg(Volume(labels, geometry), cases / "seg_case.dcm", source_images=tmp_path / "ct")
+
+    result = invoke("degrade", cases, "-o", tmp_path / "out", "--slice-mm", "6", "--axis", "axial")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["label_series.dcm", "seg_case.dcm"]
+    for name, series_uid in (("seg_case.dcm", ct_uid), ("label_series.dcm", label_series_uid)):
+        seg = pydicom.dcmread(tmp_path / "out" / name)
+        assert seg.Modality == "SEG"
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+        assert {s.SegmentLabel for s in seg.SegmentSequence} <= {"L1", "L2", "L3", "L4", "L5"}

@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from dicom_helpers import CT_IMAGE_STORAGE, SECONDARY_CAPTURE, lumbar_bars, make_series
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -21,23 +22,12 @@ from vertrefine.dicom_seg import scan_folder
 from vertrefine.errors import InputError, OutputError, VertrefineError
 from vertrefine.volume import Geometry, Source, Volume
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-
 
 def _rotation(ax: float, az: float) -> np.ndarray:
     cx, sx, cz, sz = np.cos(ax), np.sin(ax), np.cos(az), np.sin(az)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     return rz @ rx
-
-
-def _labels(shape: tuple[int, int, int] = (8, 32, 32)) -> np.ndarray:
-    """L1..L5 (20..24) as bars along j, each spanning slices 1..6 (so slices 0 and 7 are empty)."""
-    array = np.zeros(shape, dtype=np.uint8)
-    for n, label in enumerate(range(20, 25)):
-        array[1:7, 2 + 6 * n : 6 + 6 * n, 4 + n : 26 - n] = label
-    return array
 
 
 # RAS affines: identity, flipped (negative diagonal) and oblique, all with anisotropic spacing.
@@ -64,59 +54,6 @@ def _save_nifti(path: Path, data_ijk: np.ndarray, affine: np.ndarray, *, sform_c
     return path
 
 
-def _make_series(
-    folder: Path,
-    array: np.ndarray,
-    *,
-    spacing: tuple[float, float, float] = (0.8, 0.7, 2.5),
-    origin: tuple[float, float, float] = (-10.0, 20.0, 30.0),
-    direction: np.ndarray | None = None,
-    modality: str = "CT",
-    sop_class: str = CT_IMAGE_STORAGE,
-    description: str = "synthetic",
-    study_uid: str | None = None,
-    frame_of_reference_uid: str | None = None,
-) -> tuple[str, list[str]]:
-    """Write ``array`` ([slice, row, column]) as single-frame DICOM images; return series and SOP UIDs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    d = np.eye(3) if direction is None else np.asarray(direction, dtype=float)
-    study_uid, series_uid = study_uid or generate_uid(), generate_uid()
-    frame_of_reference_uid = frame_of_reference_uid or generate_uid()
-    sop_uids = []
-    for k in range(array.shape[0]):
-        ds = Dataset()
-        uid = generate_uid()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = sop_class
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Phantom", "P1", "", "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.FrameOfReferenceUID = frame_of_reference_uid
-        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = (
-            "20240101",
-            "120000",
-            "1",
-            "",
-            "",
-        )
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = modality, 3, k + 1, description
-        ds.ImageOrientationPatient = [float(v) for v in np.r_[d[:, 0], d[:, 1]]]
-        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * spacing[2] * d[:, 2]]
-        ds.PixelSpacing = [spacing[1], spacing[0]]
-        ds.SliceThickness = spacing[2]
-        ds.Rows, ds.Columns = array.shape[1], array.shape[2]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = np.ascontiguousarray(array[k].astype(np.uint16)).tobytes()
-        # Reverse file names so that folder order differs from slice order.
-        ds.save_as(folder / f"{series_uid[-6:]}_{array.shape[0] - k:03d}.dcm", enforce_file_format=True)
-        sop_uids.append(uid)
-    return series_uid, sop_uids
-
-
 def _geometry_of_series(array, spacing=(0.8, 0.7, 2.5), origin=(-10.0, 20.0, 30.0), direction=None) -> Geometry:
     return Geometry(array.shape, spacing, origin, np.eye(3) if direction is None else direction)
 
@@ -127,8 +64,8 @@ def ct_case(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ct_case")
     direction = _rotation(0.2, 0.4)
     ct = np.random.default_rng(0).integers(0, 1500, size=(8, 32, 32))
-    series_uid, sop_uids = _make_series(root / "ct", ct, direction=direction)
-    labels = _labels()
+    series_uid, sop_uids = make_series(root / "ct", ct, direction=direction)
+    labels = lumbar_bars()
     volume = Volume(labels, _geometry_of_series(labels, direction=direction))
     (root / "seg").mkdir()
     seg_path = io.write_dicom_seg(volume, root / "seg" / "labels.dcm", source_images=root / "ct")
@@ -141,11 +78,11 @@ def ct_case(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("kind", sorted(AFFINES))
 def test_nifti_round_trip_keeps_header_and_geometry(tmp_path, kind):
     affine = AFFINES[kind]
-    data = _labels().transpose(2, 1, 0).astype(np.int16)
+    data = lumbar_bars().transpose(2, 1, 0).astype(np.int16)
     source = _save_nifti(tmp_path / "in.nii.gz", data, affine)
     volume = io.read_label_map(source)
     assert volume.array.dtype == np.uint8 and volume.source.kind == "nifti"
-    np.testing.assert_array_equal(volume.array, _labels())
+    np.testing.assert_array_equal(volume.array, lumbar_bars())
 
     out = io.write_label_map(volume, tmp_path / "out.nii.gz")
     original, written = nib.load(str(source)), nib.load(str(out))
@@ -161,7 +98,7 @@ def test_nifti_round_trip_keeps_header_and_geometry(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["flipped", "oblique"])
 def test_nifti_geometry_matches_simpleitk(tmp_path, kind):
-    path = _save_nifti(tmp_path / "in.nii", _labels().transpose(2, 1, 0), AFFINES[kind], sform_code=1)
+    path = _save_nifti(tmp_path / "in.nii", lumbar_bars().transpose(2, 1, 0), AFFINES[kind], sform_code=1)
     geometry = io.read_label_map(path).geometry
     image = sitk.ReadImage(str(path))
     np.testing.assert_allclose(geometry.origin, image.GetOrigin(), atol=1e-4)
@@ -171,7 +108,7 @@ def test_nifti_geometry_matches_simpleitk(tmp_path, kind):
 
 
 def test_nifti_float_labels_are_cast_and_written_back_as_float(tmp_path):
-    path = _save_nifti(tmp_path / "f.nii.gz", _labels().transpose(2, 1, 0).astype(np.float32), AFFINES["oblique"])
+    path = _save_nifti(tmp_path / "f.nii.gz", lumbar_bars().transpose(2, 1, 0).astype(np.float32), AFFINES["oblique"])
     volume = io.read_label_map(path)
     assert volume.array.dtype == np.uint8 and volume.labels == [20, 21, 22, 23, 24]
     out = io.write_label_map(volume, tmp_path / "out.nii")
@@ -179,7 +116,7 @@ def test_nifti_float_labels_are_cast_and_written_back_as_float(tmp_path):
 
 
 def test_nifti_trailing_singleton_dimension_is_kept(tmp_path):
-    data = _labels().transpose(2, 1, 0)[..., None]
+    data = lumbar_bars().transpose(2, 1, 0)[..., None]
     path = _save_nifti(tmp_path / "t.nii.gz", data, AFFINES["identity"])
     volume = io.read_label_map(path)
     assert volume.array.shape == (8, 32, 32)
@@ -187,7 +124,7 @@ def test_nifti_trailing_singleton_dimension_is_kept(tmp_path):
 
 
 def test_nifti_labels_beyond_input_dtype_widen_it(tmp_path):
-    path = _save_nifti(tmp_path / "u8.nii.gz", _labels().transpose(2, 1, 0), AFFINES["identity"])
+    path = _save_nifti(tmp_path / "u8.nii.gz", lumbar_bars().transpose(2, 1, 0), AFFINES["identity"])
     volume = io.read_label_map(path)
     wide = volume.with_array(np.where(volume.array == 20, 300, volume.array.astype(np.uint16)))
     written = nib.load(str(io.write_label_map(wide, tmp_path / "o.nii.gz")))
@@ -200,21 +137,21 @@ def test_nifti_from_memory_gets_scanner_header(tmp_path, kind):
     geometry = Geometry((8, 32, 32), (0.8, 1.1, 2.5), (5.0, -7.0, 11.0), _rotation(0.3, -0.2))
     if kind == "flipped":
         geometry = Geometry((8, 32, 32), (0.8, 1.1, 2.5), (5.0, -7.0, 11.0), np.diag([-1.0, 1.0, -1.0]))
-    out = io.write_label_map(Volume(_labels(), geometry), tmp_path / "mem.nii.gz")
+    out = io.write_label_map(Volume(lumbar_bars(), geometry), tmp_path / "mem.nii.gz")
     header = nib.load(str(out)).header
     assert int(header["qform_code"]) == 1 and int(header["sform_code"]) == 1
     np.testing.assert_allclose(header.get_qform(), header.get_sform(), atol=1e-5)
     back = io.read_label_map(out)
     assert back.geometry.same_grid(geometry)
-    np.testing.assert_array_equal(back.array, _labels())
+    np.testing.assert_array_equal(back.array, lumbar_bars())
     image = sitk.ReadImage(str(out))
     np.testing.assert_allclose(image.GetDirection(), geometry.direction, atol=1e-5)
     np.testing.assert_allclose(image.GetOrigin(), geometry.origin, atol=1e-4)
 
 
 def test_nifti_like_on_another_grid_gets_a_header_from_the_geometry(tmp_path):
-    like = io.read_label_map(_save_nifti(tmp_path / "in.nii.gz", _labels().transpose(2, 1, 0), AFFINES["oblique"]))
-    other = Volume(_labels()[:, :, :30], Geometry((8, 32, 30), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0)))
+    like = io.read_label_map(_save_nifti(tmp_path / "in.nii.gz", lumbar_bars().transpose(2, 1, 0), AFFINES["oblique"]))
+    other = Volume(lumbar_bars()[:, :, :30], Geometry((8, 32, 30), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0)))
     out = io.write_nifti(other, tmp_path / "o.nii.gz", like=like)
     assert io.read_label_map(out).geometry.same_grid(other.geometry)
 
@@ -223,9 +160,9 @@ def test_nifti_like_on_another_grid_gets_a_header_from_the_geometry(tmp_path):
 
 
 def test_dicom_label_series_reads_with_its_geometry(tmp_path):
-    labels = _labels()
+    labels = lumbar_bars()
     direction = _rotation(0.25, -0.6)
-    _make_series(tmp_path / "lab", labels, direction=direction, modality="OT", sop_class=SECONDARY_CAPTURE)
+    make_series(tmp_path / "lab", labels, direction=direction, modality="OT", sop_class=SECONDARY_CAPTURE)
     volume = io.read_label_map(tmp_path / "lab")
     np.testing.assert_array_equal(volume.array, labels)
     expected = _geometry_of_series(labels, direction=direction)
@@ -244,8 +181,8 @@ def test_dicom_label_series_reads_with_its_geometry(tmp_path):
 
 
 def test_seg_from_dicom_series_input_references_it(tmp_path):
-    labels = _labels()
-    series_uid, sop_uids = _make_series(tmp_path / "lab", labels, modality="OT", sop_class=SECONDARY_CAPTURE)
+    labels = lumbar_bars()
+    series_uid, sop_uids = make_series(tmp_path / "lab", labels, modality="OT", sop_class=SECONDARY_CAPTURE)
     volume = io.read_label_map(tmp_path / "lab")
     out = io.write_label_map(volume, tmp_path / "out.dcm")
     seg = pydicom.dcmread(out)
@@ -368,7 +305,7 @@ def test_seg_segments_map_to_levels_and_keep_other_numbers(ct_case, tmp_path):
 
 
 def test_seg_from_nifti_needs_source_series(ct_case, tmp_path):
-    path = _save_nifti(tmp_path / "in.nii.gz", _labels().transpose(2, 1, 0), AFFINES["identity"])
+    path = _save_nifti(tmp_path / "in.nii.gz", lumbar_bars().transpose(2, 1, 0), AFFINES["identity"])
     volume = io.read_label_map(path)
     with pytest.raises(InputError, match="source"):
         io.write_label_map(volume, tmp_path / "out.dcm")
@@ -414,7 +351,7 @@ def blank_ct(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("blank_ct")
     direction = _rotation(-0.15, 0.3)
     ct = np.random.default_rng(3).integers(0, 1500, size=(8, 24, 24))
-    _make_series(root / "ct", ct, direction=direction, origin=(-40.0, -120.0, -700.5))
+    make_series(root / "ct", ct, direction=direction, origin=(-40.0, -120.0, -700.5))
     return {"root": root, "folder": root / "ct", "uids": set(_blank_uids(root / "ct")), "direction": direction}
 
 
@@ -473,7 +410,7 @@ def test_seg_of_series_without_uids_references_its_instances_and_reads_back(blan
 
 
 def test_seg_of_series_without_frame_of_reference_is_refused(tmp_path):
-    _make_series(tmp_path / "ct", np.zeros((4, 16, 16), dtype=np.uint16))
+    make_series(tmp_path / "ct", np.zeros((4, 16, 16), dtype=np.uint16))
     _blank_uids(tmp_path / "ct", frame_of_reference=True)
     labels = np.zeros((4, 16, 16), dtype=np.uint8)
     labels[1:3, 4:9, 4:9] = 20
@@ -487,7 +424,7 @@ def test_seg_of_series_without_frame_of_reference_is_refused(tmp_path):
 
 def test_label_series_without_uids_round_trips_and_leaves_its_headers_untouched(tmp_path):
     labels = _slice_coded_labels()
-    _make_series(tmp_path / "lab", labels, modality="OT", sop_class=SECONDARY_CAPTURE)
+    make_series(tmp_path / "lab", labels, modality="OT", sop_class=SECONDARY_CAPTURE)
     uids = set(_blank_uids(tmp_path / "lab"))
     volume = io.read_label_map(tmp_path / "lab")
     np.testing.assert_array_equal(volume.array, labels)
@@ -499,8 +436,8 @@ def test_label_series_without_uids_round_trips_and_leaves_its_headers_untouched(
 
 def test_series_without_uids_split_by_frame_of_reference(tmp_path):
     folder = tmp_path / "two"
-    _make_series(folder / "a", _labels(), modality="OT", sop_class=SECONDARY_CAPTURE, description="labels")
-    _make_series(folder / "b", _labels() // 2, modality="OT", sop_class=SECONDARY_CAPTURE, description="labels")
+    make_series(folder / "a", lumbar_bars(), modality="OT", sop_class=SECONDARY_CAPTURE, description="labels")
+    make_series(folder / "b", lumbar_bars() // 2, modality="OT", sop_class=SECONDARY_CAPTURE, description="labels")
     for sub in ("a", "b"):
         _blank_uids(folder / sub)
         for file in (folder / sub).iterdir():
@@ -517,7 +454,7 @@ def test_series_without_uids_split_by_frame_of_reference(tmp_path):
 def test_label_series_beside_other_files_reads_in_slice_order(tmp_path):
     labels = _slice_coded_labels()
     folder = tmp_path / "mixed"
-    _make_series(folder, labels, modality="OT", sop_class=SECONDARY_CAPTURE, direction=_rotation(0.1, 2.5))
+    make_series(folder, labels, modality="OT", sop_class=SECONDARY_CAPTURE, direction=_rotation(0.1, 2.5))
     (folder / "readme.txt").write_text("labels exported by hand")
     (folder / "params.json").write_text("{}")
     (folder / ".DS_Store").write_bytes(b"\x00\x01")
@@ -595,7 +532,7 @@ def _bad_garbage_dcm(tmp_path):
 
 def _bad_sheared(tmp_path):
     affine = np.array([[1.0, 0.4, 0, 0], [0, 1.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
-    image = nib.Nifti1Image(_labels().transpose(2, 1, 0), affine)
+    image = nib.Nifti1Image(lumbar_bars().transpose(2, 1, 0), affine)
     image.set_sform(affine, code=1)
     image.set_qform(None, code=0)
     path = tmp_path / "sheared.nii.gz"
@@ -605,8 +542,8 @@ def _bad_sheared(tmp_path):
 
 def _bad_two_series(tmp_path):
     folder = tmp_path / "two"
-    _make_series(folder, _labels(), modality="OT", sop_class=SECONDARY_CAPTURE, description="labels A")
-    _make_series(folder, _labels(), modality="OT", sop_class=SECONDARY_CAPTURE, description="labels B")
+    make_series(folder, lumbar_bars(), modality="OT", sop_class=SECONDARY_CAPTURE, description="labels A")
+    make_series(folder, lumbar_bars(), modality="OT", sop_class=SECONDARY_CAPTURE, description="labels B")
     return folder
 
 
@@ -629,7 +566,7 @@ def _bad_suffix(tmp_path):
 
 def _bad_irregular_series(tmp_path):
     folder = tmp_path / "gap"
-    _make_series(folder, _labels(), modality="OT", sop_class=SECONDARY_CAPTURE)
+    make_series(folder, lumbar_bars(), modality="OT", sop_class=SECONDARY_CAPTURE)
     sorted(folder.iterdir())[3].unlink()
     return folder
 
@@ -673,7 +610,7 @@ def test_two_series_message_lists_each_and_series_uid_chooses(tmp_path):
     assert all(uid in str(info.value) for uid in uids)
     assert "labels A" in str(info.value) and "8 files" in str(info.value) and "series UID" in str(info.value)
     volume = io.read_label_map(folder, series_uid=sorted(uids)[0])
-    np.testing.assert_array_equal(volume.array, _labels())
+    np.testing.assert_array_equal(volume.array, lumbar_bars())
 
 
 def test_empty_map_allowed_on_request(tmp_path):
@@ -696,7 +633,7 @@ def test_validate_picks_compact_dtypes(tmp_path):
 
 
 def test_failed_nifti_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    volume = io.read_label_map(_save_nifti(tmp_path / "in.nii.gz", _labels().transpose(2, 1, 0), np.eye(4)))
+    volume = io.read_label_map(_save_nifti(tmp_path / "in.nii.gz", lumbar_bars().transpose(2, 1, 0), np.eye(4)))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
 
