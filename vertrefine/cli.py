@@ -259,9 +259,10 @@ def score(
         err.print(f"[red]failed[/] {case}: {message}", highlight=False, soft_wrap=True)
 
     summary = summarize(result.rows)
-    if per_case:
+    if per_case and result.rows:
         out.print(_rows_table(result.rows))
-    out.print(_summary_table(summary, region.value))
+    if summary["overall"]["n"]:
+        out.print(_summary_table(summary, region.value))
     if csv:
         write_csv(result.rows, csv)
         out.print(f"rows written to {csv}")
