@@ -1,0 +1,1 @@
+"""Training and export (torch). The only sub-package that imports torch; refine never does."""
