@@ -26,6 +26,8 @@ class DiffusionSchedule:
     beta_start: float = 1e-4
     beta_end: float = 1e-2
     base_steps: int = 1000
+    noise_scale: float = 1.0
+    """Multiplies the noise of q; the equations say 1, the paper's code uses 0.1 (docs/TRAINING.md)."""
 
     def __post_init__(self) -> None:
         if self.timesteps < 2 or self.timesteps > self.base_steps // 2:
@@ -62,10 +64,9 @@ class DiffusionSchedule:
     def sigmas_cum(self) -> np.ndarray:
         return np.sqrt(1.0 - self.a_s_cum**2)
 
-    def q_sample(self, z0: np.ndarray, t: np.ndarray | int, rng: np.random.Generator, noise_scale: float = 1.0) -> np.ndarray:
+    def q_sample(self, z0: np.ndarray, t: np.ndarray | int, rng: np.random.Generator) -> np.ndarray:
         """Draw z_t ~ q(z_t | z_0) for a batch ``z0`` [B, L]; ``t`` is an int or one int per row."""
         t = np.broadcast_to(np.asarray(t, dtype=np.int64), (z0.shape[0],))
         noise = rng.standard_normal(z0.shape).astype(z0.dtype)
-        return self.a_s_cum[t][:, None].astype(z0.dtype) * z0 + (
-            noise_scale * self.sigmas_cum[t][:, None]
-        ).astype(z0.dtype) * noise
+        scale = (self.noise_scale * self.sigmas_cum[t][:, None]).astype(z0.dtype)
+        return self.a_s_cum[t][:, None].astype(z0.dtype) * z0 + scale * noise

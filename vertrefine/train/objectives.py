@@ -1,0 +1,222 @@
+"""Training objectives: VAE (ELBO), LEBM (Pang et al. 2020) and LSD-EBM (the paper's Algorithm 1).
+
+Every objective maps a batch of 64^3 soft occupancies to one scalar loss to backpropagate and a dict of
+floats to log. The parameter groups never mix: the ELBO reaches only the encoder and decoder, the energy
+terms only the energy (latents are detached before they meet it). All randomness comes from the
+``torch.Generator`` passed in, so a run is reproducible and resumable.
+
+Choices (measured or argued in docs/TRAINING.md):
+- The encoder's regulariser is the KL to N(0, I), as in the VAE. Algorithm 1's update of the encoder by the
+  entropy term alone has no bound on the posterior variance; the KL keeps z_0 on the unit scale that the
+  diffusion (z_T ~ N(0, I)) assumes, and the energy then learns the structure of the latent distribution.
+- Reverse-step Langevin uses the energy's explicit gradient (the one exported to ONNX), starts at
+  z_{t+1} (the paper's equations; ``init="noise"`` reproduces its code) and returns z~_t / a_s[t+1].
+- Positives are z~_t = a_s[t+1] z_t, the variable the conditional EBM of Eq. 2 models; the energy loss is
+  weighted by sigma_1 / sigma_{t+1} as in the paper's code, plus a small L2 on the energies for stability.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..schedule import DiffusionSchedule
+from .models import EnergyMLP, VertebraModel
+
+
+@dataclass(frozen=True)
+class LangevinConfig:
+    """Langevin dynamics of the reverse diffusion step (and of the LEBM's prior and posterior)."""
+
+    steps: int = 60
+    step_size: float = 0.01
+    noise_scale: float = 0.01
+    """Multiplies the sqrt(step) noise; the paper's code uses 0.01 (near-deterministic), 1 is exact Langevin."""
+    init: str = "previous"
+    """'previous': start the chain at z_{t+1}; 'noise': fresh N(0, I) as the paper's code."""
+    posterior_steps: int = 5
+    """LEBM only: posterior Langevin steps through the decoder (each costs a decoder pass)."""
+    posterior_step_size: float = 1e-4
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _randn(shape: torch.Size | tuple[int, ...], like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def reverse_step_langevin(
+    energy: EnergyMLP,
+    z_next: torch.Tensor,
+    t: torch.Tensor,
+    sigma: torch.Tensor,
+    langevin: LangevinConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Sample z~_t from p(z~_t | z_{t+1}) ∝ exp(-E(z~_t, t) - ||z_{t+1} - z~_t||^2 / (2 sigma^2)) (Eqs. 2-4).
+
+    ``sigma`` is sigma_{t+1} per row [B, 1]. Returns z~_t (divide by a_s[t+1] for z_t), detached.
+    """
+    with torch.no_grad():
+        y = z_next.clone() if langevin.init == "previous" else _randn(z_next.shape, z_next, generator)
+        noise_std = math.sqrt(langevin.step_size) * langevin.noise_scale
+        for _ in range(langevin.steps):
+            _, grad_energy = energy.energy_and_grad(y, t)
+            grad = grad_energy + (y - z_next) / sigma**2
+            y = y - 0.5 * langevin.step_size * grad + noise_std * _randn(y.shape, y, generator)
+    return y
+
+
+def _elbo_terms(
+    model: VertebraModel, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z0 sample, mu, reconstruction BCE per voxel, KL per voxel), both terms averaged over the batch."""
+    mu, logvar = model.encoder.forward_lowres(x)
+    z0 = mu + torch.exp(0.5 * logvar) * _randn(mu.shape, mu, generator)
+    logits = model.decoder.logits_lowres(z0)
+    recon = F.binary_cross_entropy_with_logits(logits, target)
+    voxels = target[0].numel()
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean() / voxels
+    return z0, mu, recon, kl
+
+
+class Objective:
+    """Base: the VAE's ELBO (per-voxel binary cross-entropy + KL to N(0, I) per voxel)."""
+
+    def __init__(
+        self,
+        model: VertebraModel,
+        schedule: DiffusionSchedule,
+        langevin: LangevinConfig,
+        *,
+        kl_weight: float = 1.0,
+        energy_l2: float = 1e-3,
+    ) -> None:
+        self.model = model
+        self.schedule = schedule
+        self.langevin = langevin
+        self.kl_weight = kl_weight
+        self.energy_l2 = energy_l2
+
+    def __call__(
+        self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        _, _, recon, kl = _elbo_terms(self.model, x, target, generator)
+        loss = recon + self.kl_weight * kl
+        return loss, {"loss": loss.item(), "recon": recon.item(), "kl": kl.item()}
+
+    def _energy_loss(self, e_pos: torch.Tensor, e_neg: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        contrast = (weight * (e_pos - e_neg)).mean()
+        return contrast + self.energy_l2 * (e_pos.pow(2) + e_neg.pow(2)).mean()
+
+
+class LsdEbmObjective(Objective):
+    """Algorithm 1: ELBO for encoder/decoder; conditional-EBM contrast on a random pair (z_t, z_{t+1})."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        s = self.schedule
+        as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+        self._a_s, self._sigmas = as_tensor(s.a_s), as_tensor(s.sigmas)
+        self._a_s_cum, self._sigmas_cum = as_tensor(s.a_s_cum), as_tensor(s.sigmas_cum)
+
+    def __call__(
+        self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        z0, _, recon, kl = _elbo_terms(self.model, x, target, generator)
+        elbo_loss = recon + self.kl_weight * kl
+
+        z0 = z0.detach()
+        device, batch = z0.device, z0.shape[0]
+        a_s, sigmas = self._a_s.to(device), self._sigmas.to(device)
+        t = torch.randint(0, self.schedule.timesteps, (batch,), generator=generator, device=device)
+        noise_scale = self.schedule.noise_scale
+        z_t = self._a_s_cum.to(device)[t, None] * z0 + noise_scale * self._sigmas_cum.to(device)[t, None] * _randn(
+            z0.shape, z0, generator
+        )
+        a_next, sigma_next = a_s[t + 1, None], sigmas[t + 1, None]
+        z_next = a_next * z_t + noise_scale * sigma_next * _randn(z0.shape, z0, generator)
+
+        energy = self.model.energy
+        positive = a_next * z_t
+        negative = reverse_step_langevin(energy, z_next, t, noise_scale * sigma_next, self.langevin, generator)
+        e_pos, e_neg = energy(positive, t), energy(negative, t)
+        weight = sigmas[1] / sigmas[t + 1]
+        energy_loss = self._energy_loss(e_pos, e_neg, weight)
+        loss = elbo_loss + energy_loss
+        return loss, {
+            "loss": loss.item(),
+            "recon": recon.item(),
+            "kl": kl.item(),
+            "energy_pos": e_pos.mean().item(),
+            "energy_neg": e_neg.mean().item(),
+        }
+
+
+class LebmObjective(Objective):
+    """Pang et al.'s latent EBM prior p(z) ∝ exp(-E(z)) N(z; 0, I), learned by posterior/prior Langevin.
+
+    The encoder is an amortised start for the posterior chains (trained by the ELBO); the decoder also learns
+    from the posterior samples, and the energy from posterior (positive) against prior (negative) samples.
+    """
+
+    def _prior_langevin(self, shape: torch.Size, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        energy, cfg = self.model.energy, self.langevin
+        t = torch.zeros(shape[0], dtype=torch.long, device=like.device)
+        with torch.no_grad():
+            z = _randn(shape, like, generator)
+            noise_std = math.sqrt(cfg.step_size) * cfg.noise_scale
+            for _ in range(cfg.steps):
+                _, grad = energy.energy_and_grad(z, t)
+                z = z - 0.5 * cfg.step_size * (grad + z) + noise_std * _randn(z.shape, z, generator)
+        return z
+
+    def _posterior_langevin(self, z: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Langevin on U(z) = -log p(x|z) + E(z) + ||z||^2 / 2 per row, through the decoder (autograd)."""
+        energy, decoder, cfg = self.model.energy, self.model.decoder, self.langevin
+        t = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+        step = cfg.posterior_step_size
+        for _ in range(cfg.posterior_steps):
+            z = z.detach().requires_grad_(True)
+            nll = F.binary_cross_entropy_with_logits(decoder.logits_lowres(z), target, reduction="sum")
+            potential = nll + (energy(z, t) + 0.5 * z.pow(2).sum(1)).sum()
+            (grad,) = torch.autograd.grad(potential, z)
+            z = z - 0.5 * step * grad + math.sqrt(step) * cfg.noise_scale * _randn(z.shape, z, generator)
+        return z.detach()
+
+    def __call__(
+        self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        z0, mu, recon, kl = _elbo_terms(self.model, x, target, generator)
+        positive = self._posterior_langevin(mu.detach(), target, generator)
+        recon_post = F.binary_cross_entropy_with_logits(self.model.decoder.logits_lowres(positive), target)
+        negative = self._prior_langevin(positive.shape, positive, generator)
+        t = torch.zeros(positive.shape[0], dtype=torch.long, device=positive.device)
+        e_pos, e_neg = self.model.energy(positive, t), self.model.energy(negative, t)
+        energy_loss = self._energy_loss(e_pos, e_neg, torch.ones_like(e_pos))
+        loss = recon + self.kl_weight * kl + recon_post + energy_loss
+        return loss, {
+            "loss": loss.item(),
+            "recon": recon.item(),
+            "kl": kl.item(),
+            "recon_posterior": recon_post.item(),
+            "energy_pos": e_pos.mean().item(),
+            "energy_neg": e_neg.mean().item(),
+        }
+
+
+def make_objective(
+    model: VertebraModel,
+    schedule: DiffusionSchedule,
+    langevin: LangevinConfig,
+    *,
+    kl_weight: float = 1.0,
+    energy_l2: float = 1e-3,
+) -> Objective:
+    """The objective of ``model.config.kind``."""
+    cls = {"vae": Objective, "lebm": LebmObjective, "lsd-ebm": LsdEbmObjective}[model.config.kind]
+    return cls(model, schedule, langevin, kl_weight=kl_weight, energy_l2=energy_l2)
