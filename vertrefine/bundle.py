@@ -1,0 +1,215 @@
+"""Model bundles: the manifest schema, its checks and the sha256 verification (no torch here).
+
+A bundle is a folder holding ``manifest.json`` and single-file ONNX models (DESIGN.md section 4):
+``encoder.onnx`` and ``decoder.onnx`` always, ``energy.onnx`` for the LEBM and LSD-EBM. Refine and
+``vertrefine info`` read bundles through this module; ``vertrefine.train.export`` writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .schedule import DiffusionSchedule
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+KINDS = ("vae", "lebm", "lsd-ebm")
+FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "energy": "energy.onnx"}
+SAMPLER_KEYS = ("t_refine", "langevin_steps", "step_size", "noise_scale", "init")
+PATCH_SIZE = 128
+SPACING_MM = 1.0
+ORIENTATION = "LPS, identity direction; array [z,y,x]"
+MAX_FILE_BYTES = 16_000_000  # 16 MB (decimal): the most one ONNX file of a bundle may weigh
+BATCH = "B"  # name of the dynamic batch dimension in every model input and output
+
+_REDO = "re-export it (`vertrefine export RUN_DIR -o DIR`) or re-download it"
+
+
+def model_names(kind: str) -> tuple[str, ...]:
+    """The models a bundle of ``kind`` holds: encoder and decoder, plus the energy for lebm and lsd-ebm."""
+    return ("encoder", "decoder") if kind == "vae" else ("encoder", "decoder", "energy")
+
+
+def io_spec(name: str, latent: int, patch: int = PATCH_SIZE) -> dict[str, dict[str, dict[str, Any]]]:
+    """Inputs and outputs of model ``name``: {"inputs"|"outputs": {tensor: {"shape", "dtype"}}}, batch "B"."""
+    volume = {"shape": [BATCH, 1, patch, patch, patch], "dtype": "float32"}
+    code = {"shape": [BATCH, latent], "dtype": "float32"}
+    specs = {
+        "encoder": ({"x": volume}, {"mu": code, "logvar": code}),
+        "decoder": ({"z": code}, {"probability": volume}),
+        "energy": (
+            {"z": code, "t": {"shape": [BATCH], "dtype": "int64"}},
+            {"energy": {"shape": [BATCH], "dtype": "float32"}, "grad": code},
+        ),
+    }
+    inputs, outputs = specs[name]
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_fields(path: Path, manifest: dict) -> None:
+    """Refuse a manifest whose fields refine relies on are missing or of the wrong type."""
+
+    def bad(problem: str) -> InputError:
+        return InputError(
+            path, f"invalid manifest: {problem}", f"the bundle is damaged or not a vertrefine bundle; {_REDO}"
+        )
+
+    version = manifest.get("format_version")
+    if version != MANIFEST_VERSION:
+        raise InputError(
+            path,
+            f"manifest format_version {version!r} is not supported (this vertrefine reads version {MANIFEST_VERSION})",
+            "use the vertrefine version that exported the bundle, or re-export it with this one",
+        )
+    kind = manifest.get("kind")
+    if kind not in KINDS:
+        raise bad(f"unknown model kind {kind!r} (expected one of {', '.join(KINDS)})")
+    for key in ("latent_size", "patch_size"):
+        if not _positive_int(manifest.get(key)):
+            raise bad(f"{key} must be a positive integer, got {manifest.get(key)!r}")
+    if not _positive_number(manifest.get("spacing_mm")):
+        raise bad(f"spacing_mm must be a positive number, got {manifest.get('spacing_mm')!r}")
+    schedule = manifest.get("schedule")
+    try:
+        DiffusionSchedule(**schedule)
+    except (TypeError, ValueError) as exc:
+        raise bad(f"schedule {schedule!r} is not a valid diffusion schedule ({exc})") from None
+    sampler = manifest.get("sampler_defaults")
+    if not isinstance(sampler, dict):
+        raise bad("sampler_defaults must be an object")
+    missing = [k for k in SAMPLER_KEYS if k not in sampler]
+    if kind != "vae" and missing:
+        raise bad(f"sampler_defaults lacks {', '.join(missing)}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise bad("files must be an object")
+    for name in model_names(kind):
+        entry = files.get(name)
+        if not isinstance(entry, dict):
+            raise bad(f"no entry for the {name} model in files")
+        file_name = entry.get("path")
+        if not isinstance(file_name, str) or Path(file_name).name != file_name or file_name in ("", ".", ".."):
+            raise bad(f"files.{name}.path must be a file name inside the bundle, got {file_name!r}")
+        sha = entry.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64:
+            raise bad(f"files.{name}.sha256 must be a 64-character hex digest")
+        if not isinstance(entry.get("bytes"), int):
+            raise bad(f"files.{name}.bytes must be an integer")
+
+
+def read_manifest(bundle_dir: str | Path) -> dict:
+    """Read and check a bundle's manifest.json (schema, kind, version, model files present); no checksums."""
+    folder = Path(bundle_dir)
+    if not folder.is_dir():
+        raise InputError(
+            folder,
+            "model bundle folder not found",
+            "pass the folder that holds manifest.json (`vertrefine info` lists the bundles found)",
+        )
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise InputError(path, f"the bundle folder has no {MANIFEST_NAME}", f"it is not a complete bundle; {_REDO}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(path, "manifest is not UTF-8 text", f"the bundle is corrupt; {_REDO}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            path, f"manifest is not valid JSON ({exc.msg} at line {exc.lineno})", f"the bundle is corrupt; {_REDO}"
+        ) from None
+    except OSError as exc:
+        raise InputError(path, f"cannot read the manifest ({exc.strerror})", "check the file's permissions") from None
+    if not isinstance(manifest, dict):
+        raise InputError(path, "manifest is not a JSON object", f"the bundle is corrupt; {_REDO}")
+    _check_fields(path, manifest)
+    for name in model_names(manifest["kind"]):
+        model_path = folder / manifest["files"][name]["path"]
+        if not model_path.is_file():
+            raise InputError(
+                model_path,
+                f"the {name} model named in {MANIFEST_NAME} is missing",
+                f"the bundle is incomplete; {_REDO}",
+            )
+    return manifest
+
+
+def verify_bundle(bundle_dir: str | Path) -> dict:
+    """``read_manifest`` plus the size and sha256 of every model file; a mismatch is refused in one line."""
+    folder = Path(bundle_dir)
+    manifest = read_manifest(folder)
+    for name in model_names(manifest["kind"]):
+        entry = manifest["files"][name]
+        path = folder / entry["path"]
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"].lower():
+            raise InputError(
+                path,
+                f"checksum does not match {MANIFEST_NAME}: the bundle is corrupt or was modified",
+                _REDO,
+            )
+    return manifest
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A checked bundle: its folder, manifest and the fields refine uses."""
+
+    dir: Path
+    manifest: dict
+    kind: str
+    latent: int
+    patch: int
+    spacing: float
+    schedule: dict
+    sampler: dict
+    files: dict[str, Path]
+
+    @property
+    def has_energy(self) -> bool:
+        return "energy" in self.files
+
+    def diffusion_schedule(self) -> DiffusionSchedule:
+        return DiffusionSchedule(**self.schedule)
+
+    @classmethod
+    def from_manifest(cls, bundle_dir: str | Path, manifest: dict) -> Bundle:
+        folder = Path(bundle_dir)
+        return cls(
+            dir=folder,
+            manifest=manifest,
+            kind=manifest["kind"],
+            latent=manifest["latent_size"],
+            patch=manifest["patch_size"],
+            spacing=float(manifest["spacing_mm"]),
+            schedule=dict(manifest["schedule"]),
+            sampler=dict(manifest["sampler_defaults"]),
+            files={name: folder / manifest["files"][name]["path"] for name in model_names(manifest["kind"])},
+        )
+
+
+def load_bundle(bundle_dir: str | Path, *, verify: bool = True) -> Bundle:
+    """Open a bundle for use: the manifest checked and (by default) every file's sha256 verified."""
+    manifest = verify_bundle(bundle_dir) if verify else read_manifest(bundle_dir)
+    return Bundle.from_manifest(bundle_dir, manifest)
