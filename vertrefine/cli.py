@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -166,7 +167,7 @@ def degrade(
     in_plane_mm: Annotated[float, typer.Option(min=0.0, help="Simulated in-plane resolution in mm.")] = 1.0,
     boundary_amplitude_mm: Annotated[
         float | None,
-        typer.Option(min=0.0, help="Std of the smooth boundary displacement, mm [default: 0.4 x slice-mm]."),
+        typer.Option(min=0.0, help="Std of the smooth boundary displacement, mm (default: 0.4 x slice-mm)."),
     ] = None,
     boundary_sigma_mm: Annotated[
         float, typer.Option(min=0.1, help="Correlation length of the boundary displacement, mm.")
@@ -180,7 +181,7 @@ def degrade(
     posterior_loss_mm: Annotated[
         float | None,
         typer.Option(
-            min=0.0, help="Radius of the opening that erodes thin posterior parts, mm [default: 0.5 x slice-mm]."
+            min=0.0, help="Radius of the opening that erodes thin posterior parts, mm (default: 0.5 x slice-mm)."
         ),
     ] = None,
     truncation: Annotated[
@@ -271,6 +272,149 @@ def score(
         out.print(f"rows and summary written to {json_path}")
     if result.errors:
         raise typer.Exit(1)
+
+
+class ModelKind(str, Enum):
+    vae = "vae"
+    lebm = "lebm"
+    lsd_ebm = "lsd-ebm"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Preset(str, Enum):
+    tiny = "tiny"
+    default = "default"
+
+
+@app.command()
+@friendly_errors
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: config, log.csv, checkpoints/, bundle/.")],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="CT segmentations (NIfTI / DICOM SEG, any spacing), or a folder.")
+    ] = None,
+    model: Annotated[ModelKind | None, typer.Option(help="Model kind (default: lsd-ebm).")] = None,
+    preset: Annotated[
+        Preset | None, typer.Option(help="tiny: 3 synthetic spines, a small model, minutes on a CPU (smoke test).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (in total, also with --resume).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Patches per step (per process).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate of encoder and decoder.")] = None,
+    energy_lr: Annotated[float | None, typer.Option(help="Adam learning rate of the energy (default: --lr).")] = None,
+    latent: Annotated[int | None, typer.Option(min=1, help="Latent size (default: 100).")] = None,
+    steps: Annotated[int | None, typer.Option(min=2, help="Diffusion steps T (default: 20).")] = None,
+    langevin_steps: Annotated[int | None, typer.Option(min=0, help="Langevin steps per reverse step.")] = None,
+    degraded_variants: Annotated[
+        int | None, typer.Option(min=0, help="Thick-slice copies per patch kept in the cache (denoising training).")
+    ] = None,
+    degraded_prob: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Probability that a training input is a thick-slice copy."),
+    ] = None,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Patch cache folder (default: OUT/cache).")] = None,
+    device: Annotated[Device | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed of data order, augmentation and sampling.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(min=1, help="Keep a checkpoint every N epochs.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
+) -> None:
+    """Learn the shape prior from CT segmentations and export it as an ONNX bundle (OUT/bundle)."""
+    from .train.config import TrainConfig
+
+    options = dict(
+        data_dir=data,
+        cache_dir=cache,
+        model=model and model.value,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        energy_lr=energy_lr,
+        latent=latent,
+        timesteps=steps,
+        langevin_steps=langevin_steps,
+        degraded_variants=degraded_variants,
+        degraded_prob=degraded_prob,
+        device=device and device.value,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        command=shlex.join(["vertrefine", *sys.argv[1:]]),
+    )
+    config = TrainConfig.from_options(preset and preset.value, out=out, resume=resume, **options)
+    from .train.loop import train as run_training  # torch is imported only now
+
+    with progress_bar() as progress:
+        reporter = TrainingProgress(progress)
+        run_dir = run_training(config, on_event=reporter)
+    out.mkdir(parents=True, exist_ok=True)
+    out_line = f"run folder {run_dir}"
+    if reporter.best_dice is not None:
+        out_line += f"; best validation Dice {reporter.best_dice:.3f}"
+    if reporter.bundle:
+        out_line += f"; bundle {reporter.bundle}"
+    out.print(out_line, highlight=False)
+
+
+class TrainingProgress:
+    """Turns the training loop's events into rich progress bars and one line per epoch."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: Any = None
+        self.best_dice: float | None = None
+        self.bundle: str | None = None
+
+    def __call__(self, kind: str, payload: dict[str, Any]) -> None:
+        progress = self.progress
+        if kind in ("synth_start", "cache_start"):
+            label = "synth spines" if kind == "synth_start" else "patch cache"
+            self.task = progress.add_task(label, total=payload.get("cases"))
+        elif kind in ("synth", "cache") and self.task is not None:
+            progress.update(self.task, completed=payload["done"], total=payload["total"])
+            if payload.get("status") == "skipped":
+                progress.console.print(f"[yellow]skipped[/] {payload['case']}: {payload['message']}", highlight=False)
+        elif kind == "epoch_start":
+            self.task = progress.add_task(f"epoch {payload['epoch']}/{payload['epochs']}", total=payload["steps"])
+        elif kind == "step" and self.task is not None:
+            logs = payload["logs"]
+            progress.update(
+                self.task, completed=payload["step"], description=f"epoch {payload['epoch']} loss {logs['loss']:.4f}"
+            )
+        elif kind == "epoch_end":
+            losses = "  ".join(f"{k} {v:.4g}" for k, v in payload["losses"].items())
+            self.best_dice = payload.get("best_val_dice")
+            progress.console.print(
+                f"epoch {payload['epoch']}/{payload['epochs']}  {losses}  val Dice {payload['val_dice']:.4f}"
+                f"  ({payload['seconds']:.0f} s)",
+                highlight=False,
+            )
+            if self.task is not None:
+                progress.remove_task(self.task)
+                self.task = None
+        elif kind == "warning":
+            progress.console.print(f"[yellow]warning:[/] {payload['message']}", highlight=False)
+        elif kind == "export_end":
+            self.bundle = payload["path"]
+
+
+@app.command()
+@friendly_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A training run folder (or a .pt checkpoint).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to write (replaced if a bundle).")],
+    as_kind: Annotated[
+        ModelKind | None,
+        typer.Option("--as", help="Export an lsd-ebm/lebm run's autoencoder alone as a vae bundle."),
+    ] = None,
+) -> None:
+    """Export a run's last checkpoint as a model bundle: single-file ONNX models + manifest.json."""
+    from .train.export import export_run
+
+    bundle = export_run(run_dir, output, as_kind=as_kind and as_kind.value)
+    out.print(f"bundle written to {bundle}", highlight=False)
 
 
 METRIC_COLUMNS = (

@@ -50,15 +50,13 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .. import io as label_io
-from .. import spatial
 from ..atomic import atomic_path
 from ..cases import Case, find_cases
 from ..degrade import degrade
@@ -66,10 +64,13 @@ from ..errors import InputError
 from ..labels import label_for_level, level_name
 from ..volume import Volume
 
+if TYPE_CHECKING:  # io and spatial need SimpleITK: imported where the cache is built, so that training
+    from .. import spatial  # from a built cache runs on machines with torch and numpy only
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-PATCH = spatial.PATCH_SIZE
+PATCH = 128  # vertrefine.spatial.PATCH_SIZE
 DOWNSAMPLE = 2
 LOWRES = PATCH // DOWNSAMPLE
 MASK_BYTES = PATCH**3 // 8
@@ -252,7 +253,7 @@ def build_patch_cache(
         "format": FORMAT_VERSION,
         "patch": PATCH,
         "downsample": DOWNSAMPLE,
-        "spacing_mm": spatial.WORKING_SPACING_MM,
+        "spacing_mm": 1.0,  # vertrefine.spatial.WORKING_SPACING_MM
         "degraded_variants": int(degraded_variants),
         "seed": int(seed) if degraded_variants else 0,
         "slice_mm": list(DEGRADE_SLICE_MM) if degraded_variants else [],
@@ -345,6 +346,8 @@ def _worker_init() -> None:
 
 def _process_case(path: str, name: str, shard: str, key: str, params: dict[str, Any]) -> dict[str, Any]:
     """Read, resample, split and crop one case; write its shard (arrays + metadata) and return the metadata."""
+    from .. import io as label_io
+
     record: dict[str, Any] = {"name": name, "source": path, "key": key, "error": "", "dropped": [], "entries": []}
     arrays: dict[str, np.ndarray] = {}
     try:
@@ -366,6 +369,8 @@ def _patches_of(
     volume: Volume, record: dict[str, Any], params: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The patches of one validated label map: (record with its entries, arrays for the shard)."""
+    from .. import spatial
+
     working = spatial.to_working_grid(volume)
     instance_array, instances = spatial.find_instances(working)
     instance_array = instance_array.astype(np.min_scalar_type(int(instance_array.max())), copy=False)  # memory

@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -482,15 +483,40 @@ def load_checkpoint_model(run_dir_or_checkpoint: str | Path) -> tuple[VertebraMo
     return model.eval(), schedule, meta
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, *, exporter: Exporter = "auto") -> Path:
-    """`vertrefine export RUN_DIR -o OUT_DIR`: the bundle of a run's last checkpoint."""
+def autoencoder_as_vae(model: VertebraModel) -> VertebraModel:
+    """The encoder and decoder of an LEBM / LSD-EBM model as a VAE (no energy).
+
+    In vertrefine's objectives the energy never reaches the encoder or decoder (their loss is the ELBO alone),
+    so this is exactly the VAE trained alongside the prior: comparing the two bundles isolates the prior.
+    """
+    vae = VertebraModel(replace(model.config, kind="vae"))
+    vae.encoder.load_state_dict(model.encoder.state_dict())
+    vae.decoder.load_state_dict(model.decoder.state_dict())
+    return vae.eval()
+
+
+def export_run(
+    run_dir: str | Path, out_dir: str | Path, *, exporter: Exporter = "auto", as_kind: str | None = None
+) -> Path:
+    """`vertrefine export RUN_DIR -o OUT_DIR [--as vae]`: the bundle of a run's last checkpoint.
+
+    ``as_kind="vae"`` exports only the autoencoder of an LEBM / LSD-EBM run (see :func:`autoencoder_as_vae`).
+    """
     model, schedule, meta = load_checkpoint_model(run_dir)
     recipe = dict(meta["recipe"], checkpoint=meta["checkpoint"])
+    sampler = meta["sampler_defaults"]
+    if as_kind not in (None, model.config.kind):
+        if as_kind != "vae":
+            raise InputError(
+                run_dir, f"a {model.config.kind} run cannot be exported as {as_kind}", "only --as vae is possible"
+            )
+        model = autoencoder_as_vae(model)
+        recipe["exported_as"] = f"vae: the autoencoder of this {meta['recipe'].get('model', 'lsd-ebm')} run"
     return export_bundle(
         model,
         out_dir,
         schedule=schedule,
-        sampler_defaults=meta["sampler_defaults"],
+        sampler_defaults=sampler,
         recipe=recipe,
         metrics=meta["metrics"],
         exporter=exporter,

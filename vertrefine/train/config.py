@@ -1,0 +1,265 @@
+"""Training configuration: one JSON-serialisable dataclass, the presets, and the CLI merge rule.
+
+``TrainConfig.from_options(preset, **explicit)`` is what the CLI calls: it starts from ``PRESETS[preset]``
+and applies the options the user gave explicitly (``None`` means "not given"). With ``resume=True`` the
+saved ``RUN_DIR/config.json`` is the base instead, and only :data:`RESUME_OVERRIDABLE` options may change.
+
+Torch is not imported here, so the CLI can build and validate a config before paying for torch's import.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+MODEL_KINDS = ("vae", "lebm", "lsd-ebm")
+DEVICES = ("auto", "cpu", "cuda")
+LANGEVIN_INITS = ("previous", "noise")
+TINY_SYNTH_SEED = 500_000
+"""First synthetic spine seed of ``--preset tiny`` (disjoint from the seeds tests and benchmarks use)."""
+
+RESUME_OVERRIDABLE = frozenset(
+    {"epochs", "device", "num_workers", "checkpoint_every", "command", "export", "data_dir", "cache_dir"}
+)
+"""Options that may differ on ``--resume``; everything else comes from the run's saved config. (Moved data
+or cache folders may be given anew; a cache whose contents changed is reported by the loop.)"""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; saved as ``RUN_DIR/config.json`` and in every checkpoint."""
+
+    out: str
+    """The run folder: config.json, log.csv, checkpoints/, bundle/ (and data/, cache/ by default)."""
+    data_dir: str | None = None
+    """CT segmentations (NIfTI / DICOM SEG). None: use the built ``cache_dir`` as it is, or with preset
+    'tiny' and no cache_dir, make synthetic spines in RUN_DIR/data."""
+    cache_dir: str | None = None
+    """Patch cache folder; None = RUN_DIR/cache. Point several runs at one cache to build it once."""
+    model: str = "lsd-ebm"
+    preset: str = "default"
+    epochs: int = 200
+    batch_size: int = 8
+    """Per process: under torchrun the global batch is batch_size x world size."""
+    lr: float = 3e-4
+    """Adam learning rate of the encoder and decoder. The papers used 2e-5 (:data:`PAPER_LR`); measured on
+    this CPU it learns too slowly (docs/TRAINING.md), so the default is 3e-4."""
+    energy_lr: float = 1e-4
+    """Adam learning rate of the energy MLP (unused by the VAE)."""
+    latent: int = 100
+    timesteps: int = 20
+    """Diffusion steps T (CLI --steps)."""
+    diffusion_noise_scale: float = 1.0
+    """Multiplies the noise of q(z_t | z_0); 1 = the equations, 0.1 = the paper's code."""
+    langevin_steps: int = 60
+    langevin_step_size: float = 0.01
+    langevin_noise_scale: float = 0.01
+    langevin_init: str = "previous"
+    posterior_steps: int = 5
+    """LEBM: posterior Langevin steps through the decoder."""
+    posterior_step_size: float = 1e-4
+    kl_weight: float = 1.0
+    encoder_widths: tuple[int, ...] = (16, 32, 64, 128)
+    decoder_widths: tuple[int, ...] = (128, 64, 32, 16)
+    energy_hidden: int = 1000
+    device: str = "auto"
+    seed: int = 0
+    val_fraction: float = 0.1
+    checkpoint_every: int = 10
+    num_workers: int = 0
+    degraded_variants: int = 0
+    """Degraded (thick-slice-like) copies per patch stored in the cache; 0 = clean training only."""
+    degraded_prob: float = 0.0
+    """Probability that a training item's input is one of its degraded variants (target stays clean)."""
+    synth_cases: int = 3
+    """Synthetic spines made when ``data_dir`` is None (preset 'tiny' only)."""
+    export: bool = True
+    """Export the ONNX bundle into RUN_DIR/bundle at the end (``vertrefine export`` can do it later)."""
+    resume: bool = False
+    command: str | None = None
+    """The exact command line, recorded in the bundle's training recipe."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encoder_widths", tuple(int(w) for w in self.encoder_widths))
+        object.__setattr__(self, "decoder_widths", tuple(int(w) for w in self.decoder_widths))
+        problems = []
+        if self.model not in MODEL_KINDS:
+            problems.append(f"model must be one of {', '.join(MODEL_KINDS)} (got {self.model!r})")
+        if self.preset not in PRESET_NAMES:
+            problems.append(f"preset must be one of {', '.join(PRESET_NAMES)} (got {self.preset!r})")
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+        if self.langevin_init not in LANGEVIN_INITS:
+            problems.append(f"langevin_init must be one of {', '.join(LANGEVIN_INITS)}")
+        for name in ("epochs", "batch_size", "latent", "energy_hidden", "checkpoint_every", "synth_cases"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("langevin_steps", "posterior_steps", "num_workers", "degraded_variants", "seed"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative (got {getattr(self, name)})")
+        for name in ("lr", "energy_lr", "langevin_step_size", "posterior_step_size"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive (got {getattr(self, name)})")
+        if not 2 <= self.timesteps <= 500:
+            problems.append(f"timesteps (--steps) must be in 2..500 (got {self.timesteps})")
+        if not 0.0 < self.val_fraction < 1.0:
+            problems.append(f"val_fraction must be between 0 and 1 (got {self.val_fraction})")
+        if not 0.0 <= self.degraded_prob <= 1.0:
+            problems.append(f"degraded_prob must be in [0, 1] (got {self.degraded_prob})")
+        if self.degraded_prob > 0 and self.degraded_variants == 0:
+            problems.append("degraded_prob > 0 needs degraded_variants >= 1")
+        if self.data_dir is None and self.preset != "tiny" and self.cache_dir is None:
+            problems.append("--data is required (or a built --cache; only --preset tiny makes its own data)")
+        if problems:
+            raise InputError(None, "invalid training options: " + "; ".join(problems))
+
+    # ---- paths ---------------------------------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else self.run_dir / "cache"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else self.run_dir / "data"
+
+    # ---- (de)serialisation ---------------------------------------------------------------------------
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        data = asdict(self)
+        data["encoder_widths"] = list(self.encoder_widths)
+        data["decoder_widths"] = list(self.decoder_widths)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(None, f"unknown training options: {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(path, f"cannot read the training config ({exc})", "check the run folder") from None
+
+    def model_config_dict(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`vertrefine.train.models.ModelConfig` for this run."""
+        return {
+            "kind": self.model,
+            "latent": self.latent,
+            "encoder_widths": self.encoder_widths,
+            "decoder_widths": self.decoder_widths,
+            "energy_hidden": self.energy_hidden,
+            "timesteps": self.timesteps,
+        }
+
+    # ---- the CLI's merge rule ------------------------------------------------------------------------
+
+    @classmethod
+    def from_options(
+        cls, preset: str | None = None, *, out: str | Path, resume: bool = False, **options: Any
+    ) -> TrainConfig:
+        """Preset values, then the explicitly given ``options`` (``None`` = not given) on top.
+
+        With ``resume``, the base is ``out/config.json`` of the interrupted run; options outside
+        :data:`RESUME_OVERRIDABLE` that differ from the saved value are refused (they would change the run).
+        """
+        given = {k: (str(v) if k in ("data_dir", "cache_dir") and v is not None else v) for k, v in options.items()}
+        given = {k: v for k, v in given.items() if v is not None}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise InputError(None, f"unknown training options: {', '.join(unknown)}")
+        if resume:
+            saved_path = Path(out) / "config.json"
+            if not saved_path.is_file():
+                raise InputError(
+                    out, "no config.json to resume from", "train without --resume first, or check the --out folder"
+                )
+            saved = cls.load(saved_path)
+            if preset is not None and preset != saved.preset:
+                given["preset"] = preset
+            changed = sorted(
+                k
+                for k, v in given.items()
+                if k not in RESUME_OVERRIDABLE and _normalise(v) != _normalise(getattr(saved, k))
+            )
+            if changed:
+                raise InputError(
+                    out,
+                    f"--resume cannot change {', '.join(changed)} of the saved run",
+                    f"only {', '.join(sorted(RESUME_OVERRIDABLE - {'command'}))} may change; or start a new --out",
+                )
+            return replace(
+                saved, out=str(out), resume=True, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}
+            )
+        name = preset or "default"
+        if name not in PRESETS:
+            raise InputError(None, f"unknown preset {name!r}", f"use one of {', '.join(PRESET_NAMES)}")
+        base = dict(PRESETS[name])
+        per_model = base.pop("per_model", {})
+        base.update(per_model.get(given.get("model", base.get("model", cls.model)), {}))
+        return cls(**{**base, **given, "out": str(out), "preset": name, "resume": False})
+
+
+def _normalise(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+PAPER_LR = {"vae": 2e-5, "lebm": 1e-4, "lsd-ebm": 2e-5}
+"""The papers' learning rates (LSD-EBM paper: 2e-5; Pang et al.'s LEBM: 1e-4), for ``--lr`` to reproduce them.
+
+Measured with the full-size VAE on 45 synthetic training patches (batch 8, 6 steps per epoch), validation
+BCE after 10 epochs: 0.520 at 2e-5, 0.387 at 1e-4, 0.227 at 3e-4, 0.079 at 1e-3; after 30 epochs 3e-4 and
+1e-3 both reach validation Dice 0.76-0.77 (BCE 0.072 / 0.038). The default is 3e-4, the more conservative of
+the two for long runs without a learning-rate schedule (neither was run beyond 30 epochs here)."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A smoke test of the whole pipeline: 3 synthetic spines (15 patches: 10 train, 5 validation), a narrow
+    # model, few Langevin steps and a high learning rate. Measured end to end on 2 idle CPU cores: vae 26 s,
+    # lsd-ebm 27 s, lebm 43 s; validation Dice rises from 0 to 0.5-0.65 (one held-out spine).
+    "tiny": {
+        "synth_cases": 3,
+        "epochs": 30,
+        "batch_size": 2,
+        "lr": 3e-3,
+        "energy_lr": 1e-3,
+        "latent": 32,
+        "encoder_widths": (8, 16, 32, 64),
+        "decoder_widths": (64, 32, 16, 8),
+        "energy_hidden": 128,
+        "langevin_steps": 20,
+        "posterior_steps": 3,
+        "val_fraction": 0.3,
+        "checkpoint_every": 10,
+        # Measured: at energy_lr 1e-3 the LEBM's positive energies run away from the prior samples'
+        # (mean gap ~400 after 30 epochs); at 1e-4 the gap stays ~4.
+        "per_model": {"lebm": {"energy_lr": 1e-4}},
+    },
+    # The full-size model (ModelConfig defaults) with the TrainConfig defaults (lr 3e-4, energy_lr 1e-4).
+    "default": {},
+}
+PRESET_NAMES = tuple(PRESETS)
+
+__all__ = ["PAPER_LR", "MODEL_KINDS", "PRESETS", "PRESET_NAMES", "RESUME_OVERRIDABLE", "TrainConfig"]
