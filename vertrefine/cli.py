@@ -291,10 +291,28 @@ class Preset(str, Enum):
     default = "default"
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The command as the user could retype it: the options they gave (sys.argv is not theirs under tests)."""
+    words = ["vertrefine", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value is False:
+            continue
+        flag = max(param.opts, key=len)
+        if value is True:
+            words.append(flag)
+        else:
+            words += [flag, str(value.value if isinstance(value, Enum) else value)]
+    return shlex.join(words)
+
+
 @app.command()
 @friendly_errors
 def train(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: config, log.csv, checkpoints/, bundle/.")],
+    ctx: typer.Context,
+    run_folder: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder: config, log.csv, checkpoints/, bundle/.")
+    ],
     data: Annotated[
         Path | None, typer.Option("--data", help="CT segmentations (NIfTI / DICOM SEG, any spacing), or a folder.")
     ] = None,
@@ -341,15 +359,14 @@ def train(
         device=device and device.value,
         seed=seed,
         checkpoint_every=checkpoint_every,
-        command=shlex.join(["vertrefine", *sys.argv[1:]]),
+        command=_command_line(ctx),
     )
-    config = TrainConfig.from_options(preset and preset.value, out=out, resume=resume, **options)
+    config = TrainConfig.from_options(preset and preset.value, out=run_folder, resume=resume, **options)
     from .train.loop import train as run_training  # torch is imported only now
 
     with progress_bar() as progress:
         reporter = TrainingProgress(progress)
         run_dir = run_training(config, on_event=reporter)
-    out.mkdir(parents=True, exist_ok=True)
     out_line = f"run folder {run_dir}"
     if reporter.best_dice is not None:
         out_line += f"; best validation Dice {reporter.best_dice:.3f}"
