@@ -143,7 +143,8 @@ class LsdEbmObjective(Objective):
 
         energy = self.model.energy
         positive = a_next * z_t
-        negative = reverse_step_langevin(energy, z_next, t, noise_scale * sigma_next, self.langevin, generator)
+        # The reverse step keeps sigma_{t+1} whatever the forward noise scale, as the paper's code does.
+        negative = reverse_step_langevin(energy, z_next, t, sigma_next, self.langevin, generator)
         e_pos, e_neg = energy(positive, t), energy(negative, t)
         weight = sigmas[1] / sigmas[t + 1]
         energy_loss = self._energy_loss(e_pos, e_neg, weight)
