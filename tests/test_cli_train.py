@@ -75,3 +75,15 @@ def test_export_of_a_folder_without_checkpoint_is_one_error_line(tmp_path):
 def test_train_without_data_is_refused(tmp_path):
     result = invoke("train", "--out", tmp_path / "r")
     assert result.exit_code == 2 and "--data is required" in result.output
+
+
+def test_info_lists_bundles_found_through_vertrefine_weights(tiny_run, tmp_path):
+    run, _ = tiny_run
+    result = runner.invoke(app, ["info"], env={"COLUMNS": "300", "VERTREFINE_WEIGHTS": str(run)})
+    assert result.exit_code == 0, result.output
+    assert "lsd-ebm (latent 32)" in result.output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    result = runner.invoke(app, ["info"], env={"COLUMNS": "300", "VERTREFINE_WEIGHTS": str(tmp_path)})
+    assert "unusable bundle" in result.output

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from .bundle import read_manifest
+from .errors import VertrefineError
 from .runtime import cuda_usable, working_providers
 
 PACKAGES = (
@@ -52,12 +53,12 @@ def bundle_search_dirs() -> list[Path]:
 
 
 def describe_bundle(folder: Path) -> str:
-    """'lsd-ebm (latent 64) at /path' from a bundle's manifest.json; says so when it is unreadable."""
+    """'lsd-ebm (latent 100) at /path' from a bundle's manifest (not its checksums); the problem when unusable."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        return f"{manifest.get('kind', '?')} (latent {manifest.get('latent_size', '?')}) at {folder}"
-    except (OSError, ValueError) as exc:
-        return f"unreadable manifest at {folder}: {exc}"
+        manifest = read_manifest(folder)
+    except VertrefineError as exc:
+        return f"unusable bundle: {exc}"
+    return f"{manifest['kind']} (latent {manifest['latent_size']}) at {folder}"
 
 
 def find_bundles(dirs: list[Path]) -> list[str]:
