@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from geometry_helpers import rotation
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,15 +31,6 @@ from vertrefine.spatial import (
 from vertrefine.volume import Geometry, Volume
 
 CENTRE = np.array([3.3, -12.1, 40.7])  # LPS mm; deliberately off any lattice
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    t = np.deg2rad(degrees)
-    c, s = np.cos(t), np.sin(t)
-    a, b = [(1, 2), (0, 2), (0, 1)][axis]
-    m = np.eye(3)
-    m[a, a], m[a, b], m[b, a], m[b, b] = c, -s, s, c
-    return m
 
 
 # The phantom's own orientation relative to LPS: generic, so that no flat face is parallel to the working

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicom_helpers import make_series
+from geometry_helpers import rotation
 
 from vertrefine import io, spatial, synth
 from vertrefine.degrade import degrade
@@ -31,15 +32,6 @@ from vertrefine.train.data import (  # noqa: E402
 )
 
 CUT_SLICES = 25  # removed from the top of a spine so that its L1 runs out of the field of view
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    t = np.deg2rad(degrees)
-    c, s = np.cos(t), np.sin(t)
-    a, b = [(1, 2), (0, 2), (0, 1)][axis]
-    m = np.eye(3)
-    m[a, a], m[a, b], m[b, a], m[b, b] = c, -s, s, c
-    return m
 
 
 def oblique_grid(geometry: Geometry, spacing=(0.9, 1.2, 2.5), direction=None) -> Geometry:
