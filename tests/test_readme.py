@@ -13,6 +13,6 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_readme_quick_start_uses_the_bundled_example():
     readme = (ROOT / "README.md").read_text()
-    for name in ("examples/lumbar_thick5mm.nii.gz", "examples/lumbar_ct.nii.gz"):
+    for name in ("examples/lumbar_ct.nii.gz", "examples/lumbar_thick5mm.nii.gz"):
         assert name in readme
         assert (ROOT / name).is_file()
