@@ -1,0 +1,80 @@
+"""The numpy sampler against an analytic Gaussian energy whose reverse-step distribution is known."""
+
+import numpy as np
+import pytest
+
+from vertrefine.sampler import SamplerSettings, diffuse, refine_latents, reverse_step
+from vertrefine.schedule import DiffusionSchedule
+
+SCHEDULE = DiffusionSchedule()
+CENTRE = np.array([0.5, -1.0, 2.0], dtype=np.float32)
+WIDTH = 0.5
+
+
+def gaussian_energy(z, t):
+    """E(y) = ||y - m||^2 / (2 s^2): returns (E, dE/dz) for a batch, as the ONNX energy does."""
+    diff = z - CENTRE
+    return (diff**2).sum(1) / (2 * WIDTH**2), diff / WIDTH**2
+
+
+def test_reverse_step_samples_the_known_conditional():
+    t = 5
+    sigma2 = SCHEDULE.sigmas[t + 1] ** 2
+    z_next = np.tile(np.array([[1.0, 0.0, -1.0]], dtype=np.float32), (4000, 1))
+    settings = SamplerSettings(langevin_steps=1500, step_size=1e-3, noise_scale=1.0)
+    z_t = reverse_step(gaussian_energy, z_next, t, SCHEDULE, settings, np.random.default_rng(0))
+    y = z_t * SCHEDULE.a_s[t + 1]  # the sampled z~_t
+    precision = 1 / WIDTH**2 + 1 / sigma2
+    mean = (CENTRE / WIDTH**2 + z_next[0] / sigma2) / precision
+    # Langevin with step h samples variance 1 / (P (1 - h P / 4)) instead of 1 / P.
+    variance = 1 / (precision * (1 - settings.step_size * precision / 4))
+    assert np.allclose(y.mean(0), mean, atol=4 * np.sqrt(variance / len(y)))
+    assert np.allclose(y.var(0), variance, rtol=0.07)
+
+
+def test_code_style_chains_are_near_deterministic_and_start_independent():
+    t = 3
+    z_next = np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32)
+    runs = [
+        reverse_step(gaussian_energy, z_next, t, SCHEDULE, SamplerSettings(init=init), np.random.default_rng(seed))
+        for init, seed in (("previous", 0), ("noise", 1))
+    ]
+    precision = 1 / WIDTH**2 + 1 / SCHEDULE.sigmas[t + 1] ** 2
+    mode = (CENTRE / WIDTH**2 + z_next / SCHEDULE.sigmas[t + 1] ** 2) / precision / SCHEDULE.a_s[t + 1]
+    for z in runs:
+        assert np.allclose(z, mode, atol=0.01)
+
+
+def test_refine_is_seeded_batched_and_moves_towards_low_energy():
+    z0 = np.random.default_rng(2).standard_normal((6, 3)).astype(np.float32) * 3
+    settings = SamplerSettings(t_refine=6)
+    first = refine_latents(gaussian_energy, z0, SCHEDULE, settings, np.random.default_rng(7))
+    again = refine_latents(gaussian_energy, z0, SCHEDULE, settings, np.random.default_rng(7))
+    assert np.array_equal(first, again)
+    assert first.shape == z0.shape and first.dtype == np.float32
+    assert np.linalg.norm(first - CENTRE, axis=1).mean() < np.linalg.norm(z0 - CENTRE, axis=1).mean()
+
+
+def test_every_row_shares_one_energy_call_per_langevin_step():
+    calls = []
+
+    def counting_energy(z, t):
+        calls.append((z.shape, t.copy()))
+        return gaussian_energy(z, t)
+
+    settings = SamplerSettings(t_refine=4, langevin_steps=7)
+    refine_latents(counting_energy, np.zeros((5, 3), np.float32), SCHEDULE, settings, np.random.default_rng(0))
+    assert len(calls) == 4 * 7
+    assert all(shape == (5, 3) for shape, _ in calls)
+    assert [int(t[0]) for _, t in calls[::7]] == [3, 2, 1, 0] and all(len(set(t)) == 1 for _, t in calls)
+
+
+def test_zero_steps_of_diffusion_return_the_latent_and_bad_settings_are_refused():
+    z0 = np.ones((2, 3), dtype=np.float32)
+    z = refine_latents(gaussian_energy, z0, SCHEDULE, SamplerSettings(t_refine=0), np.random.default_rng(0))
+    assert np.allclose(z, z0 * SCHEDULE.a_s_cum[0], atol=0.05)
+    assert diffuse(z0, 6, SCHEDULE, np.random.default_rng(0)).shape == (2, 3)
+    with pytest.raises(ValueError):
+        SamplerSettings(init="random")
+    with pytest.raises(ValueError):
+        refine_latents(gaussian_energy, z0, SCHEDULE, SamplerSettings(t_refine=21), np.random.default_rng(0))
