@@ -19,7 +19,8 @@ def _compound_suffix(path: Path) -> str:
     return path.suffix
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process umask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -44,7 +45,7 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, destination)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

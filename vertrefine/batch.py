@@ -27,6 +27,17 @@ class CaseOutcome:
     seconds: float
 
 
+def progress_bar(console: Console) -> Progress:
+    """The progress display every command uses: description, bar, done/total, elapsed time."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
 def output_path_for(case: Case, out_dir: Path) -> Path:
     """NIfTI inputs keep their file name; DICOM inputs become ``<case>.dcm`` (DICOM SEG)."""
     if is_nifti(case.path):
@@ -79,13 +90,7 @@ def run_batch(
     plan = plan_cases(input_path, output)
     single = len(plan) == 1
     outcomes: list[CaseOutcome] = []
-    progress = Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
+    progress = progress_bar(console)
     with progress:
         task = progress.add_task(label, total=len(plan))
         for index, (case, destination) in enumerate(plan):

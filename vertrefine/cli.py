@@ -18,10 +18,11 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from . import __version__
+from .batch import progress_bar as batch_progress_bar
 from .errors import VertrefineError
 
 app = typer.Typer(
@@ -67,14 +68,7 @@ def friendly_errors(command: F) -> F:
 
 
 def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
-    )
+    return batch_progress_bar(err)
 
 
 def _version_callback(value: bool) -> None:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..atomic import current_umask
 from ..bundle import (
     BATCH,
     FILES,
@@ -425,18 +426,12 @@ def export_bundle(
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         verify_bundle(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         _install(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _checkpoint_path(run_dir_or_checkpoint: str | Path) -> Path:
