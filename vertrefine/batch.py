@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,8 +16,13 @@ from rich.table import Table
 from .cases import Case, case_name, find_cases, is_nifti
 from .errors import InputError, OutputError, VertrefineError
 
-CaseFn = Callable[[int, Path, Path], str]
-"""(case index, input path, output path) -> a short note for the final table."""
+Status = Callable[[str], None]
+"""Shows what a case is doing now (e.g. "encode 5 vertebrae") next to the progress bar."""
+CaseFn = Callable[[int, Path, Path, Status], Any]
+"""(case index, input path, output path, status) -> a short note for the final table, or, with a
+``complete`` function, the case's intermediate state."""
+CompleteFn = Callable[[list[tuple[str, Any]], Status], list["str | BaseException"]]
+"""(group of (case name, state), status) -> per case, in order, its note or the exception it failed with."""
 
 
 @dataclass
@@ -47,6 +53,14 @@ def output_path_for(case: Case, out_dir: Path) -> Path:
 
 def _same_path(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
+
+
+def is_batch(input_path: Path) -> bool:
+    """True when ``input_path`` is a folder of cases (not a file, nor a folder holding one DICOM series)."""
+    if not input_path.is_dir():
+        return False
+    cases = find_cases(input_path)
+    return not (len(cases) == 1 and cases[0].path == input_path)
 
 
 def plan_cases(input_path: Path, output: Path) -> list[tuple[Case, Path]]:
@@ -82,33 +96,78 @@ def run_batch(
     skip_existing: bool,
     console: Console,
     out: Console,
+    complete: CompleteFn | None = None,
+    group_size: int = 1,
 ) -> int:
     """Run ``one_case`` over every case; return the exit code (0 all done or skipped, 1 some failed).
 
-    A single input is not a batch: its error propagates (one line, exit code 2, from the CLI).
+    With ``complete``, a case runs in two stages: ``one_case`` returns a state, and once ``group_size``
+    states are ready (or the cases run out) ``complete`` finishes the group together (refine samples the
+    latents of a whole group at once). A single input is not a batch: its error propagates (one line,
+    exit code 2, from the CLI).
     """
     plan = plan_cases(input_path, output)
     single = len(plan) == 1
     outcomes: list[CaseOutcome] = []
+    pending: list[tuple[str, Any, float]] = []
     progress = progress_bar(console)
+
+    def failed(case: str, exc: BaseException, seconds: float) -> None:
+        if single or os.environ.get("VERTREFINE_DEBUG"):
+            raise exc
+        reason = str(exc) if isinstance(exc, VertrefineError) else f"{type(exc).__name__}: {exc}"
+        outcomes.append(CaseOutcome(case, "failed", reason, seconds))
+        progress.console.print(f"[red]failed[/] {case}: {reason}", highlight=False, soft_wrap=True)
+
+    def flush(task: Any) -> None:
+        if not pending:
+            return
+        names = ", ".join(name for name, _, _ in pending)
+        start = time.perf_counter()
+
+        def status(text: str) -> None:
+            progress.update(task, description=f"{label} {names}: {text}")
+
+        try:
+            results: list[str | BaseException] = complete([(n, s) for n, s, _ in pending], status)  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 - the whole group failed; the batch goes on
+            results = [exc] * len(pending)
+        share = (time.perf_counter() - start) / len(pending)
+        for (name, _, seconds), result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                failed(name, result, seconds + share)
+            else:
+                outcomes.append(CaseOutcome(name, "done", result, seconds + share))
+            progress.advance(task)
+        pending.clear()
+
     with progress:
         task = progress.add_task(label, total=len(plan))
         for index, (case, destination) in enumerate(plan):
             progress.update(task, description=f"{label} {case.name}")
+
+            def status(text: str, name: str = case.name) -> None:
+                progress.update(task, description=f"{label} {name}: {text}")
+
             start = time.perf_counter()
             if skip_existing and destination.exists():
                 outcomes.append(CaseOutcome(case.name, "skipped", "output exists", 0.0))
+                progress.advance(task)
+                continue
+            try:
+                result = one_case(index, case.path, destination, status)
+            except Exception as exc:  # noqa: BLE001 - a batch goes on past any failed case
+                failed(case.name, exc, time.perf_counter() - start)
+                progress.advance(task)
+                continue
+            if complete is None:
+                outcomes.append(CaseOutcome(case.name, "done", result, time.perf_counter() - start))
+                progress.advance(task)
             else:
-                try:
-                    detail = one_case(index, case.path, destination)
-                    outcomes.append(CaseOutcome(case.name, "done", detail, time.perf_counter() - start))
-                except Exception as exc:  # noqa: BLE001 - a batch goes on past any failed case
-                    if single or os.environ.get("VERTREFINE_DEBUG"):
-                        raise
-                    reason = str(exc) if isinstance(exc, VertrefineError) else f"{type(exc).__name__}: {exc}"
-                    outcomes.append(CaseOutcome(case.name, "failed", reason, time.perf_counter() - start))
-                    progress.console.print(f"[red]failed[/] {case.name}: {reason}", highlight=False, soft_wrap=True)
-            progress.advance(task)
+                pending.append((case.name, result, time.perf_counter() - start))
+                if len(pending) >= max(1, group_size):
+                    flush(task)
+        flush(task)
     return report(outcomes, out)
 
 

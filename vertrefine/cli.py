@@ -139,6 +139,137 @@ def synth(
     out.print(f"wrote {len(written)} {what} (seeds {seed}..{seed + cases - 1}) to {out_dir}")
 
 
+class ModelKind(str, Enum):
+    vae = "vae"
+    lebm = "lebm"
+    lsd_ebm = "lsd-ebm"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _label_set(text: str | None) -> frozenset[int] | None:
+    from .labels import parse_label_list
+
+    if text is None:
+        return None
+    try:
+        return parse_label_list(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--labels") from None
+
+
+@app.command()
+@friendly_errors
+def refine(
+    input_path: Annotated[
+        Path, typer.Argument(metavar="IN", help="Label map (NIfTI, DICOM series or SEG), or a folder of them.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output file, or folder when IN is a folder.")],
+    model: Annotated[
+        ModelKind | None,
+        typer.Option(
+            help="lsd-ebm (default): diffusion prior; vae: decode the encoder's mean. lebm is not supported "
+            "here: its posterior sampling needs the decoder's gradient, which ONNX bundles do not carry "
+            "(benchmarks/quality.py compares it)."
+        ),
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="Model bundle folder (default: the shipped bundle of --model).")
+    ] = None,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when it really works here, else CPU.")] = Device.auto,
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads for ONNX Runtime (0: all cores).")] = 0,
+    t_refine: Annotated[
+        int | None, typer.Option(min=0, help="Diffusion step to noise the latent to (default: the bundle's, 6).")
+    ] = None,
+    langevin_steps: Annotated[
+        int | None, typer.Option(min=0, help="Langevin steps per reverse step (default: the bundle's).")
+    ] = None,
+    step_size: Annotated[
+        float | None, typer.Option(min=1e-8, help="Langevin step size lambda (default: the bundle's).")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Chains per vertebra; the mean probability is kept.")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="Seed; case i of a folder uses seed + i.")] = 0,
+    threshold: Annotated[float, typer.Option(min=0.01, max=0.99, help="Probability threshold.")] = 0.5,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Labels to refine, e.g. '20-24' or 'L1-L5,T12' (default: every vertebra label)."),
+    ] = None,
+    save_prob: Annotated[
+        Path | None, typer.Option("--save-prob", help="Write the mean probability map (NIfTI; a folder in batch).")
+    ] = None,
+    uncertainty: Annotated[
+        Path | None, typer.Option(help="Write the per-voxel std over --samples (NIfTI; a folder in batch).")
+    ] = None,
+    mesh: Annotated[Path | None, typer.Option(help="Folder for one STL per vertebra (LPS mm).")] = None,
+    qc: Annotated[
+        Path | None, typer.Option(help="Write a PNG with input and refined outlines (a folder in batch).")
+    ] = None,
+    group_size: Annotated[int, typer.Option(min=1, help="Cases of a folder whose vertebrae are sampled together.")] = 8,
+    series_uid: Annotated[
+        str | None, typer.Option(help="Which series to read when a DICOM folder holds several.")
+    ] = None,
+    skip_existing: Annotated[bool, typer.Option(help="In folder mode, skip cases whose output exists.")] = False,
+) -> None:
+    """Refine vertebra segmentations with the shape prior, on the input's grid (plus a JSON sidecar)."""
+    from .batch import is_batch, run_batch
+    from .bundle import load_bundle
+    from .info import default_bundle_dir
+    from .refine import RefineOptions
+    from .refine_batch import ExtraOutputs, RefineJob
+    from .runtime import open_sessions
+    from .sampler import SamplerSettings
+
+    label_set = _label_set(labels)
+    bundle = load_bundle(weights or default_bundle_dir((model or ModelKind.lsd_ebm).value))
+    if model is not None and model.value != bundle.kind:
+        raise fail(f"{bundle.dir}: holds a {bundle.kind} bundle, not {model.value}; pass --model {bundle.kind}")
+    if bundle.kind == "lebm":
+        raise fail(
+            f"{bundle.dir}: refine cannot run LEBM bundles (posterior Langevin needs the decoder's gradient, "
+            "which ONNX bundles do not carry); use an lsd-ebm or vae bundle"
+        )
+    sampling = bundle.kind == "lsd-ebm"
+    if samples > 1 and not sampling:
+        raise fail("--samples needs the sampling lsd-ebm model; the vae decodes one mean per vertebra")
+    if uncertainty is not None and samples < 2:
+        raise fail("--uncertainty needs --samples 2 or more (it is the spread of the samples)")
+    sampler = None
+    if sampling:
+        try:
+            sampler = SamplerSettings.from_manifest(
+                bundle.sampler, t_refine=t_refine, langevin_steps=langevin_steps, step_size=step_size
+            )
+        except ValueError as exc:
+            raise fail(f"{bundle.dir}: {exc}") from None
+        if sampler.t_refine > bundle.diffusion_schedule().timesteps:
+            raise fail(f"--t-refine {sampler.t_refine} exceeds the bundle's {bundle.schedule['timesteps']} steps")
+    extras = ExtraOutputs(probability=save_prob, uncertainty=uncertainty, mesh=mesh, qc=qc, batch=is_batch(input_path))
+    extras.check()
+    options = RefineOptions(
+        sampler=sampler, samples=samples, threshold=threshold, labels=label_set, keep_maps=extras.wants_maps
+    )
+    sessions, note = open_sessions(bundle, device.value, threads)
+    if note:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    job = RefineJob(sessions, options, extras, seed=seed, series_uid=series_uid, threads=threads)
+    code = run_batch(
+        input_path,
+        output,
+        job.prepare,
+        label="refine",
+        skip_existing=skip_existing,
+        console=err,
+        out=out,
+        complete=job.complete,
+        group_size=group_size,
+    )
+    raise typer.Exit(code)
+
+
 class Axis(str, Enum):
     sagittal = "sagittal"
     axial = "axial"
@@ -209,7 +340,7 @@ def degrade(
         island_radius_mm=island_radius_mm,
     )
 
-    def one_case(index: int, source: Path, destination: Path) -> str:
+    def one_case(index: int, source: Path, destination: Path, _status: Callable[[str], None]) -> str:
         volume = read_label_map(source, series_uid=series_uid)
         degraded = degrade_volume(volume, seed=seed + index, **knobs)
         write_label_map(degraded, destination, like=volume)
@@ -266,18 +397,6 @@ def score(
         out.print(f"rows and summary written to {json_path}")
     if result.errors:
         raise typer.Exit(1)
-
-
-class ModelKind(str, Enum):
-    vae = "vae"
-    lebm = "lebm"
-    lsd_ebm = "lsd-ebm"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Preset(str, Enum):

@@ -31,3 +31,31 @@ def label_for_level(name: str) -> int | None:
     if key.startswith(("VERTEBRAE_", "VERTEBRA_")):
         key = key.split("_", 1)[1]
     return _IDS.get(key)
+
+
+def parse_label_list(text: str) -> frozenset[int]:
+    """Label ids from '20-24,19' or 'L1-L5,T12' (ranges inclusive; level names or VerSe ids)."""
+
+    def one(token: str) -> int:
+        token = token.strip()
+        if token.isdigit():
+            return int(token)
+        label = label_for_level(token)
+        if label is None:
+            raise ValueError(f"{token!r} is neither a label id nor a level name such as L1 or T12")
+        return label
+
+    labels: set[int] = set()
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        if "-" in part:
+            low, high = (one(p) for p in part.split("-", 1))
+            if high < low:
+                raise ValueError(f"range {part.strip()!r} runs backwards")
+            labels.update(range(low, high + 1))
+        else:
+            labels.add(one(part))
+    if not labels or 0 in labels:
+        raise ValueError(f"{text!r} names no label ids (0 is background)")
+    return frozenset(labels)

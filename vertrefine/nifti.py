@@ -125,6 +125,34 @@ def write_nifti(volume: Volume, path: str | Path, *, like: Volume | None = None)
     return path
 
 
+def write_scalar_nifti(volume: Volume, path: str | Path, *, like: Volume | None = None) -> Path:
+    """Write a float map (probability, uncertainty) as float32 NIfTI, atomically, on ``like``'s header if any.
+
+    When ``like`` was read from NIfTI and the map lies on its grid, the input's header is reused (only
+    dtype and scaling change), so viewers overlay the map exactly on the input.
+    """
+    path = Path(path)
+    if not is_nifti_path(path):
+        raise ValueError(f"{path}: a NIfTI output needs a .nii or .nii.gz name")
+    source = like.source if like is not None else volume.source
+    meta = source.meta if source.kind == "nifti" else {}
+    data = np.asarray(volume.array, dtype=np.float32).transpose(2, 1, 0)
+    if meta and volume.geometry.same_grid(meta["geometry"]):
+        header = meta["header"].copy()
+        header.set_data_dtype(np.float32)
+        header.set_slope_inter(1.0, 0.0)
+        image = meta["image_class"](data.reshape(meta["shape"]), None, header)
+    else:
+        affine = affine_from_geometry(volume.geometry)
+        image = nib.Nifti1Image(data, affine)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        image.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return path
+
+
 def _storage_dtype(array: np.ndarray, preferred: np.dtype | None) -> np.dtype:
     """``preferred`` when it holds every value of ``array`` exactly, else the smallest fitting integer type."""
     low = int(array.min()) if array.size else 0

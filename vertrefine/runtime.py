@@ -1,4 +1,4 @@
-"""ONNX Runtime execution providers: which ones really work on this machine, and which to use.
+"""ONNX Runtime: which execution providers really work here, and sessions over a model bundle.
 
 ``onnxruntime-gpu`` lists the CUDA provider even on machines without a GPU, and asking for it there
 logs a loud error before falling back to the CPU. So CUDA is only requested after a silent probe
@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from pathlib import Path
 from typing import Literal
+
+import numpy as np
+
+from .bundle import Bundle, io_spec
+from .errors import InputError, VertrefineError
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -62,3 +68,102 @@ def select_providers(device: Device = "auto") -> tuple[list[str], str | None]:
     if device == "cuda":
         return [CPU], "CUDA was requested but is not usable here (no GPU or CUDA libraries); using the CPU"
     return [CPU], None
+
+
+# --------------------------------------------------------------------------------------------------
+# Sessions over a bundle
+# --------------------------------------------------------------------------------------------------
+
+
+def _session_options(threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no per-node placement chatter
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 0:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def _open_session(path: Path, name: str, latent: int, patch: int, providers: list[str], options):
+    """An ONNX Runtime session for ``path`` whose inputs and outputs match the bundle format."""
+    import onnxruntime as ort
+
+    remedy = "the bundle is damaged or was not written by `vertrefine export`; re-export or re-download it"
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several types for unreadable models
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(path, f"ONNX Runtime cannot load the {name} model ({first_line[:200]})", remedy) from None
+    spec = io_spec(name, latent, patch)
+    got_in = sorted(i.name for i in session.get_inputs())
+    got_out = sorted(o.name for o in session.get_outputs())
+    if got_in != sorted(spec["inputs"]) or got_out != sorted(spec["outputs"]):
+        raise InputError(
+            path,
+            f"the {name} model has inputs {got_in} and outputs {got_out}, "
+            f"expected {sorted(spec['inputs'])} and {sorted(spec['outputs'])}",
+            remedy,
+        )
+    return session
+
+
+class BundleSessions:
+    """ONNX Runtime sessions of a bundle's models, called with numpy arrays in batches.
+
+    ``encode`` and ``decode`` split large batches into chunks of ``batch_size`` patches to bound memory
+    (each 128^3 patch is 8 MB in and out); ``energy_and_grad`` has the sampler's signature.
+    """
+
+    def __init__(self, bundle: Bundle, providers: list[str], threads: int = 0, batch_size: int = 4) -> None:
+        options = _session_options(threads)
+        self.bundle = bundle
+        self.batch_size = max(1, int(batch_size))
+        self.sessions = {
+            name: _open_session(path, name, bundle.latent, bundle.patch, providers, options)
+            for name, path in bundle.files.items()
+        }
+        self.providers = self.sessions["encoder"].get_providers()
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.providers[0] == CUDA else "cpu"
+
+    def encode(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, logvar) [B, L] of binary patches [B, P, P, P]."""
+        mus, logvars = [], []
+        for start in range(0, len(patches), self.batch_size):
+            x = np.ascontiguousarray(patches[start : start + self.batch_size, None], dtype=np.float32)
+            mu, logvar = self.sessions["encoder"].run(["mu", "logvar"], {"x": x})
+            mus.append(mu)
+            logvars.append(logvar)
+        latent = self.bundle.latent
+        if not mus:
+            return np.zeros((0, latent), np.float32), np.zeros((0, latent), np.float32)
+        return np.concatenate(mus), np.concatenate(logvars)
+
+    def decode_chunks(self, z: np.ndarray):
+        """Yield (start row, probabilities [b, P, P, P]) for the rows of ``z`` [B, L], a chunk at a time."""
+        for start in range(0, len(z), self.batch_size):
+            chunk = np.ascontiguousarray(z[start : start + self.batch_size], dtype=np.float32)
+            (probability,) = self.sessions["decoder"].run(["probability"], {"z": chunk})
+            yield start, probability[:, 0]
+
+    def energy_and_grad(self, z: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """E(z, t) [B] and dE/dz [B, L] (the exported exact gradient)."""
+        if "energy" not in self.sessions:
+            raise VertrefineError(f"the {self.bundle.kind} bundle at {self.bundle.dir} has no energy model")
+        energy, grad = self.sessions["energy"].run(
+            ["energy", "grad"], {"z": np.ascontiguousarray(z, dtype=np.float32), "t": t.astype(np.int64)}
+        )
+        return energy, grad
+
+
+def open_sessions(
+    bundle: Bundle, device: Device = "auto", threads: int = 0, batch_size: int = 4
+) -> tuple[BundleSessions, str | None]:
+    """Sessions for ``bundle`` on ``device`` and the one-line fallback note (None when the request is met)."""
+    providers, note = select_providers(device)
+    return BundleSessions(bundle, providers, threads=threads, batch_size=batch_size), note

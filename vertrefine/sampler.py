@@ -11,7 +11,7 @@ U(y) = E(y, t) + ||z_{t+1} - y||^2 / (2 sigma_{t+1}^2) draws y ~ p(z~_t | z_{t+1
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -34,6 +34,14 @@ class SamplerSettings:
     """'previous': start each chain at z_{t+1} (the equations); 'noise': at fresh N(0, I) (the paper's code)."""
     diffusion_noise_scale: float = 1.0
     """Multiplies the noise of the forward diffusion to t_refine (must match training)."""
+
+    @classmethod
+    def from_manifest(cls, defaults: dict, **overrides: float | int | str | None) -> SamplerSettings:
+        """Settings from a bundle's ``sampler_defaults``, with the non-None ``overrides`` on top."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in defaults.items() if k in names}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if self.init not in ("previous", "noise"):

@@ -1,0 +1,334 @@
+"""The refine pipeline: read -> 1 mm -> vertebrae -> patches -> encode -> sample -> decode -> stitch -> input grid.
+
+A case goes through three stages so that a batch can share the sampler: ``prepare_case`` (resample, find
+the vertebrae, crop and encode them), ``sample_latents`` (the numpy LSD-EBM chain over the latents of every
+vertebra of every case of a group, one energy call per Langevin step) and ``finish_case`` (decode, average
+the samples, stitch, back onto the input grid). Each case draws its noise from its own generator, so its
+output does not depend on which other cases share its group.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+from .labels import level_name
+from .runtime import BundleSessions
+from .sampler import SamplerSettings, refine_latents
+from .spatial import (
+    Instance,
+    PatchBox,
+    crop_instances,
+    find_instances,
+    resample_labels,
+    resample_scalar,
+    restore_labels,
+    stitch,
+    to_input_grid,
+    working_geometry,
+)
+from .volume import Geometry, Volume
+
+VERTEBRA_LABELS: frozenset[int] = frozenset(range(1, 26)) | {28}
+"""VerSe ids refined by default: C1..C7, T1..T12, L1..L6 and T13 (sacrum 26 and coccyx 27 pass through)."""
+
+Status = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """What refine does beyond the bundle: sampling (None: decode the encoder's mean), samples, threshold."""
+
+    sampler: SamplerSettings | None
+    samples: int = 1
+    threshold: float = 0.5
+    labels: frozenset[int] | None = None
+    """Label ids to refine; None: the vertebra labels, or every value of a single-valued (binary) mask."""
+    keep_maps: bool = False
+    """Also build the mean-probability and standard-deviation maps (for --save-prob/--uncertainty)."""
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError("samples must be >= 1")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError("threshold must be in (0, 1)")
+
+
+@dataclass
+class PreparedCase:
+    """A case read, on its 1 mm working grid, with its vertebrae cropped and encoded."""
+
+    volume: Volume
+    working: Geometry
+    instance_array: np.ndarray
+    """Instance ids on the working grid (refined and pass-through structures)."""
+    instances: list[Instance]
+    """The vertebrae to refine, superior first."""
+    boxes: list[PatchBox]
+    mu: np.ndarray
+    """Encoder means [n, L], one row per refined vertebra."""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RefinedVertebra:
+    """One refined vertebra's patch and its numbers (for the sidecar, meshes and QC)."""
+
+    instance: Instance
+    box: PatchBox
+    probability: np.ndarray
+    """Mean probability over samples on its 128^3 working-grid patch."""
+    std: np.ndarray | None
+    """Per-voxel standard deviation over samples (None for one sample)."""
+    voxels_after: int = 0
+
+    @property
+    def name(self) -> str:
+        level = level_name(self.instance.label)
+        return level if self.instance.instance_id == self.instance.label else f"{level}_{self.instance.instance_id}"
+
+
+@dataclass
+class RefinedCase:
+    """The result on the input grid, plus what --mesh, --qc and the sidecar need."""
+
+    labels: Volume
+    working: Geometry
+    working_before: np.ndarray
+    """Instance ids of the input on the working grid."""
+    working_after: np.ndarray
+    """Instance ids of the result on the working grid."""
+    vertebrae: list[RefinedVertebra]
+    probability: Volume | None = None
+    uncertainty: Volume | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def vertebra_rows(self) -> list[dict]:
+        """Per vertebra: label, level, volumes before and after (mL, 1 mm grid), overlap of after with before."""
+        voxel_ml = float(np.prod(self.working.spacing)) / 1000.0
+        rows = []
+        for v in self.vertebrae:
+            before = self.working_before == v.instance.instance_id
+            after = self.working_after == v.instance.instance_id
+            overlap = int(np.count_nonzero(before & after))
+            total = int(np.count_nonzero(before)) + int(np.count_nonzero(after))
+            row = {
+                "name": v.name,
+                "label": v.instance.label,
+                "level": level_name(v.instance.label),
+                "instance": v.instance.instance_id,
+                "centroid_lps_mm": [round(c, 2) for c in v.instance.centroid_lps],
+                "volume_before_ml": round(v.instance.voxels * voxel_ml, 3),
+                "volume_after_ml": round(int(np.count_nonzero(after)) * voxel_ml, 3),
+                "dice_after_vs_before": round(2 * overlap / total, 4) if total else None,
+            }
+            if v.std is not None:
+                inside = v.probability >= 0.5
+                row["mean_std_inside"] = round(float(v.std[inside].mean()), 4) if inside.any() else None
+            rows.append(row)
+        return rows
+
+
+def refined_instances(instances: Sequence[Instance], labels: frozenset[int] | None) -> list[Instance]:
+    """The instances to refine: of ``labels``, or by default vertebra labels and components of a binary mask."""
+    if labels is not None:
+        return [i for i in instances if i.label in labels]
+    split_mask = any(i.instance_id != i.label for i in instances)
+    return [i for i in instances if split_mask or i.label in VERTEBRA_LABELS or len(instances) == 1]
+
+
+def prepare_case(
+    volume: Volume, sessions: BundleSessions, options: RefineOptions, status: Status = _quiet
+) -> PreparedCase:
+    """Resample to the bundle's working grid, find the vertebrae, crop 128^3 patches and encode them."""
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    status("resample")
+    bundle = sessions.bundle
+    working_grid = working_geometry(volume.geometry, bundle.spacing)
+    working = resample_labels(volume, working_grid)
+    instance_array, instances = find_instances(working)
+    chosen = refined_instances(instances, options.labels)
+    if not chosen:
+        found = ", ".join(str(i.label) for i in instances) or "none"
+        raise InputError(
+            volume.source.path,
+            f"no vertebra labels to refine (labels found: {found})",
+            "pass --labels with the ids to refine (VerSe numbering: 20..24 = L1..L5)",
+        )
+    seconds["resample"] = time.perf_counter() - start
+    start = time.perf_counter()
+    status(f"encode {len(chosen)} vertebrae")
+    cropped = crop_instances(instance_array, chosen, bundle.patch)
+    mu, _ = sessions.encode(np.stack([patch for _, _, patch in cropped]))
+    seconds["encode"] = time.perf_counter() - start
+    return PreparedCase(
+        volume=volume,
+        working=working_grid,
+        instance_array=instance_array,
+        instances=chosen,
+        boxes=[box for _, box, _ in cropped],
+        mu=mu,
+        seconds=seconds,
+    )
+
+
+class RowNoise:
+    """A ``standard_normal`` source whose rows come from per-case generators (rows grouped by case)."""
+
+    def __init__(self, generators: Sequence[np.random.Generator], rows: Sequence[int]) -> None:
+        self.generators = list(generators)
+        self.rows = [int(r) for r in rows]
+
+    def standard_normal(self, shape: tuple[int, ...]) -> np.ndarray:
+        if shape[0] != sum(self.rows):
+            raise ValueError(f"asked for {shape[0]} rows, the cases hold {sum(self.rows)}")
+        pairs = zip(self.generators, self.rows, strict=True)
+        parts = [g.standard_normal((n, *shape[1:]), dtype=np.float32) for g, n in pairs]
+        return np.concatenate(parts) if parts else np.zeros(shape, np.float32)
+
+
+def sample_latents(
+    sessions: BundleSessions,
+    cases: Sequence[PreparedCase],
+    options: RefineOptions,
+    generators: Sequence[np.random.Generator],
+    status: Status = _quiet,
+) -> list[np.ndarray]:
+    """Latents [samples, n, L] for each case: the encoder mean, or the LSD-EBM chain run on all cases at once."""
+    if options.sampler is None:
+        return [np.repeat(case.mu[None], options.samples, axis=0) for case in cases]
+    status(f"sample {sum(len(c.mu) for c in cases) * options.samples} chains")
+    start = time.perf_counter()
+    z0 = np.concatenate([np.tile(c.mu, (options.samples, 1)) for c in cases])
+    noise = RowNoise(generators, [len(c.mu) * options.samples for c in cases])
+    z = refine_latents(sessions.energy_and_grad, z0, sessions.bundle.diffusion_schedule(), options.sampler, noise)
+    out, row = [], 0
+    for case in cases:
+        n = len(case.mu) * options.samples
+        out.append(z[row : row + n].reshape(options.samples, len(case.mu), -1))
+        row += n
+    seconds = time.perf_counter() - start
+    for case in cases:  # the shared chain's time, split by each case's share of the chains
+        case.seconds["sample"] = seconds * len(case.mu) * options.samples / max(1, len(z0))
+    return out
+
+
+def _decode_mean_std(sessions: BundleSessions, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean and std over samples of the decoded probabilities; ``z`` is [samples, n, L]."""
+    samples, n, _ = z.shape
+    total: np.ndarray | None = None
+    squares: np.ndarray | None = None
+    for start, probability in sessions.decode_chunks(z.reshape(samples * n, -1)):
+        if total is None:
+            size = probability.shape[1:]
+            total = np.zeros((n, *size), np.float32)
+            squares = np.zeros((n, *size), np.float32) if samples > 1 else None
+        for offset, p in enumerate(probability):
+            vertebra = (start + offset) % n
+            total[vertebra] += p
+            if squares is not None:
+                squares[vertebra] += p * p
+    assert total is not None
+    mean = total / samples
+    if squares is None:
+        return mean, None
+    variance = np.maximum(squares / samples - mean * mean, 0.0)
+    return mean, np.sqrt(variance * samples / (samples - 1))
+
+
+def _maps(shape: tuple[int, ...], vertebrae: Sequence[RefinedVertebra]) -> tuple[np.ndarray, np.ndarray]:
+    """Working-grid foreground probability (max over vertebrae) and the winning vertebra's std."""
+    probability = np.zeros(shape, np.float32)
+    std = np.zeros(shape, np.float32)
+    for v in vertebrae:
+        inside, part = v.box.slices(shape)
+        p = v.probability[part]
+        wins = p > probability[inside]
+        probability[inside][wins] = p[wins]
+        if v.std is not None:
+            std[inside][wins] = v.std[part][wins]
+    return probability, std
+
+
+def finish_case(
+    prepared: PreparedCase,
+    z: np.ndarray,
+    sessions: BundleSessions,
+    options: RefineOptions,
+    status: Status = _quiet,
+) -> RefinedCase:
+    """Decode the latents, average the samples, stitch at the threshold and go back to the input grid."""
+    seconds = dict(prepared.seconds)
+    start = time.perf_counter()
+    status("decode")
+    mean, std = _decode_mean_std(sessions, z)
+    vertebrae = [
+        RefinedVertebra(instance, box, mean[k], None if std is None else std[k])
+        for k, (instance, box) in enumerate(zip(prepared.instances, prepared.boxes, strict=True))
+    ]
+    seconds["decode"] = time.perf_counter() - start
+    start = time.perf_counter()
+    status("stitch")
+    after = stitch(
+        prepared.instance_array,
+        [(v.instance.instance_id, v.box, v.probability) for v in vertebrae],
+        threshold=options.threshold,
+    )
+    for v in vertebrae:
+        v.voxels_after = int(np.count_nonzero(after == v.instance.instance_id))
+    labels = _back_to_input(prepared, after)
+    probability = uncertainty = None
+    if options.keep_maps:
+        working_volume = Volume(np.zeros(after.shape, np.float32), prepared.working)
+        prob_map, std_map = _maps(after.shape, vertebrae)
+        original = prepared.volume.geometry
+        probability = resample_scalar(working_volume.with_array(prob_map), original)
+        uncertainty = resample_scalar(working_volume.with_array(std_map), original)
+    seconds["stitch"] = time.perf_counter() - start
+    return RefinedCase(
+        labels=labels,
+        working=prepared.working,
+        working_before=prepared.instance_array,
+        working_after=after,
+        vertebrae=vertebrae,
+        probability=probability,
+        uncertainty=uncertainty,
+        seconds=seconds,
+    )
+
+
+def _back_to_input(prepared: PreparedCase, after: np.ndarray) -> Volume:
+    """The refined label map on the input grid; structures that were not refined keep their input voxels."""
+    volume = prepared.volume
+    labels = restore_labels(after, prepared.instances)
+    if prepared.working.same_grid(volume.geometry, tol=1e-6):
+        result = labels
+    else:
+        result = to_input_grid(Volume(labels, prepared.working), volume.geometry).array
+    refined_labels = np.array(sorted({i.label for i in prepared.instances}))
+    passthrough = (volume.array != 0) & ~np.isin(volume.array, refined_labels)
+    out = np.where(np.isin(result, refined_labels), result, 0).astype(volume.array.dtype)
+    out[passthrough] = volume.array[passthrough]
+    return volume.with_array(out)
+
+
+def refine_volume(
+    volume: Volume,
+    sessions: BundleSessions,
+    options: RefineOptions,
+    seed: int = 0,
+    status: Status = _quiet,
+) -> RefinedCase:
+    """One case through the whole pipeline (a batch of one)."""
+    prepared = prepare_case(volume, sessions, options, status)
+    (z,) = sample_latents(sessions, [prepared], options, [np.random.default_rng(seed)], status)
+    return finish_case(prepared, z, sessions, options, status)
