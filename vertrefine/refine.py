@@ -75,6 +75,8 @@ class PreparedCase:
     boxes: list[PatchBox]
     mu: np.ndarray
     """Encoder means [n, L], one row per refined vertebra."""
+    from_binary_mask: bool = False
+    """The vertebrae are connected components of a single-valued mask."""
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -89,11 +91,15 @@ class RefinedVertebra:
     std: np.ndarray | None
     """Per-voxel standard deviation over samples (None for one sample)."""
     voxels_after: int = 0
+    from_binary_mask: bool = False
+    """True when the vertebra is a connected component of a single-valued mask (no level is known)."""
 
     @property
     def name(self) -> str:
-        level = level_name(self.instance.label)
-        return level if self.instance.instance_id == self.instance.label else f"{level}_{self.instance.instance_id}"
+        """'L3' for a labelled vertebra; 'vertebra_2' for the second component (superior first) of a mask."""
+        if self.from_binary_mask:
+            return f"vertebra_{self.instance.instance_id}"
+        return level_name(self.instance.label)
 
 
 @dataclass
@@ -123,7 +129,7 @@ class RefinedCase:
             row = {
                 "name": v.name,
                 "label": v.instance.label,
-                "level": level_name(v.instance.label),
+                "level": None if v.from_binary_mask else level_name(v.instance.label),
                 "instance": v.instance.instance_id,
                 "centroid_lps_mm": [round(c, 2) for c in v.instance.centroid_lps],
                 "volume_before_ml": round(v.instance.voxels * voxel_ml, 3),
@@ -177,6 +183,7 @@ def prepare_case(
         instances=chosen,
         boxes=[box for _, box, _ in cropped],
         mu=mu,
+        from_binary_mask=any(i.instance_id != i.label for i in instances),
         seconds=seconds,
     )
 
@@ -272,7 +279,9 @@ def finish_case(
     status("decode")
     mean, std = _decode_mean_std(sessions, z)
     vertebrae = [
-        RefinedVertebra(instance, box, mean[k], None if std is None else std[k])
+        RefinedVertebra(
+            instance, box, mean[k], None if std is None else std[k], from_binary_mask=prepared.from_binary_mask
+        )
         for k, (instance, box) in enumerate(zip(prepared.instances, prepared.boxes, strict=True))
     ]
     seconds["decode"] = time.perf_counter() - start

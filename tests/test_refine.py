@@ -1,0 +1,188 @@
+"""The refine pipeline with the shipped bundles: grids, labels, seeds, grouping, maps and meshes."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from vertrefine.bundle import load_bundle
+from vertrefine.info import default_bundle_dir
+from vertrefine.refine import (
+    RefineOptions,
+    RowNoise,
+    finish_case,
+    prepare_case,
+    refine_volume,
+    refined_instances,
+    sample_latents,
+)
+from vertrefine.runtime import open_sessions
+from vertrefine.sampler import SamplerSettings
+from vertrefine.spatial import find_instances, resample_labels
+from vertrefine.synth import synth_spine
+from vertrefine.volume import Geometry, Volume
+
+FAST = SamplerSettings(t_refine=3, langevin_steps=10)
+
+
+@pytest.fixture(scope="module")
+def lsd():
+    sessions, note = open_sessions(load_bundle(default_bundle_dir("lsd-ebm")), "cpu")
+    assert note is None
+    return sessions
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return open_sessions(load_bundle(default_bundle_dir("vae")), "cpu")[0]
+
+
+@pytest.fixture(scope="module")
+def two_vertebrae() -> Volume:
+    return synth_spine(11, levels=("L2", "L3"))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def test_refine_keeps_label_ids_and_shape_of_each_vertebra(two_vertebrae, lsd):
+    result = refine_volume(two_vertebrae, lsd, RefineOptions(FAST), seed=0)
+    assert result.labels.geometry == two_vertebrae.geometry
+    assert result.labels.labels == [21, 22]
+    for label in (21, 22):
+        assert _dice(result.labels.array == label, two_vertebrae.array == label) > 0.8
+    rows = result.vertebra_rows()
+    assert [r["level"] for r in rows] == ["L2", "L3"]  # superior first
+    assert all(40 < r["volume_before_ml"] < 90 and 40 < r["volume_after_ml"] < 90 for r in rows)
+
+
+def test_same_seed_same_output_and_another_seed_differs(two_vertebrae, lsd):
+    options = RefineOptions(FAST)
+    first = refine_volume(two_vertebrae, lsd, options, seed=5).labels.array
+    again = refine_volume(two_vertebrae, lsd, options, seed=5).labels.array
+    other = refine_volume(two_vertebrae, lsd, options, seed=6)
+    np.testing.assert_array_equal(first, again)
+    assert any(
+        not np.array_equal(v.probability, w.probability)
+        for v, w in zip(refine_volume(two_vertebrae, lsd, options, seed=5).vertebrae, other.vertebrae, strict=True)
+    )
+
+
+def test_a_case_samples_the_same_alone_or_in_a_group(two_vertebrae, lsd):
+    options = RefineOptions(FAST)
+    other = synth_spine(12, levels=("L4",))
+    alone = sample_latents(lsd, [prepare_case(two_vertebrae, lsd, options)], options, [np.random.default_rng(3)])
+    group = sample_latents(
+        lsd,
+        [prepare_case(other, lsd, options), prepare_case(two_vertebrae, lsd, options)],
+        options,
+        [np.random.default_rng(9), np.random.default_rng(3)],
+    )
+    np.testing.assert_allclose(group[1], alone[0], rtol=0, atol=1e-5)
+
+
+def test_row_noise_takes_each_case_rows_from_its_own_generator():
+    noise = RowNoise([np.random.default_rng(1), np.random.default_rng(2)], [2, 3]).standard_normal((5, 4))
+    np.testing.assert_array_equal(noise[:2], np.random.default_rng(1).standard_normal((2, 4), dtype=np.float32))
+    np.testing.assert_array_equal(noise[2:], np.random.default_rng(2).standard_normal((3, 4), dtype=np.float32))
+    with pytest.raises(ValueError):
+        RowNoise([np.random.default_rng(1)], [2]).standard_normal((3, 4))
+
+
+def test_vae_decodes_the_mean_whatever_the_seed(two_vertebrae, vae):
+    options = RefineOptions(None)
+    a = refine_volume(two_vertebrae, vae, options, seed=1).labels.array
+    b = refine_volume(two_vertebrae, vae, options, seed=2).labels.array
+    np.testing.assert_array_equal(a, b)
+
+
+def test_structures_that_are_not_vertebrae_pass_through_unchanged(two_vertebrae, vae):
+    array = two_vertebrae.array.copy()
+    array[-8:, :10, :10] = 26  # sacrum: not refined by default
+    array[:6, -6:, -6:] = 90  # some other structure
+    volume = two_vertebrae.with_array(array)
+    result = refine_volume(volume, vae, RefineOptions(None))
+    for label in (26, 90):
+        np.testing.assert_array_equal(result.labels.array == label, array == label)
+    assert [v.instance.label for v in result.vertebrae] == [21, 22]
+    only_l2 = refine_volume(volume, vae, RefineOptions(None, labels=frozenset({21})))
+    np.testing.assert_array_equal(only_l2.labels.array == 22, array == 22)
+
+
+def test_binary_mask_components_are_refined_and_written_back_with_the_mask_value(two_vertebrae, vae):
+    binary = two_vertebrae.with_array((two_vertebrae.array > 0).astype(np.uint8))
+    instance_array, instances = find_instances(binary)
+    assert len(refined_instances(instances, None)) == 2
+    result = refine_volume(binary, vae, RefineOptions(None))
+    assert result.labels.labels == [1]
+    assert _dice(result.labels.array == 1, binary.array == 1) > 0.8
+    assert [v.name for v in result.vertebrae] == ["vertebra_1", "vertebra_2"]
+
+
+def _grids(volume: Volume) -> dict[str, Volume]:
+    g = volume.geometry
+    flipped = Volume(
+        volume.array[:, ::-1, ::-1].copy(),
+        replace(g, direction=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0), origin=(50.0, 40.0, g.origin[2])),
+    )
+    t = np.deg2rad(25)
+    rotation = np.array([[np.cos(t), 0, np.sin(t)], [0, 1, 0], [-np.sin(t), 0, np.cos(t)]])
+    centre_ijk = (np.array(g.shape[::-1]) - 1) / 2
+    centre_lps = g.index_to_physical(centre_ijk)
+    origin = centre_lps - rotation @ (np.array(g.spacing) * centre_ijk)
+    oblique_grid = replace(g, direction=tuple(rotation.ravel()), origin=tuple(origin))
+    oblique = resample_labels(volume, oblique_grid)  # the same upright anatomy on an oblique grid
+    thick = volume.array[::3]
+    anisotropic = Volume(thick.copy(), Geometry(thick.shape, (0.9, 0.9, 3.0), g.origin))
+    return {"flipped": flipped, "oblique": oblique, "anisotropic": anisotropic}
+
+
+@pytest.mark.parametrize("kind", ["flipped", "oblique", "anisotropic"])
+def test_output_lies_on_the_input_grid(two_vertebrae, vae, kind):
+    volume = _grids(two_vertebrae)[kind]
+    result = refine_volume(volume, vae, RefineOptions(None))
+    assert result.labels.geometry == volume.geometry
+    assert result.labels.array.shape == volume.array.shape
+    assert result.labels.array.dtype == volume.array.dtype
+    assert result.labels.labels == [21, 22]
+    for label in (21, 22):
+        assert _dice(result.labels.array == label, volume.array == label) > 0.7
+
+
+def test_samples_give_mean_probability_and_uncertainty_maps(two_vertebrae, lsd):
+    options = RefineOptions(FAST, samples=3, keep_maps=True)
+    prepared = prepare_case(two_vertebrae, lsd, options)
+    (z,) = sample_latents(lsd, [prepared], options, [np.random.default_rng(0)])
+    assert z.shape == (3, 2, lsd.bundle.latent)
+    result = finish_case(prepared, z, lsd, options)
+    probability, std = result.probability.array, result.uncertainty.array
+    assert result.probability.geometry == two_vertebrae.geometry
+    assert probability.min() >= 0 and probability.max() <= 1 and std.min() >= 0
+    foreground = result.labels.array > 0
+    assert probability[foreground].min() >= 0.5 - 1e-6  # every labelled voxel passed the threshold
+    assert std.max() > 0  # three chains do not agree everywhere
+    assert all(v.std is not None for v in result.vertebrae)
+
+
+def test_meshes_are_closed_and_lie_on_their_vertebra_in_patient_coordinates(two_vertebrae, vae):
+    from vertrefine.mesh import vertebra_mesh
+
+    result = refine_volume(two_vertebrae, vae, RefineOptions(None))
+    for vertebra in result.vertebrae:
+        owned = np.ones(vertebra.probability.shape, dtype=bool)
+        mesh = vertebra_mesh(vertebra.probability, owned, vertebra.box, result.working)
+        assert mesh.is_watertight
+        assert mesh.volume > 0  # outward normals
+        volume_ml = vertebra.voxels_after / 1000.0
+        assert abs(mesh.volume / 1000.0 - volume_ml) < 0.1 * volume_ml
+        np.testing.assert_allclose(mesh.center_mass, vertebra.instance.centroid_lps, atol=4.0)
+
+
+def test_no_vertebra_labels_is_a_clear_error(two_vertebrae, vae):
+    from vertrefine.errors import InputError
+
+    only_sacrum = two_vertebrae.with_array(np.where(two_vertebrae.array > 0, 26, 0).astype(np.uint8))
+    sacrum_and_other = only_sacrum.with_array(np.where(two_vertebrae.array == 21, 90, only_sacrum.array))
+    with pytest.raises(InputError, match="--labels"):
+        refine_volume(sacrum_and_other, vae, RefineOptions(None))
