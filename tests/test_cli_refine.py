@@ -1,0 +1,249 @@
+"""`vertrefine refine` as users run it: outputs, sidecar, extras, batches, DICOM SEG and every bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from vertrefine.cli import app
+from vertrefine.info import default_bundle_dir
+from vertrefine.io import write_label_map
+from vertrefine.synth import synth_spine
+
+runner = CliRunner()
+FAST = ("--t-refine", "2", "--langevin-steps", "5")
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cases")
+    for seed, levels in ((21, ("L2", "L3")), (22, ("L4",))):
+        write_label_map(synth_spine(seed, levels=levels), folder / f"spine_{seed}.nii.gz")
+    return folder
+
+
+def test_refine_keeps_the_nifti_header_and_writes_a_sidecar(cases, tmp_path):
+    source = cases / "spine_21.nii.gz"
+    result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--seed", "4", *FAST)
+    assert result.exit_code == 0, result.output
+    before, after = nib.load(source), nib.load(tmp_path / "out.nii.gz")
+    assert after.header.binaryblock == before.header.binaryblock
+    assert set(np.unique(np.asarray(after.dataobj))) == {0, 21, 22}
+    sidecar = json.loads((tmp_path / "out.json").read_text())
+    assert sidecar["seed"] == 4 and sidecar["device"] == "cpu" and sidecar["vertrefine"]
+    assert len(sidecar["model"]["manifest_sha256"]) == 64 and sidecar["model"]["kind"] == "lsd-ebm"
+    assert sidecar["settings"]["sampler"]["t_refine"] == 2 and sidecar["settings"]["sampler"]["langevin_steps"] == 5
+    assert [v["level"] for v in sidecar["vertebrae"]] == ["L2", "L3"]
+    assert all(v["volume_before_ml"] > 30 and v["volume_after_ml"] > 30 for v in sidecar["vertebrae"])
+    assert sidecar["seconds"]["total"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.nii.gz"]
+
+
+def test_refine_extras_probability_uncertainty_meshes_and_qc(cases, tmp_path):
+    import trimesh
+
+    source = cases / "spine_21.nii.gz"
+    result = invoke(
+        "refine", source, "-o", tmp_path / "out.nii.gz", *FAST, "--samples", "2",
+        "--save-prob", tmp_path / "prob.nii.gz", "--uncertainty", tmp_path / "std.nii.gz",
+        "--mesh", tmp_path / "meshes", "--qc", tmp_path / "qc.png",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for name in ("prob.nii.gz", "std.nii.gz"):
+        image = nib.load(tmp_path / name)
+        assert image.get_data_dtype() == np.float32
+        np.testing.assert_allclose(image.affine, nib.load(source).affine)
+    labels = np.asarray(nib.load(tmp_path / "out.nii.gz").dataobj)
+    probability = np.asarray(nib.load(tmp_path / "prob.nii.gz").dataobj)
+    assert probability[labels > 0].min() >= 0.5 - 1e-6 and probability[labels == 0].max() <= 0.5 + 1e-6
+    assert sorted(p.name for p in (tmp_path / "meshes").iterdir()) == ["L2.stl", "L3.stl"]
+    mesh = trimesh.load(tmp_path / "meshes" / "L2.stl")
+    assert mesh.is_watertight and 30_000 < mesh.volume < 100_000  # mm^3
+    assert (tmp_path / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_refine_runs_without_torch(cases, tmp_path):
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "from vertrefine.cli import app\n"
+        f"app(['refine', {str(cases / 'spine_22.nii.gz')!r}, '-o', {str(tmp_path / 'o.nii.gz')!r},"
+        " '--model', 'vae', '--qc', " + repr(str(tmp_path / "q.png")) + "], standalone_mode=False)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "o.nii.gz").exists()
+
+
+def test_batch_goes_on_past_a_bad_case_resumes_and_matches_single_runs(cases, tmp_path):
+    inputs = tmp_path / "in"
+    shutil.copytree(cases, inputs)
+    (inputs / "broken.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    out = tmp_path / "out"
+    result = invoke("refine", inputs, "-o", out, *FAST, "--seed", "10", "--qc", tmp_path / "qc")
+    assert result.exit_code == 1, result.output
+    assert "broken" in result.output and "2 done, 0 skipped, 1 failed" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "spine_21.json",
+        "spine_21.nii.gz",
+        "spine_22.json",
+        "spine_22.nii.gz",
+    ]
+    assert sorted(p.name for p in (tmp_path / "qc").iterdir()) == ["spine_21.png", "spine_22.png"]
+
+    # case i of a folder uses seed + i, and its chains do not depend on the other cases sampled with it
+    single = invoke("refine", inputs / "spine_22.nii.gz", "-o", tmp_path / "single.nii.gz", *FAST, "--seed", "12")
+    assert single.exit_code == 0, single.output
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(out / "spine_22.nii.gz").dataobj), np.asarray(nib.load(tmp_path / "single.nii.gz").dataobj)
+    )
+
+    (inputs / "broken.nii.gz").unlink()
+    (out / "spine_22.nii.gz").unlink()  # as if the batch had been interrupted before this case finished
+    kept = (out / "spine_21.nii.gz").stat().st_mtime_ns
+    again = invoke("refine", inputs, "-o", out, *FAST, "--seed", "10", "--skip-existing")
+    assert again.exit_code == 0 and "1 done, 1 skipped, 0 failed" in again.output
+    assert (out / "spine_21.nii.gz").stat().st_mtime_ns == kept
+    assert (out / "spine_22.nii.gz").exists()
+
+
+def test_dicom_seg_input_gives_a_seg_referencing_the_same_series(tmp_path):
+    import pydicom
+    from dicom_helpers import make_series
+
+    from vertrefine import io
+
+    spine = synth_spine(23, levels=("L3",))
+    ct_uid, _ = make_series(tmp_path / "ct", np.full(spine.array.shape, 100, np.uint16), spacing=(1.0, 1.0, 1.0),
+                            origin=spine.geometry.origin)  # fmt: skip
+    io.write_dicom_seg(spine, tmp_path / "seg.dcm", source_images=tmp_path / "ct")
+    result = invoke("refine", tmp_path / "seg.dcm", "-o", tmp_path / "refined.dcm", "--model", "vae")
+    assert result.exit_code == 0, result.output
+    seg = pydicom.dcmread(tmp_path / "refined.dcm")
+    assert seg.Modality == "SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct_uid
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["L3"]
+    refined = io.read_label_map(tmp_path / "refined.dcm")
+    assert refined.geometry.same_grid(spine.geometry)
+    overlap = np.count_nonzero((refined.array == 22) & (spine.array == 22))
+    assert 2 * overlap / (np.count_nonzero(refined.array == 22) + np.count_nonzero(spine.array == 22)) > 0.8
+
+
+def _bad_inputs(folder, spine_file):
+    from dicom_helpers import lumbar_bars, make_series
+
+    bad = {}
+    ct = np.random.default_rng(0).normal(40, 300, (20, 20, 20)).astype(np.float32)
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), folder / "intensity.nii.gz")
+    bad["intensity.nii.gz"] = "segment it first"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.uint8), np.eye(4)), folder / "four_d.nii.gz")
+    bad["four_d.nii.gz"] = "4D"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), folder / "empty.nii.gz")
+    bad["empty.nii.gz"] = "empty"
+    sheared = np.eye(4)
+    sheared[0, 1] = 0.5
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), sheared), folder / "sheared.nii.gz")
+    bad["sheared.nii.gz"] = "shear"
+    data = spine_file.read_bytes()
+    (folder / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+    bad["truncated.nii.gz"] = "truncated"
+    bad["missing.nii.gz"] = "does not exist"
+    make_series(folder / "two_series", lumbar_bars(), modality="OT")
+    make_series(folder / "two_series", lumbar_bars(), modality="OT")
+    bad["two_series"] = "series-uid"
+    return bad
+
+
+def test_every_bad_input_gives_one_line_and_no_output(cases, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, expected in _bad_inputs(inputs, cases / "spine_21.nii.gz").items():
+        out = tmp_path / f"out_{name}"
+        out.mkdir()
+        result = invoke("refine", inputs / name, "-o", out / "o.nii.gz", "--model", "vae")
+        assert result.exit_code == 2, (name, result.output)
+        line = _error_line(result)
+        assert name in line and expected.lower() in line.lower(), (name, line)
+        assert list(out.iterdir()) == [], name  # no output, sidecar or temporary file
+
+
+@pytest.fixture()
+def bundle_copy(tmp_path):
+    folder = tmp_path / "bundle"
+    shutil.copytree(default_bundle_dir("vae"), folder)
+    return folder
+
+
+def test_corrupt_bundles_give_one_line_and_no_output(cases, tmp_path, bundle_copy):
+    source = cases / "spine_22.nii.gz"
+    out = tmp_path / "out"
+    out.mkdir()
+
+    decoder = bundle_copy / "decoder.onnx"
+    data = bytearray(decoder.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    decoder.write_bytes(bytes(data))
+    result = invoke("refine", source, "-o", out / "o.nii.gz", "--weights", bundle_copy)
+    assert result.exit_code == 2 and "checksum" in _error_line(result) and "decoder.onnx" in result.output
+
+    manifest = bundle_copy / "manifest.json"
+    record = json.loads(manifest.read_text())
+    garbage = b"this is not an ONNX model" * 10
+    decoder.write_bytes(garbage)
+    from vertrefine.bundle import sha256_file
+
+    record["files"]["decoder"].update(sha256=sha256_file(decoder), bytes=len(garbage))
+    manifest.write_text(json.dumps(record))
+    result = invoke("refine", source, "-o", out / "o.nii.gz", "--weights", bundle_copy)
+    assert result.exit_code == 2 and "ONNX Runtime cannot load the decoder" in _error_line(result)
+
+    manifest.write_text("{ not json")
+    result = invoke("refine", source, "-o", out / "o.nii.gz", "--weights", bundle_copy)
+    assert result.exit_code == 2 and "manifest.json" in _error_line(result)
+    assert list(out.iterdir()) == []
+
+
+def test_refused_model_choices_say_what_to_do(cases, tmp_path):
+    source = cases / "spine_22.nii.gz"
+    lebm_like = tmp_path / "lebm"
+    shutil.copytree(default_bundle_dir("lsd-ebm"), lebm_like)
+    record = json.loads((lebm_like / "manifest.json").read_text())
+    record["kind"] = "lebm"
+    (lebm_like / "manifest.json").write_text(json.dumps(record))
+    checks = [
+        (("--weights", lebm_like), "decoder's gradient"),
+        (("--model", "vae", "--samples", "2"), "--samples"),
+        (("--samples", "1", "--uncertainty", tmp_path / "u.nii.gz"), "--samples 2"),
+        (("--model", "vae", "--weights", default_bundle_dir("lsd-ebm")), "--model lsd-ebm"),
+        (("--qc", tmp_path / "qc.jpg"), ".png"),
+        (("--labels", "L5-L1"), "backwards"),
+    ]
+    for extra, expected in checks:
+        result = invoke("refine", source, "-o", tmp_path / "o.nii.gz", *extra)
+        assert result.exit_code == 2, (extra, result.output)
+        assert expected in result.output, (extra, result.output)
+        assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_output_equal_to_input_is_refused(cases):
+    source = cases / "spine_22.nii.gz"
+    before = source.read_bytes()
+    result = invoke("refine", source, "-o", source, "--model", "vae")
+    assert result.exit_code == 2 and "input" in _error_line(result)
+    assert source.read_bytes() == before
