@@ -17,8 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from vertrefine.bundle import load_bundle
 from vertrefine.degrade import degrade
 from vertrefine.info import default_bundle_dir
@@ -67,9 +65,7 @@ def run(args: argparse.Namespace) -> dict:
                     refined = refine_volume(thick, s, options[kind], seed=seed)
                     seconds[kind] += time.perf_counter() - start
                     rows[kind] += score_case(case, refined.labels, truth)
-            results[key] = {
-                method: {"summary": summarize(r)["overall"], "rows": r} for method, r in rows.items()
-            }
+            results[key] = {method: {"summary": summarize(r)["overall"], "rows": r} for method, r in rows.items()}
             for kind in sessions:
                 results[key][kind]["seconds_per_spine"] = seconds[kind] / args.spines
             print_table(key, results[key], args.spines)

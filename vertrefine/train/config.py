@@ -63,6 +63,8 @@ class TrainConfig:
     """LEBM: posterior Langevin steps through the decoder."""
     posterior_step_size: float = 1e-4
     kl_weight: float = 1.0
+    energy_on_clean: bool = True
+    """LSD-EBM: the energy learns the latents of clean targets, not of (possibly thick-slice) inputs."""
     encoder_widths: tuple[int, ...] = (16, 32, 64, 128)
     decoder_widths: tuple[int, ...] = (128, 64, 32, 16)
     energy_hidden: int = 1000

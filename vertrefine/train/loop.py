@@ -526,7 +526,9 @@ def _train(config: TrainConfig, procs: _Processes, on_event: EventCallback | Non
         posterior_steps=config.posterior_steps,
         posterior_step_size=config.posterior_step_size,
     )
-    objective = make_objective(model, schedule, langevin, kl_weight=config.kl_weight)
+    objective = make_objective(
+        model, schedule, langevin, kl_weight=config.kl_weight, energy_on_clean=config.energy_on_clean
+    )
     dataset = data.PatchDataset(cache, train_idx, augment=True, degraded_prob=config.degraded_prob, seed=config.seed)
     val_shard = val_idx[procs.rank :: procs.world_size]
     steps_per_epoch = math.ceil(

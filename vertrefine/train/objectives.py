@@ -115,10 +115,16 @@ class Objective:
 
 
 class LsdEbmObjective(Objective):
-    """Algorithm 1: ELBO for encoder/decoder; conditional-EBM contrast on a random pair (z_t, z_{t+1})."""
+    """Algorithm 1: ELBO for encoder/decoder; conditional-EBM contrast on a random pair (z_t, z_{t+1}).
 
-    def __init__(self, *args, **kwargs) -> None:
+    With ``energy_on_clean`` (default), the diffusion pairs start from the latent of the clean target
+    rather than of the training input, which is a thick-slice copy when denoising training is on: the
+    prior then learns the distribution of CT-quality shapes only, which is what refine pulls towards.
+    """
+
+    def __init__(self, *args, energy_on_clean: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.energy_on_clean = energy_on_clean
         s = self.schedule
         as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
         self._a_s, self._sigmas = as_tensor(s.a_s), as_tensor(s.sigmas)
@@ -130,6 +136,10 @@ class LsdEbmObjective(Objective):
         z0, _, recon, kl = _elbo_terms(self.model, x, target, generator)
         elbo_loss = recon + self.kl_weight * kl
 
+        if self.energy_on_clean and x is not target and not torch.equal(x, target):
+            with torch.no_grad():
+                mu_clean, logvar_clean = self.model.encoder.forward_lowres(target)
+                z0 = mu_clean + torch.exp(0.5 * logvar_clean) * _randn(mu_clean.shape, mu_clean, generator)
         z0 = z0.detach()
         device, batch = z0.device, z0.shape[0]
         a_s, sigmas = self._a_s.to(device), self._sigmas.to(device)
@@ -217,7 +227,12 @@ def make_objective(
     *,
     kl_weight: float = 1.0,
     energy_l2: float = 1e-3,
+    energy_on_clean: bool = True,
 ) -> Objective:
-    """The objective of ``model.config.kind``."""
-    cls = {"vae": Objective, "lebm": LebmObjective, "lsd-ebm": LsdEbmObjective}[model.config.kind]
+    """The objective of ``model.config.kind`` (``energy_on_clean``: see :class:`LsdEbmObjective`)."""
+    if model.config.kind == "lsd-ebm":
+        return LsdEbmObjective(
+            model, schedule, langevin, kl_weight=kl_weight, energy_l2=energy_l2, energy_on_clean=energy_on_clean
+        )
+    cls = {"vae": Objective, "lebm": LebmObjective}[model.config.kind]
     return cls(model, schedule, langevin, kl_weight=kl_weight, energy_l2=energy_l2)
