@@ -16,3 +16,40 @@ def test_readme_quick_start_uses_the_bundled_example():
     for name in ("examples/lumbar_ct.nii.gz", "examples/lumbar_thick5mm.nii.gz"):
         assert name in readme
         assert (ROOT / name).is_file()
+
+
+def _quick_start_commands() -> list[list[str]]:
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("python -m pip install . && vertrefine refine"))
+    return [shlex.split(part) for part in line.split(" && ")[1:]]
+
+
+def test_readme_main_command_refines_the_example_and_improves_its_dice(tmp_path, monkeypatch):
+    """The quick start minus the install, as a user runs it from the repository root (in a scratch copy)."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from vertrefine.cli import app
+
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    monkeypatch.chdir(tmp_path)
+    commands = _quick_start_commands()
+    assert [c[:2] for c in commands] == [["vertrefine", "refine"], ["vertrefine", "score"]]
+    runner = CliRunner()
+    for words in commands:
+        result = runner.invoke(app, words[1:], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (words, result.output)
+    refined = tmp_path / "lumbar_refined.nii.gz"
+    assert refined.exists() and (tmp_path / "lumbar_refined.png").exists()
+    scored = runner.invoke(app, ["score", str(refined), "examples/lumbar_ct.nii.gz", "--json", "after.json"])
+    baseline = runner.invoke(
+        app, ["score", "examples/lumbar_thick5mm.nii.gz", "examples/lumbar_ct.nii.gz", "--json", "before.json"]
+    )
+    assert scored.exit_code == 0 and baseline.exit_code == 0
+    after = json.loads((tmp_path / "after.json").read_text())["summary"]["overall"]["dsc"]["mean"]
+    before = json.loads((tmp_path / "before.json").read_text())["summary"]["overall"]["dsc"]["mean"]
+    assert after > before + 0.02
