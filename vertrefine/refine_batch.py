@@ -143,7 +143,7 @@ class RefineJob:
         status("write")
         write_start = time.perf_counter()
         self._write_extras(name, case, refined)
-        refined.seconds["write"] = time.perf_counter() - write_start
+        refined.seconds["write_extras"] = time.perf_counter() - write_start
         refined.seconds["total"] = sum(case.prepared.seconds.values()) + time.perf_counter() - start
         self._write_sidecar(case, refined)
         write_label_map(refined.labels, case.destination, like=case.prepared.volume)
