@@ -28,7 +28,8 @@ def vertebra_mesh(probability: np.ndarray, owned: np.ndarray, box: PatchBox, geo
     verts_kji, faces, _, _ = marching_cubes(padded, level=level)
     verts_kji += np.asarray(box.start, dtype=np.float64) - 1.0
     verts_lps = geometry.index_to_physical(verts_kji[:, ::-1])
-    mesh = trimesh.Trimesh(vertices=verts_lps, faces=faces, process=True)
+    # process=False: merging vertices can turn the two degenerate faces of a saddle into a non-manifold edge
+    mesh = trimesh.Trimesh(vertices=verts_lps, faces=faces, process=False)
     trimesh.repair.fix_normals(mesh)  # the (k, j, i) -> LPS map may mirror, which flips the winding
     return mesh
 
