@@ -9,6 +9,7 @@ Use :func:`vertrefine.io.read_label_map` / :func:`vertrefine.io.write_label_map`
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,26 +104,7 @@ def write_nifti(volume: Volume, path: str | Path, *, like: Volume | None = None)
     extensions); only the voxels change, stored in the input's dtype when it holds every label.
     Otherwise a header is built from the geometry: qform = sform, both with code 1 (scanner), mm units.
     """
-    path = Path(path)
-    if not is_nifti_path(path):
-        raise ValueError(f"{path}: a NIfTI output needs a .nii or .nii.gz name")
-    source = like.source if like is not None else volume.source
-    meta = source.meta if source.kind == "nifti" else {}
-    data = volume.array.transpose(2, 1, 0)
-    if meta and volume.geometry.same_grid(meta["geometry"]):
-        header = meta["header"].copy()
-        dtype = _storage_dtype(volume.array, np.dtype(meta["dtype"]))
-        header.set_data_dtype(dtype)
-        image = meta["image_class"](data.astype(dtype).reshape(meta["shape"]), None, header)
-    else:
-        affine = affine_from_geometry(volume.geometry)
-        image = nib.Nifti1Image(data.astype(_storage_dtype(volume.array, None)), affine)
-        image.set_qform(affine, code=1)
-        image.set_sform(affine, code=1)
-        image.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
-    return path
+    return _write(volume, path, like, lambda preferred: _storage_dtype(volume.array, preferred))
 
 
 def write_scalar_nifti(volume: Volume, path: str | Path, *, like: Volume | None = None) -> Path:
@@ -131,20 +113,38 @@ def write_scalar_nifti(volume: Volume, path: str | Path, *, like: Volume | None 
     When ``like`` was read from NIfTI and the map lies on its grid, the input's header is reused (only
     dtype and scaling change), so viewers overlay the map exactly on the input.
     """
+    return _write(volume, path, like, lambda _: np.dtype(np.float32), reset_scaling=True)
+
+
+def _write(
+    volume: Volume,
+    path: str | Path,
+    like: Volume | None,
+    stored_dtype: Callable[[np.dtype | None], np.dtype],
+    *,
+    reset_scaling: bool = False,
+) -> Path:
+    """Write ``volume`` on the input's header when it lies on the input's NIfTI grid, else on a new one.
+
+    ``stored_dtype(preferred)`` picks the on-disk dtype; ``preferred`` is the input's dtype, or None when
+    a new header is built.
+    """
     path = Path(path)
     if not is_nifti_path(path):
         raise ValueError(f"{path}: a NIfTI output needs a .nii or .nii.gz name")
     source = like.source if like is not None else volume.source
     meta = source.meta if source.kind == "nifti" else {}
-    data = np.asarray(volume.array, dtype=np.float32).transpose(2, 1, 0)
+    data = volume.array.transpose(2, 1, 0)
     if meta and volume.geometry.same_grid(meta["geometry"]):
         header = meta["header"].copy()
-        header.set_data_dtype(np.float32)
-        header.set_slope_inter(1.0, 0.0)
-        image = meta["image_class"](data.reshape(meta["shape"]), None, header)
+        dtype = stored_dtype(np.dtype(meta["dtype"]))
+        header.set_data_dtype(dtype)
+        if reset_scaling:
+            header.set_slope_inter(1.0, 0.0)
+        image = meta["image_class"](data.astype(dtype).reshape(meta["shape"]), None, header)
     else:
         affine = affine_from_geometry(volume.geometry)
-        image = nib.Nifti1Image(data, affine)
+        image = nib.Nifti1Image(data.astype(stored_dtype(None)), affine)
         image.set_qform(affine, code=1)
         image.set_sform(affine, code=1)
         image.header.set_xyzt_units("mm")
