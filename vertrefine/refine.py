@@ -125,7 +125,7 @@ class RefinedCase:
             before = self.working_before == v.instance.instance_id
             after = self.working_after == v.instance.instance_id
             overlap = int(np.count_nonzero(before & after))
-            total = int(np.count_nonzero(before)) + int(np.count_nonzero(after))
+            total = v.instance.voxels + v.voxels_after
             row = {
                 "name": v.name,
                 "label": v.instance.label,
@@ -133,7 +133,7 @@ class RefinedCase:
                 "instance": v.instance.instance_id,
                 "centroid_lps_mm": [round(c, 2) for c in v.instance.centroid_lps],
                 "volume_before_ml": round(v.instance.voxels * voxel_ml, 3),
-                "volume_after_ml": round(int(np.count_nonzero(after)) * voxel_ml, 3),
+                "volume_after_ml": round(v.voxels_after * voxel_ml, 3),
                 "dice_after_vs_before": round(2 * overlap / total, 4) if total else None,
             }
             if v.std is not None:
@@ -297,11 +297,10 @@ def finish_case(
     labels = _back_to_input(prepared, after)
     probability = uncertainty = None
     if options.keep_maps:
-        working_volume = Volume(np.zeros(after.shape, np.float32), prepared.working)
         prob_map, std_map = _maps(after.shape, vertebrae)
         original = prepared.volume.geometry
-        probability = resample_scalar(working_volume.with_array(prob_map), original)
-        uncertainty = resample_scalar(working_volume.with_array(std_map), original)
+        probability = resample_scalar(Volume(prob_map, prepared.working), original)
+        uncertainty = resample_scalar(Volume(std_map, prepared.working), original)
     seconds["stitch"] = time.perf_counter() - start
     return RefinedCase(
         labels=labels,
