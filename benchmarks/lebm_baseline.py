@@ -91,14 +91,21 @@ def train_prior(
 class LebmRefiner:
     """Posterior Langevin through the frozen torch decoder, with the trained LEBM prior."""
 
-    def __init__(self, bundle_dir: Path, prior_path: Path, steps: int, step_size: float) -> None:
-        state = torch.load(prior_path, map_location="cpu", weights_only=True)
+    def __init__(self, bundle_dir: Path, prior_path: Path | None, steps: int, step_size: float) -> None:
+        """``prior_path`` None: E = 0, the posterior under the VAE's N(0, I) prior (an ablation)."""
         self.model: VertebraModel = model_from_bundle(bundle_dir)
         self.model.eval()
-        config = ModelConfig.from_dict({**state["model_config"], "kind": "lebm"})
-        self.energy = EnergyMLP(config)
-        self.energy.load_state_dict(state["energy_state"])
         self.steps, self.step_size = steps, step_size
+        if prior_path is None:
+            config = ModelConfig.from_dict({**load_bundle(bundle_dir).manifest["model_config"], "kind": "lebm"})
+            self.energy = EnergyMLP(config)
+            for parameter in self.energy.parameters():
+                torch.nn.init.zeros_(parameter)
+            self.record: dict = {"prior": "none: E = 0"}
+            return
+        state = torch.load(prior_path, map_location="cpu", weights_only=True)
+        self.energy = EnergyMLP(ModelConfig.from_dict({**state["model_config"], "kind": "lebm"}))
+        self.energy.load_state_dict(state["energy_state"])
         self.record = state["record"]
 
     def posterior(self, mu: np.ndarray, patches: np.ndarray, seed: int) -> np.ndarray:

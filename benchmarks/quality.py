@@ -14,7 +14,8 @@ difference of each model's DSC from the VAE's (mean and 95 % interval over verte
 
 Models: ``KIND`` or ``KIND=BUNDLE_DIR`` for vae and lsd-ebm (run as `vertrefine refine` runs them), and
 ``lebm=PRIOR.pt`` for the LEBM baseline (benchmarks/lebm_baseline.py: the shipped encoder and decoder with a
-latent EBM prior, posterior Langevin through the torch decoder). The last line is
+latent EBM prior, posterior Langevin through the torch decoder); ``posterior`` is that row with E = 0 (the
+VAE's N(0, I) prior), which tells how much of the LEBM row comes from its prior. The last line is
 `quality: input DSC a  VAE b  LEBM c  LSD-EBM d` for the first thickness and axis (n/a: model not run).
 """
 
@@ -40,7 +41,7 @@ from vertrefine.spatial import crop_instances
 from vertrefine.synth import synth_spine
 from vertrefine.volume import Volume
 
-NAMES = {"input": "input", "vae": "VAE", "lebm": "LEBM", "lsd-ebm": "LSD-EBM"}
+NAMES = {"input": "input", "vae": "VAE", "lebm": "LEBM", "lsd-ebm": "LSD-EBM", "posterior": "posterior, N(0, I)"}
 LEBM_POSTERIOR_STEPS = 20
 """The paper's LEBM row uses 20 sampling steps."""
 
@@ -48,7 +49,7 @@ LEBM_POSTERIOR_STEPS = 20
 class LebmModel:
     """The LEBM row: the shipped lsd-ebm bundle's ONNX encoder/decoder around a torch posterior chain."""
 
-    def __init__(self, prior: Path, threads: int, step_size: float) -> None:
+    def __init__(self, prior: Path | None, threads: int, step_size: float) -> None:
         from benchmarks.lebm_baseline import LebmRefiner  # torch: only when the LEBM row is asked for
 
         bundle_dir = default_bundle_dir("lsd-ebm")
@@ -77,6 +78,9 @@ def _models(args: argparse.Namespace) -> dict[str, BundleModel | LebmModel]:
     models: dict[str, BundleModel | LebmModel] = {}
     for spec in args.models:
         kind, _, path = spec.partition("=")
+        if kind == "posterior":  # ablation: the LEBM row's posterior Langevin with E = 0
+            models[kind] = LebmModel(None, args.threads, args.lebm_step_size)
+            continue
         if kind == "lebm":
             if not path:
                 raise SystemExit("quality: the LEBM row needs lebm=PRIOR.pt (python -m benchmarks.lebm_baseline)")
@@ -143,9 +147,8 @@ def table_text(key: str, block: dict, spines: int) -> str:
     for method, entry in block.items():
         if "dsc_minus_vae" in entry:
             d = entry["dsc_minus_vae"]
-            lines.append(
-                f"{NAMES[method]} - VAE DSC: {d['mean']:+.4f} ± {d['ci95']:.4f} (95 %), better on {d['wins']:.0%}"
-            )
+            name = NAMES.get(method, method)
+            lines.append(f"{name} - VAE DSC: {d['mean']:+.4f} ± {d['ci95']:.4f} (95 %), better on {d['wins']:.0%}")
     return "\n".join(lines)
 
 
