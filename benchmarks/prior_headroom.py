@@ -63,9 +63,13 @@ def dice(sessions: BundleSessions, latents: np.ndarray, truths: np.ndarray) -> n
     return 2 * overlap / (masks.sum(axis=(1, 2, 3)) + truths.sum(axis=(1, 2, 3)))
 
 
-def gaussian_energy(clean: np.ndarray, schedule: DiffusionSchedule):
-    """energy_and_grad of the exact diffused density of N(mean, cov) fitted to ``clean`` latents [n, L]."""
-    mean, cov = clean.mean(0), np.cov(clean.T)
+def gaussian_energy(mu: np.ndarray, logvar: np.ndarray, schedule: DiffusionSchedule):
+    """energy_and_grad of the exact diffused density of the Gaussian fitted to z0 ~ q(z0 | x) of clean patches.
+
+    ``mu``, ``logvar`` [n, L]: the encoder's posteriors; the samples' covariance is that of the means plus
+    the mean posterior variance (which also keeps it well conditioned).
+    """
+    mean, cov = mu.mean(0), np.cov(mu.T) + np.diag(np.exp(logvar).mean(0))
     levels = {}
     for t in range(schedule.timesteps):
         a, a_cum, s_cum = schedule.a_s[t + 1], schedule.a_s_cum[t], schedule.sigmas_cum[t]
@@ -81,17 +85,19 @@ def gaussian_energy(clean: np.ndarray, schedule: DiffusionSchedule):
     return energy_and_grad
 
 
-def clean_training_latents(sessions: BundleSessions, cache_dir: Path) -> np.ndarray:
-    """Encoder means of the training patches of a patch cache (the samples are z ~ q(z|x): mean + var)."""
+def clean_training_latents(sessions: BundleSessions, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder (mu, logvar) [n, L] of the training patches of a patch cache."""
     from vertrefine.train.data import PatchCache, split_indices  # torch: only with --cache
 
     cache = PatchCache.open(cache_dir)
     train, _ = split_indices(cache, 0.1, 0)
-    out = []
+    mus, logvars = [], []
     for start in range(0, len(train), 8):
         patches = np.stack([cache.mask(i).astype(np.float32) for i in train[start : start + 8]])
-        out.append(sessions.encode(patches)[0])
-    return np.concatenate(out)
+        mu, logvar = sessions.encode(patches)
+        mus.append(mu)
+        logvars.append(logvar)
+    return np.concatenate(mus), np.concatenate(logvars)
 
 
 def main() -> None:
@@ -120,7 +126,7 @@ def main() -> None:
     row("encoder mean of the true patch (ceiling)", mu_true[None])
     energies = {"LSD-EBM": sessions.energy_and_grad}
     if args.cache:
-        energies["oracle Gaussian"] = gaussian_energy(clean_training_latents(sessions, args.cache), schedule)
+        energies["oracle Gaussian"] = gaussian_energy(*clean_training_latents(sessions, args.cache), schedule)
     for name, energy in energies.items():
         for t_refine in (1, 2, 3, 6):
             settings = SamplerSettings.from_manifest(defaults, t_refine=t_refine)
