@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from vertrefine.bundle import load_bundle
 from vertrefine.info import default_bundle_dir
-from vertrefine.runtime import open_sessions
+from vertrefine.runtime import BundleSessions, open_sessions
 from vertrefine.train.data import PatchCache, block_mean, split_indices
 from vertrefine.train.from_bundle import model_from_bundle
 from vertrefine.train.models import EnergyMLP, ModelConfig, VertebraModel
@@ -41,9 +41,8 @@ PRIOR_STEP = 0.4
 """Pang et al.'s prior Langevin: 60 steps, z <- z - s^2/2 grad + s noise with s = 0.4."""
 
 
-def clean_latents(bundle_dir: Path, cache: PatchCache, indices: list[int], threads: int = 0) -> np.ndarray:
+def clean_latents(sessions: BundleSessions, cache: PatchCache, indices: list[int]) -> np.ndarray:
     """(mu, logvar) [n, 2, L] of the cached clean 1 mm patches, from the bundle's ONNX encoder."""
-    sessions, _ = open_sessions(load_bundle(bundle_dir), "cpu", threads)
     out = []
     for start in range(0, len(indices), 8):
         patches = np.stack([cache.mask(i).astype(np.float32) for i in indices[start : start + 8]])
@@ -139,7 +138,7 @@ def main() -> None:
     cache = PatchCache.open(args.cache)
     train, _ = split_indices(cache, 0.1, 0)
     start = time.perf_counter()
-    latents = clean_latents(bundle_dir, cache, train)
+    latents = clean_latents(open_sessions(load_bundle(bundle_dir), "cpu", 0)[0], cache, train)
     encode_s = time.perf_counter() - start
     print(f"encoded {len(train)} clean training patches in {encode_s:.0f} s")
     config = ModelConfig.from_dict({**load_bundle(bundle_dir).manifest["model_config"], "kind": "lebm"})

@@ -29,6 +29,7 @@ from vertrefine.refine import RefineOptions, prepare_case
 from vertrefine.runtime import BundleSessions, open_sessions
 from vertrefine.sampler import SamplerSettings, refine_latents
 from vertrefine.schedule import DiffusionSchedule
+from vertrefine.spatial import find_instances, resample_labels
 from vertrefine.synth import synth_spine
 
 
@@ -39,12 +40,12 @@ def held_out(sessions: BundleSessions, spines: int, first_seed: int, slice_mm: f
     for seed in range(first_seed, first_seed + spines):
         truth = synth_spine(seed)
         prepared = prepare_case(degrade(truth, slice_mm=slice_mm, axis=axis, seed=seed), sessions, options)
-        true_case = prepare_case(truth, sessions, options)
-        by_label = {i.label: i for i in true_case.instances}
+        true_ids, true_instances = find_instances(resample_labels(truth, prepared.working))
+        by_label = {i.label: i for i in true_instances}
         for instance, box in zip(prepared.instances, prepared.boxes, strict=True):
             patch = np.zeros((sessions.bundle.patch,) * 3, bool)
-            inside, part = box.slices(true_case.instance_array.shape)
-            patch[part] = true_case.instance_array[inside] == by_label[instance.label].instance_id
+            inside, part = box.slices(true_ids.shape)
+            patch[part] = true_ids[inside] == by_label[instance.label].instance_id
             truths.append(patch)
         mu_degraded.append(prepared.mu)
     truths_array = np.stack(truths)
@@ -85,21 +86,6 @@ def gaussian_energy(mu: np.ndarray, logvar: np.ndarray, schedule: DiffusionSched
     return energy_and_grad
 
 
-def clean_training_latents(sessions: BundleSessions, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Encoder (mu, logvar) [n, L] of the training patches of a patch cache."""
-    from vertrefine.train.data import PatchCache, split_indices  # torch: only with --cache
-
-    cache = PatchCache.open(cache_dir)
-    train, _ = split_indices(cache, 0.1, 0)
-    mus, logvars = [], []
-    for start in range(0, len(train), 8):
-        patches = np.stack([cache.mask(i).astype(np.float32) for i in train[start : start + 8]])
-        mu, logvar = sessions.encode(patches)
-        mus.append(mu)
-        logvars.append(logvar)
-    return np.concatenate(mus), np.concatenate(logvars)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spines", type=int, default=20)
@@ -126,7 +112,12 @@ def main() -> None:
     row("encoder mean of the true patch (ceiling)", mu_true[None])
     energies = {"LSD-EBM": sessions.energy_and_grad}
     if args.cache:
-        energies["oracle Gaussian"] = gaussian_energy(*clean_training_latents(sessions, args.cache), schedule)
+        from benchmarks.lebm_baseline import clean_latents  # torch: only with --cache
+        from vertrefine.train.data import PatchCache, split_indices
+
+        cache = PatchCache.open(args.cache)
+        latents = clean_latents(sessions, cache, split_indices(cache, 0.1, 0)[0])
+        energies["oracle Gaussian"] = gaussian_energy(latents[:, 0], latents[:, 1], schedule)
     for name, energy in energies.items():
         for t_refine in (1, 2, 3, 6):
             settings = SamplerSettings.from_manifest(defaults, t_refine=t_refine)

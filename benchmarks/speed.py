@@ -80,7 +80,6 @@ with A and B the medians of the in-process steady-state per-spine wall times (5 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -99,6 +98,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.onnx_latency import balls
 from vertrefine.bundle import load_bundle, read_manifest
 from vertrefine.degrade import degrade
 from vertrefine.info import default_bundle_dir
@@ -118,6 +118,7 @@ from vertrefine.spatial import (
 )
 from vertrefine.synth import synth_spine
 from vertrefine.train.from_bundle import model_from_bundle
+from vertrefine.train.loop import cpu_name
 from vertrefine.volume import Geometry, Volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -392,16 +393,6 @@ def _median_time(call: Callable[[], Any], repeats: int, sync: Callable[[], None]
     return statistics.median(times)
 
 
-def ball_patches(batch: int, side: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    grid = np.indices((side,) * 3, dtype=np.float32)
-    out = np.zeros((batch, 1, side, side, side), np.float32)
-    for b in range(batch):
-        centre = rng.uniform(0.35 * side, 0.65 * side, 3)[:, None, None, None]
-        out[b, 0] = ((grid - centre) ** 2).sum(0) < (0.2 * side) ** 2
-    return out
-
-
 def flop_efficiency(
     reference: ReferenceSide, vertrefine: VertrefineSide, flops: dict[str, int], peak: float, repeats: int
 ) -> list[dict[str, Any]]:
@@ -412,7 +403,7 @@ def flop_efficiency(
     latent = model.config.latent
     runtime_name = f"onnxruntime ({vertrefine.sessions.providers[0].replace('ExecutionProvider', '')})"
     for runtime, batch in (("torch", 1), (runtime_name, 1), (runtime_name, 4)):
-        x = ball_patches(batch, model.config.patch)
+        x = balls(batch, model.config.patch, np.random.default_rng(0))
         z = np.random.default_rng(batch).standard_normal((batch, latent)).astype(np.float32)
         if runtime == "torch":
             xt, zt = torch.from_numpy(x).to(device), torch.from_numpy(z).to(device)
@@ -642,16 +633,10 @@ def gpu_timings(bundle_dir: Path, spine: tuple[int, Volume], vertebra: tuple[int
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     import onnxruntime as ort
 
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

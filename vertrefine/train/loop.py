@@ -310,16 +310,19 @@ def validate(
 # --------------------------------------------------------------------------------------------------
 
 
-def _hardware(device: torch.device, world_size: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform knows of it elsewhere."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _hardware(device: torch.device, world_size: int) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": device.type,
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "processes": world_size,
