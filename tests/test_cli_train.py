@@ -81,7 +81,7 @@ def test_info_lists_bundles_found_through_vertrefine_weights(tiny_run, tmp_path)
     run, _ = tiny_run
     result = runner.invoke(app, ["info"], env={"COLUMNS": "300", "VERTREFINE_WEIGHTS": str(run)})
     assert result.exit_code == 0, result.output
-    assert "lsd-ebm (latent 32)" in result.output
+    assert "lsd-ebm (latent 2x16x16x16)" in result.output
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json")

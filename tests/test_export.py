@@ -23,15 +23,23 @@ from vertrefine.train.export import export_bundle, export_run, load_checkpoint_m
 from vertrefine.train.models import ModelConfig, VertebraModel  # noqa: E402
 
 SMALL = dict(latent=16, encoder_widths=(4, 8, 8, 16), decoder_widths=(16, 8, 8, 4), energy_hidden=64)
+SPATIAL = dict(
+    latent=2, latent_grid=16, res_blocks=1, encoder_widths=(4, 8), decoder_widths=(8, 4), energy_widths=(4, 4, 4)
+)
+"""The spatial latent (2 x 16^3) with the energy CNN: the shipped form, small."""
 SAMPLER = dict(t_refine=8, langevin_steps=30, step_size=0.01, noise_scale=0.01, init="encoder")
 SCHEDULE = DiffusionSchedule()
 
 
 def make_model(kind: str, seed: int = 0, **overrides) -> VertebraModel:
+    """``kind`` is a model kind, or 'KIND/spatial' for the spatial latent."""
+    kind, _, form = kind.partition("/")
     torch.manual_seed(seed)
-    model = VertebraModel(ModelConfig(kind=kind, **{**SMALL, **overrides}))
+    model = VertebraModel(ModelConfig(kind=kind, **{**(SPATIAL if form else SMALL), **overrides}))
     if model.energy is not None:  # trained embeddings are not zero: make t matter in the parity tests
-        torch.nn.init.normal_(model.energy.time.weight, std=0.5)
+        for name, embedding in model.energy.named_children():
+            if name.startswith("time"):
+                torch.nn.init.normal_(embedding.weight, std=0.5)
     return model.eval()
 
 
@@ -53,9 +61,9 @@ def export(model: VertebraModel, out: Path, exporter: str = "torchscript") -> Pa
 def bundles(tmp_path_factory) -> dict[str, tuple[VertebraModel, Path]]:
     root = tmp_path_factory.mktemp("bundles")
     out = {}
-    for kind in ("vae", "lebm", "lsd-ebm"):
+    for kind in ("vae", "lebm", "lsd-ebm", "vae/spatial", "lsd-ebm/spatial"):
         model = make_model(kind)
-        out[kind] = (model, export(model, root / kind))
+        out[kind] = (model, export(model, root / kind.replace("/", "-")))
     return out
 
 
@@ -83,10 +91,10 @@ def check_autoencoder_parity(model: VertebraModel, folder: Path, batches=(1, 3))
         mu, logvar = enc.run(None, {"x": x})
         with torch.no_grad():
             mu_t, logvar_t = model.encoder(torch.from_numpy(x))
-        assert mu.shape == logvar.shape == (batch, model.config.latent)
+        assert mu.shape == logvar.shape == (batch, *model.config.latent_shape)
         assert np.abs(mu - mu_t.numpy()).max() < 1e-4
         assert np.abs(logvar - logvar_t.numpy()).max() < 1e-4
-        z = np.random.default_rng(batch).standard_normal((batch, model.config.latent)).astype(np.float32)
+        z = np.random.default_rng(batch).standard_normal((batch, *model.config.latent_shape)).astype(np.float32)
         (prob,) = dec.run(None, {"z": z})
         with torch.no_grad():
             prob_t = model.decoder(torch.from_numpy(z)).numpy()
@@ -94,20 +102,20 @@ def check_autoencoder_parity(model: VertebraModel, folder: Path, batches=(1, 3))
         assert np.abs(prob - prob_t).max() < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["vae", "lebm", "lsd-ebm"])
+@pytest.mark.parametrize("kind", ["vae", "lebm", "lsd-ebm", "vae/spatial", "lsd-ebm/spatial"])
 def test_encoder_decoder_match_torch_at_batch_1_and_3(bundles, kind):
     model, folder = bundles[kind]
     check_autoencoder_parity(model, folder)
 
 
-@pytest.mark.parametrize("kind", ["lebm", "lsd-ebm"])
+@pytest.mark.parametrize("kind", ["lebm", "lsd-ebm", "lsd-ebm/spatial"])
 def test_energy_and_gradient_match_torch_and_autograd(bundles, kind):
     model, folder = bundles[kind]
     energy = session(folder / FILES["energy"])
     steps = model.config.energy_timesteps
     for batch in (1, 3):
         rng = np.random.default_rng(batch)
-        z = (2.0 * rng.standard_normal((batch, model.config.latent))).astype(np.float32)
+        z = (2.0 * rng.standard_normal((batch, *model.config.latent_shape))).astype(np.float32)
         t = rng.integers(0, steps, batch).astype(np.int64)
         e, grad = energy.run(None, {"z": z, "t": t})
         z_t = torch.from_numpy(z).requires_grad_(True)
@@ -115,15 +123,16 @@ def test_energy_and_gradient_match_torch_and_autograd(bundles, kind):
         (grad_autograd,) = torch.autograd.grad(e_t.sum(), z_t)
         with torch.no_grad():
             e_ref, grad_ref = model.energy.energy_and_grad(torch.from_numpy(z), torch.from_numpy(t))
-        assert e.shape == (batch,) and grad.shape == (batch, model.config.latent)
+        assert e.shape == (batch,) and grad.shape == (batch, *model.config.latent_shape)
         for got, want in ((e, e_ref), (grad, grad_ref), (grad, grad_autograd)):
             want = want.detach().numpy()
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def test_lsd_ebm_energy_depends_on_t(bundles):
-    model, folder = bundles["lsd-ebm"]
-    z = np.zeros((2, model.config.latent), np.float32)
+@pytest.mark.parametrize("kind", ["lsd-ebm", "lsd-ebm/spatial"])
+def test_lsd_ebm_energy_depends_on_t(bundles, kind):
+    model, folder = bundles[kind]
+    z = np.zeros((2, *model.config.latent_shape), np.float32)
     e, _ = session(folder / FILES["energy"]).run(None, {"z": z, "t": np.array([0, 7], np.int64)})
     assert abs(e[0] - e[1]) > 1e-6
 
@@ -172,6 +181,32 @@ def test_manifest_content_and_checksums(bundles):
     assert (loaded.kind, loaded.latent, loaded.patch, loaded.has_energy) == ("lsd-ebm", 16, 128, True)
     assert loaded.files["energy"] == folder / "energy.onnx" and loaded.diffusion_schedule() == SCHEDULE
     assert not load_bundle(bundles["vae"][1]).has_energy
+
+
+def test_spatial_manifest_names_the_latent_grid(bundles):
+    model, folder = bundles["lsd-ebm/spatial"]
+    manifest = verify_bundle(folder)
+    assert manifest["latent_shape"] == [2, 16, 16, 16] and manifest["latent_size"] == 2 * 16**3
+    assert manifest["files"]["energy"]["inputs"]["z"]["shape"] == ["B", 2, 16, 16, 16]
+    loaded = load_bundle(folder)
+    assert loaded.latent_shape == (2, 16, 16, 16)
+    broken = copy_bundle(folder, folder.parent / "broken-shape")
+    manifest["latent_shape"] = [3, 16, 16, 16]
+    (broken / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="latent_shape"):
+        read_manifest(broken)
+
+
+def test_shipped_training_config_exports_with_parity(tmp_path):
+    """The default `vertrefine train` model (spatial latent, energy CNN) exports under the size limit."""
+    from vertrefine.train.config import TrainConfig
+
+    config = TrainConfig.from_options(out=tmp_path / "run", data_dir=tmp_path).model_config_dict()
+    torch.manual_seed(0)
+    model = VertebraModel(ModelConfig(**config)).eval()
+    folder = export(model, tmp_path / "bundle")
+    check_autoencoder_parity(model, folder, batches=(1, 2))
+    assert all((folder / FILES[n]).stat().st_size < bundle_mod.MAX_FILE_BYTES for n in ("encoder", "decoder", "energy"))
 
 
 def copy_bundle(src: Path, dest: Path) -> Path:

@@ -23,6 +23,7 @@ from vertrefine.train import data  # noqa: E402
 from vertrefine.train.data import (  # noqa: E402
     PatchCache,
     PatchDataset,
+    apply_draw,
     block_mean,
     build_patch_cache,
     reconstruction_dice,
@@ -381,8 +382,8 @@ def test_the_same_transform_moves_input_and_target(variant_cache):
             assert draw.variant in (0, 1)
             clean = torch.from_numpy(variant_cache.lowres(index).astype(np.float32))[None, None]
             noisy = torch.from_numpy(variant_cache.degraded_lowres(index, draw.variant).astype(np.float32))[None, None]
-            torch.testing.assert_close(item["target"][None], transform(clean, draw.zoom, draw.shift, draw.flip))
-            torch.testing.assert_close(item["x"][None], transform(noisy, draw.zoom, draw.shift, draw.flip))
+            torch.testing.assert_close(item["target"][None], apply_draw(clean, draw))
+            torch.testing.assert_close(item["x"][None], apply_draw(noisy, draw))
             assert not torch.equal(item["x"], item["target"])
     half = PatchDataset(variant_cache, [0, 1], augment=False, degraded_prob=0.5, seed=0)
     used = []

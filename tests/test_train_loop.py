@@ -22,10 +22,12 @@ MICRO = {
     "epochs": 1,
     "batch_size": 2,
     "lr": 1e-3,
-    "latent": 8,
-    "encoder_widths": (4, 8, 8, 8),
-    "decoder_widths": (8, 8, 8, 4),
-    "energy_hidden": 16,
+    "latent": 2,
+    "latent_grid": 16,
+    "res_blocks": 1,
+    "encoder_widths": (4, 8),
+    "decoder_widths": (8, 4),
+    "energy_widths": (4, 4, 4),
     "langevin_steps": 2,
     "posterior_steps": 1,
     "val_fraction": 0.3,
@@ -112,7 +114,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, cache_dir
         assert [r["epoch"] for r in csv.DictReader(handle)] == ["1", "2", "3"]
 
     with pytest.raises(InputError, match="latent"):
-        TrainConfig.from_options(out=first, resume=True, latent=16)
+        TrainConfig.from_options(out=first, resume=True, latent=3)
 
 
 def _free_port() -> int:
@@ -185,7 +187,9 @@ def test_config_presets_merge_and_json_round_trip(tmp_path):
     assert TrainConfig.from_json(tiny.to_json()) == tiny
 
     default = TrainConfig.from_options(out=tmp_path / "d", data_dir=tmp_path, model="lebm")
-    assert (default.latent, default.energy_hidden, default.lr, default.energy_lr) == (100, 1000, 3e-4, 1e-4)
+    assert (default.latent, default.latent_grid, default.lr, default.energy_lr) == (8, 16, 3e-4, 1e-4)
+    paper = TrainConfig.from_options("paper", out=tmp_path / "p", data_dir=tmp_path)
+    assert (paper.latent, paper.latent_grid, paper.energy_hidden, paper.langevin_steps) == (100, 0, 1000, 60)
     assert TrainConfig.from_options("tiny", out=tmp_path / "t", model="lebm").energy_lr == 1e-4  # per-model value
     with pytest.raises(InputError, match="--data is required"):
         TrainConfig.from_options(out=tmp_path / "d")

@@ -36,10 +36,16 @@ def model_names(kind: str) -> tuple[str, ...]:
     return ("encoder", "decoder") if kind == "vae" else ("encoder", "decoder", "energy")
 
 
-def io_spec(name: str, latent: int, patch: int = PATCH_SIZE) -> dict[str, dict[str, dict[str, Any]]]:
-    """Inputs and outputs of model ``name``: {"inputs"|"outputs": {tensor: {"shape", "dtype"}}}, batch "B"."""
+def io_spec(
+    name: str, latent: int | tuple[int, ...] | list[int], patch: int = PATCH_SIZE
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Inputs and outputs of model ``name``: {"inputs"|"outputs": {tensor: {"shape", "dtype"}}}, batch "B".
+
+    ``latent`` is the shape of one latent: an int L (a vector [L]) or a grid (C, g, g, g).
+    """
     volume = {"shape": [BATCH, 1, patch, patch, patch], "dtype": "float32"}
-    code = {"shape": [BATCH, latent], "dtype": "float32"}
+    shape = [latent] if isinstance(latent, int) else [int(n) for n in latent]
+    code = {"shape": [BATCH, *shape], "dtype": "float32"}
     specs = {
         "encoder": ({"x": volume}, {"mu": code, "logvar": code}),
         "decoder": ({"z": code}, {"probability": volume}),
@@ -90,6 +96,14 @@ def _check_fields(path: Path, manifest: dict) -> None:
     for key in ("latent_size", "patch_size"):
         if not _positive_int(manifest.get(key)):
             raise bad(f"{key} must be a positive integer, got {manifest.get(key)!r}")
+    shape = manifest.get("latent_shape", [manifest["latent_size"]])
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(_positive_int(n) for n in shape)
+        or math.prod(shape) != manifest["latent_size"]
+    ):
+        raise bad(f"latent_shape must be a list of positive integers whose product is latent_size, got {shape!r}")
     if not _positive_number(manifest.get("spacing_mm")):
         raise bad(f"spacing_mm must be a positive number, got {manifest.get('spacing_mm')!r}")
     schedule = manifest.get("schedule")
@@ -180,6 +194,9 @@ class Bundle:
     manifest: dict
     kind: str
     latent: int
+    """Numbers in one latent (the product of ``latent_shape``)."""
+    latent_shape: tuple[int, ...]
+    """Shape of one latent: (L,) for a flat latent, (C, g, g, g) for a spatial one."""
     patch: int
     spacing: float
     schedule: dict
@@ -201,6 +218,7 @@ class Bundle:
             manifest=manifest,
             kind=manifest["kind"],
             latent=manifest["latent_size"],
+            latent_shape=tuple(manifest.get("latent_shape", [manifest["latent_size"]])),
             patch=manifest["patch_size"],
             spacing=float(manifest["spacing_mm"]),
             schedule=dict(manifest["schedule"]),

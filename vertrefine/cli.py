@@ -191,6 +191,19 @@ def refine(
     step_size: Annotated[
         float | None, typer.Option(min=1e-8, help="Langevin step size lambda (default: the bundle's).")
     ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Weight of the data-consistency step that keeps the result faithful to the input's thick "
+            "slices (0: none; default: the bundle's). Inputs finer than 1.5 mm are not guided.",
+        ),
+    ] = None,
+    pose: Annotated[
+        bool,
+        typer.Option(help="Crop each vertebra along the local spine axis (tilted spines); --no-pose: axis-aligned."),
+    ] = True,
     samples: Annotated[int, typer.Option(min=1, help="Chains per vertebra; the mean probability is kept.")] = 1,
     seed: Annotated[int, typer.Option(min=0, help="Seed; case i of a folder uses seed + i.")] = 0,
     threshold: Annotated[float, typer.Option(min=0.01, max=0.99, help="Probability threshold.")] = 0.5,
@@ -241,7 +254,11 @@ def refine(
     if sampling:
         try:
             sampler = SamplerSettings.from_manifest(
-                bundle.sampler, t_refine=t_refine, langevin_steps=langevin_steps, step_size=step_size
+                bundle.sampler,
+                t_refine=t_refine,
+                langevin_steps=langevin_steps,
+                step_size=step_size,
+                guidance=guidance,
             )
         except ValueError as exc:
             raise fail(f"{bundle.dir}: {exc}") from None
@@ -250,7 +267,12 @@ def refine(
     extras = ExtraOutputs(probability=save_prob, uncertainty=uncertainty, mesh=mesh, qc=qc, batch=is_batch(input_path))
     extras.check()
     options = RefineOptions(
-        sampler=sampler, samples=samples, threshold=threshold, labels=label_set, keep_maps=extras.wants_maps
+        sampler=sampler,
+        samples=samples,
+        threshold=threshold,
+        labels=label_set,
+        keep_maps=extras.wants_maps,
+        pose=pose,
     )
     sessions, note = open_sessions(bundle, device.value, threads)
     if note:
@@ -402,6 +424,17 @@ def score(
 class Preset(str, Enum):
     tiny = "tiny"
     default = "default"
+    paper = "paper"
+
+
+def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    """'8,1' -> (8, 1); None stays None; anything else is a usage error naming ``option``."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes whole numbers separated by commas, got {text!r}") from None
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -427,17 +460,46 @@ def train(
         Path, typer.Option("--out", "-o", help="Run folder: config, log.csv, checkpoints/, bundle/.")
     ],
     data: Annotated[
-        Path | None, typer.Option("--data", help="CT segmentations (NIfTI / DICOM SEG, any spacing), or a folder.")
+        list[Path] | None,
+        typer.Option(
+            "--data",
+            help="Folder of CT segmentations (NIfTI / DICOM SEG, any spacing, or a VerSe BIDS tree with "
+            "*_seg-vert_msk.nii.gz); repeat for several folders.",
+        ),
+    ] = None,
+    data_repeat: Annotated[
+        str | None,
+        typer.Option(help="Copies per epoch of each --data folder's patches, comma-separated (e.g. 8,1)."),
+    ] = None,
+    drop_cut: Annotated[
+        bool | None,
+        typer.Option(
+            "--drop-cut/--keep-cut",
+            help="Leave out vertebrae touching the scan's edge (default), or keep them (tightly cropped files).",
+        ),
+    ] = None,
+    val_groups: Annotated[
+        str | None,
+        typer.Option(help="Validation individuals, comma-separated case names or subjects (default: 10% by hash)."),
     ] = None,
     model: Annotated[ModelKind | None, typer.Option(help="Model kind (default: lsd-ebm).")] = None,
     preset: Annotated[
-        Preset | None, typer.Option(help="tiny: 3 synthetic spines, a small model, minutes on a CPU (smoke test).")
+        Preset | None,
+        typer.Option(
+            help="tiny: 3 synthetic spines, a small model, minutes on a CPU (smoke test); "
+            "paper: the paper's flat latent."
+        ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (in total, also with --resume).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Patches per step (per process).")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate of encoder and decoder.")] = None,
     energy_lr: Annotated[float | None, typer.Option(help="Adam learning rate of the energy (default: --lr).")] = None,
-    latent: Annotated[int | None, typer.Option(min=1, help="Latent size (default: 100).")] = None,
+    latent: Annotated[
+        int | None, typer.Option(min=1, help="Latent channels (spatial latent, default 8) or size (flat latent).")
+    ] = None,
+    latent_grid: Annotated[
+        int | None, typer.Option(min=0, help="Side of the spatial latent grid (default 16); 0 = a flat latent.")
+    ] = None,
     steps: Annotated[int | None, typer.Option(min=2, help="Diffusion steps T (default: 20).")] = None,
     langevin_steps: Annotated[int | None, typer.Option(min=0, help="Langevin steps per reverse step.")] = None,
     degraded_variants: Annotated[
@@ -457,7 +519,10 @@ def train(
     from .train.config import TrainConfig
 
     options = dict(
-        data_dir=data,
+        data_dir=data or None,
+        data_repeat=_int_list(data_repeat, "--data-repeat"),
+        drop_cut=drop_cut,
+        val_groups=tuple(g.strip() for g in val_groups.split(",") if g.strip()) if val_groups else None,
         cache_dir=cache,
         model=model and model.value,
         epochs=epochs,
@@ -465,6 +530,7 @@ def train(
         lr=lr,
         energy_lr=energy_lr,
         latent=latent,
+        latent_grid=latent_grid,
         timesteps=steps,
         langevin_steps=langevin_steps,
         degraded_variants=degraded_variants,
@@ -539,11 +605,20 @@ def export(
         ModelKind | None,
         typer.Option("--as", help="Export an lsd-ebm/lebm run's autoencoder alone as a vae bundle."),
     ] = None,
+    t_refine: Annotated[int | None, typer.Option(min=0, help="Bundle default of refine's --t-refine.")] = None,
+    langevin_steps: Annotated[
+        int | None, typer.Option(min=0, help="Bundle default of refine's --langevin-steps.")
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Bundle default of refine's --guidance.")
+    ] = None,
 ) -> None:
     """Export a run's last checkpoint as a model bundle: single-file ONNX models + manifest.json."""
     from .train.export import export_run
 
-    bundle = export_run(run_dir, output, as_kind=as_kind and as_kind.value)
+    overrides = {"t_refine": t_refine, "langevin_steps": langevin_steps, "guidance": guidance}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    bundle = export_run(run_dir, output, as_kind=as_kind and as_kind.value, sampler_overrides=overrides)
     out.print(f"bundle written to {bundle}", highlight=False)
 
 

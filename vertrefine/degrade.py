@@ -65,8 +65,16 @@ def degrade(
     truncation: float = 0.5,
     islands: float = 4.0,
     island_radius_mm: tuple[float, float] = (1.5, 4.0),
+    native: bool = False,
 ) -> Volume:
     """Simulate a thick-slice MRI segmentation of ``volume``, on its own grid with its own labels.
+
+    With ``native`` the result is returned on the simulated acquisition's own grid instead, as a clinic's
+    segmentation comes: one voxel per slab (``slice_mm`` along the slice axis, ``in_plane_mm`` in-plane
+    where that is coarser than the input), voxel centres at the slab centres, the input's direction
+    cosines, covering the input's field of view (the outermost slabs may reach past it). The labels are the
+    same as on the fine grid: resampling the native result onto the input grid (nearest neighbour) gives
+    the fine result back inside the field of view.
 
     Args:
         volume: label map (any grid; every non-zero value is one structure).
@@ -123,7 +131,8 @@ def degrade(
         masks[lab] = _lose_posterior(masks[lab], phys, spacing, posterior_loss_mm, truncation, rng)
 
     # 2. slab partial volume on the acquisition grid
-    starts = [_block_starts(lo[a], work.shape[a], spacing[a], block_mm[a], rng) for a in range(3)]
+    phases = [rng.uniform(0.0, block_mm[a]) if block_mm[a] > spacing[a] * 1.0001 else 0.0 for a in range(3)]
+    starts = [_block_starts(lo[a], work.shape[a], spacing[a], block_mm[a], phases[a]) for a in range(3)]
     counts = [np.diff(np.append(s, work.shape[a])) for a, s in enumerate(starts)]
     coarse_spacing = np.array([block_mm[a] if len(starts[a]) < work.shape[a] else spacing[a] for a in range(3)])
     case_shift = rng.normal(0.0, threshold_jitter)
@@ -148,11 +157,50 @@ def degrade(
     # 4. islands near the spine, on the acquisition grid too (so they are slab-shaped)
     _add_islands(owner, coarse_spacing, islands, island_radius_mm, rng)
 
+    if native:
+        return _on_acquisition_grid(volume, owner, lo, spacing, block_mm, phases)
     fine = owner
     for a in range(3):
         fine = np.repeat(fine, counts[a], axis=a)
     out[region] = fine
     return volume.with_array(out)
+
+
+def _slab_index(index: np.ndarray, spacing: float, block_mm: float, phase: float) -> np.ndarray:
+    """Slab number of global voxel indices along one array axis (the voxel itself when not coarser)."""
+    if block_mm <= spacing * 1.0001:
+        return np.asarray(index, dtype=np.int64)
+    return np.floor((np.asarray(index) * spacing - phase) / block_mm).astype(np.int64)
+
+
+def _on_acquisition_grid(
+    volume: Volume,
+    owner: np.ndarray,
+    lo: np.ndarray,
+    spacing: np.ndarray,
+    block_mm: np.ndarray,
+    phases: list[float],
+) -> Volume:
+    """The slab labels ``owner`` (of the work region starting at ``lo``) on the acquisition grid of the whole FOV."""
+    from dataclasses import replace
+
+    g = volume.geometry
+    first, shape, offset, centre = [], [], [], np.zeros(3)
+    for a in range(3):
+        slabs = _slab_index(np.array([0, g.shape[a] - 1, lo[a]]), spacing[a], block_mm[a], phases[a])
+        first.append(int(slabs[0]))
+        shape.append(int(slabs[1] - slabs[0] + 1))
+        offset.append(int(slabs[2] - slabs[0]))
+        coarse = block_mm[a] > spacing[a] * 1.0001
+        # continuous index (along array axis a) of the centre of the first slab
+        centre[a] = (phases[a] + (slabs[0] + 0.5) * block_mm[a]) / spacing[a] if coarse else 0.0
+    out = np.zeros(shape, owner.dtype)
+    region = tuple(slice(offset[a], offset[a] + owner.shape[a]) for a in range(3))
+    out[region] = owner
+    new_spacing = [float(block_mm[a]) if block_mm[a] > spacing[a] * 1.0001 else float(spacing[a]) for a in range(3)]
+    origin = g.index_to_physical(centre[::-1])  # ITK order (i, j, k)
+    geometry = replace(g, shape=tuple(shape), spacing=tuple(new_spacing[::-1]), origin=tuple(origin))
+    return Volume(out, geometry, volume.source)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,17 +294,15 @@ def _not_in_front(y: np.ndarray, y_c: float, slack_mm: float = 15.0) -> np.ndarr
     return y > y_c - slack_mm
 
 
-def _block_starts(first: int, n: int, spacing: float, block_mm: float, rng: np.random.Generator) -> np.ndarray:
+def _block_starts(first: int, n: int, spacing: float, block_mm: float, phase: float) -> np.ndarray:
     """Start indices (within a run of ``n`` voxels from global index ``first``) of blocks ``block_mm`` thick.
 
-    Blocks are laid on the global index axis with a random phase; no blocks (every voxel its own) when
+    Blocks are laid on the global index axis with the given phase (mm); no blocks (every voxel its own) when
     ``block_mm`` is not coarser than ``spacing``.
     """
     if block_mm <= spacing * 1.0001:
         return np.arange(n)
-    phase = rng.uniform(0.0, block_mm)
-    centres = (first + np.arange(n)) * spacing
-    block = np.floor((centres - phase) / block_mm).astype(np.int64)
+    block = _slab_index(first + np.arange(n), spacing, block_mm, phase)
     return np.flatnonzero(np.diff(block, prepend=block[0] - 1))
 
 

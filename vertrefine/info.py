@@ -72,12 +72,13 @@ def default_bundle_dir(kind: str) -> Path:
 
 
 def describe_bundle(folder: Path) -> str:
-    """'lsd-ebm (latent 100) at /path' from a bundle's manifest (not its checksums); the problem when unusable."""
+    """'lsd-ebm (latent 8x16x16x16) at /path' from a bundle's manifest (not its checksums); else the problem."""
     try:
         manifest = read_manifest(folder)
     except VertrefineError as exc:
         return f"unusable bundle: {exc}"
-    return f"{manifest['kind']} (latent {manifest['latent_size']}) at {folder}"
+    shape = manifest.get("latent_shape", [manifest["latent_size"]])
+    return f"{manifest['kind']} (latent {'x'.join(str(n) for n in shape)}) at {folder}"
 
 
 def find_bundles(dirs: list[Path]) -> list[str]:

@@ -16,22 +16,29 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
+from .guidance import DataConsistency, SlabObservation, observe, patch_to_input_index
 from .labels import level_name
 from .runtime import BundleSessions
 from .sampler import SamplerSettings, refine_latents
 from .spatial import (
     Instance,
     PatchBox,
-    crop_instances,
+    crop_in_frame,
     find_instances,
+    pose_rotations,
     resample_labels,
     resample_scalar,
     restore_labels,
     stitch,
     to_input_grid,
+    uncrop_from_frame,
     working_geometry,
 )
 from .volume import Geometry, Volume
+
+GUIDED_SPACING_MM = 1.5
+"""Inputs whose coarsest spacing is at most this are not guided: each of their voxels is a slab of about
+the working grid's size, so guidance would only copy the input back."""
 
 VERTEBRA_LABELS: frozenset[int] = frozenset(range(1, 26)) | {28}
 """VerSe ids refined by default: C1..C7, T1..T12, L1..L6 and T13 (sacrum 26 and coccyx 27 pass through)."""
@@ -54,6 +61,8 @@ class RefineOptions:
     """Label ids to refine; None: the vertebra labels, or every value of a single-valued (binary) mask."""
     keep_maps: bool = False
     """Also build the mean-probability and standard-deviation maps (for --save-prob/--uncertainty)."""
+    pose: bool = True
+    """Crop each vertebra in its pose frame (the local spine axis, :func:`vertrefine.spatial.pose_rotations`)."""
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -74,7 +83,11 @@ class PreparedCase:
     """The vertebrae to refine, superior first."""
     boxes: list[PatchBox]
     mu: np.ndarray
-    """Encoder means [n, L], one row per refined vertebra."""
+    """Encoder means [n, *Z], one row per refined vertebra."""
+    rotations: list[np.ndarray] = field(default_factory=list)
+    """Per vertebra, the rotation [3, 3] from its pose frame to the working grid (empty: all identity)."""
+    observations: list[SlabObservation | None] = field(default_factory=list)
+    """Per vertebra, what the input's slabs show (for guidance; empty or None: not guided)."""
     from_binary_mask: bool = False
     """The vertebrae are connected components of a single-valued mask."""
     seconds: dict[str, float] = field(default_factory=dict)
@@ -116,6 +129,11 @@ class RefinedCase:
     probability: Volume | None = None
     uncertainty: Volume | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def working_labels(self) -> Volume:
+        """The refined label map on the 1 mm working grid (input label ids; pass-through structures left out)."""
+        return Volume(restore_labels(self.working_after, [v.instance for v in self.vertebrae]), self.working)
 
     def vertebra_rows(self) -> list[dict]:
         """Per vertebra: label, level, volumes before and after (mL, 1 mm grid), overlap of after with before."""
@@ -173,19 +191,36 @@ def prepare_case(
     seconds["resample"] = time.perf_counter() - start
     start = time.perf_counter()
     status(f"encode {len(chosen)} vertebrae")
-    cropped = crop_instances(instance_array, chosen, bundle.patch)
-    mu, _ = sessions.encode(np.stack([patch for _, _, patch in cropped]))
+    rotations = pose_rotations(chosen) if options.pose else [np.eye(3) for _ in chosen]
+    cropped = [crop_in_frame(instance_array, inst, r, bundle.patch) for inst, r in zip(chosen, rotations, strict=True)]
+    patches = np.stack([patch for _, patch in cropped])
+    mu, _ = sessions.encode(patches)
     seconds["encode"] = time.perf_counter() - start
+    observations: list[SlabObservation | None] = []
+    if _guided(options, volume):
+        start = time.perf_counter()
+        for (box, patch), rotation in zip(cropped, rotations, strict=True):
+            affine = patch_to_input_index(working_grid, box.start, rotation, bundle.patch, volume.geometry)
+            observations.append(observe(patch, affine, volume.geometry.shape))
+        seconds["observe"] = time.perf_counter() - start
     return PreparedCase(
         volume=volume,
         working=working_grid,
         instance_array=instance_array,
         instances=chosen,
-        boxes=[box for _, box, _ in cropped],
+        boxes=[box for box, _ in cropped],
         mu=mu,
+        rotations=rotations,
+        observations=observations,
         from_binary_mask=any(i.instance_id != i.label for i in instances),
         seconds=seconds,
     )
+
+
+def _guided(options: RefineOptions, volume: Volume) -> bool:
+    """Whether the chain follows the input's slabs: guidance asked for, and an input coarser than the grid."""
+    sampler = options.sampler
+    return bool(sampler and sampler.guidance > 0 and max(volume.geometry.spacing) > GUIDED_SPACING_MM)
 
 
 class RowNoise:
@@ -210,18 +245,27 @@ def sample_latents(
     generators: Sequence[np.random.Generator],
     status: Status = _quiet,
 ) -> list[np.ndarray]:
-    """Latents [samples, n, L] for each case: the encoder mean, or the LSD-EBM chain run on all cases at once."""
+    """Latents [samples, n, *Z] per case: the encoder mean, or the LSD-EBM chain run on all cases at once.
+
+    Rows of the shared chain are grouped by case, and within a case by sample (all vertebrae of sample 0,
+    then of sample 1, ...). Cases with observations are guided by their input's slabs.
+    """
     if options.sampler is None:
         return [np.repeat(case.mu[None], options.samples, axis=0) for case in cases]
     status(f"sample {sum(len(c.mu) for c in cases) * options.samples} chains")
     start = time.perf_counter()
-    z0 = np.concatenate([np.tile(c.mu, (options.samples, 1)) for c in cases])
+    z0 = np.concatenate([np.tile(c.mu, (options.samples,) + (1,) * (c.mu.ndim - 1)) for c in cases])
     noise = RowNoise(generators, [len(c.mu) * options.samples for c in cases])
-    z = refine_latents(sessions.energy_and_grad, z0, sessions.bundle.diffusion_schedule(), options.sampler, noise)
+    observations = [obs for c in cases for obs in (c.observations or [None] * len(c.mu)) * options.samples]
+    guide = None
+    if any(o is not None for o in observations):
+        guide = DataConsistency(lambda x: sessions.encode(x)[0], sessions.decode_chunks, observations)
+    schedule = sessions.bundle.diffusion_schedule()
+    z = refine_latents(sessions.energy_and_grad, z0, schedule, options.sampler, noise, guide)
     out, row = [], 0
     for case in cases:
         n = len(case.mu) * options.samples
-        out.append(z[row : row + n].reshape(options.samples, len(case.mu), -1))
+        out.append(z[row : row + n].reshape(options.samples, len(case.mu), *case.mu.shape[1:]))
         row += n
     seconds = time.perf_counter() - start
     for case in cases:  # the shared chain's time, split by each case's share of the chains
@@ -230,11 +274,11 @@ def sample_latents(
 
 
 def _decode_mean_std(sessions: BundleSessions, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mean and std over samples of the decoded probabilities; ``z`` is [samples, n, L]."""
-    samples, n, _ = z.shape
+    """Mean and std over samples of the decoded probabilities; ``z`` is [samples, n, *Z]."""
+    samples, n = z.shape[:2]
     total: np.ndarray | None = None
     squares: np.ndarray | None = None
-    for start, probability in sessions.decode_chunks(z.reshape(samples * n, -1)):
+    for start, probability in sessions.decode_chunks(z.reshape(samples * n, *z.shape[2:])):
         if total is None:
             size = probability.shape[1:]
             total = np.zeros((n, *size), np.float32)
@@ -278,6 +322,10 @@ def finish_case(
     start = time.perf_counter()
     status("decode")
     mean, std = _decode_mean_std(sessions, z)
+    for k, rotation in enumerate(prepared.rotations):  # pose frame -> the axis-aligned box
+        mean[k] = uncrop_from_frame(mean[k], rotation)
+        if std is not None:
+            std[k] = uncrop_from_frame(std[k], rotation)
     vertebrae = [
         RefinedVertebra(
             instance, box, mean[k], None if std is None else std[k], from_binary_mask=prepared.from_binary_mask

@@ -87,7 +87,7 @@ def _session_options(threads: int):
     return options
 
 
-def _open_session(path: Path, name: str, latent: int, patch: int, providers: list[str], options):
+def _open_session(path: Path, name: str, latent: tuple[int, ...], patch: int, providers: list[str], options):
     """An ONNX Runtime session for ``path`` whose inputs and outputs match the bundle format."""
     import onnxruntime as ort
 
@@ -122,7 +122,7 @@ class BundleSessions:
         self.bundle = bundle
         self.batch_size = max(1, int(batch_size))
         self.sessions = {
-            name: _open_session(path, name, bundle.latent, bundle.patch, providers, options)
+            name: _open_session(path, name, bundle.latent_shape, bundle.patch, providers, options)
             for name, path in bundle.files.items()
         }
         self.providers = self.sessions["encoder"].get_providers()
@@ -132,27 +132,27 @@ class BundleSessions:
         return "cuda" if self.providers[0] == CUDA else "cpu"
 
     def encode(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(mu, logvar) [B, L] of binary patches [B, P, P, P]."""
+        """(mu, logvar), each [B, *Z] (the bundle's latent shape), of binary patches [B, P, P, P]."""
         mus, logvars = [], []
         for start in range(0, len(patches), self.batch_size):
             x = np.ascontiguousarray(patches[start : start + self.batch_size, None], dtype=np.float32)
             mu, logvar = self.sessions["encoder"].run(["mu", "logvar"], {"x": x})
             mus.append(mu)
             logvars.append(logvar)
-        latent = self.bundle.latent
+        shape = (0, *self.bundle.latent_shape)
         if not mus:
-            return np.zeros((0, latent), np.float32), np.zeros((0, latent), np.float32)
+            return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         return np.concatenate(mus), np.concatenate(logvars)
 
     def decode_chunks(self, z: np.ndarray):
-        """Yield (start row, probabilities [b, P, P, P]) for the rows of ``z`` [B, L], a chunk at a time."""
+        """Yield (start row, probabilities [b, P, P, P]) for the rows of ``z`` [B, *Z], a chunk at a time."""
         for start in range(0, len(z), self.batch_size):
             chunk = np.ascontiguousarray(z[start : start + self.batch_size], dtype=np.float32)
             (probability,) = self.sessions["decoder"].run(["probability"], {"z": chunk})
             yield start, probability[:, 0]
 
     def energy_and_grad(self, z: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """E(z, t) [B] and dE/dz [B, L] (the exported exact gradient)."""
+        """E(z, t) [B] and dE/dz [B, *Z] (the exported exact gradient)."""
         if "energy" not in self.sessions:
             raise VertrefineError(f"the {self.bundle.kind} bundle at {self.bundle.dir} has no energy model")
         energy, grad = self.sessions["energy"].run(

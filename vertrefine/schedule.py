@@ -65,8 +65,9 @@ class DiffusionSchedule:
         return np.sqrt(1.0 - self.a_s_cum**2)
 
     def q_sample(self, z0: np.ndarray, t: np.ndarray | int, rng: np.random.Generator) -> np.ndarray:
-        """Draw z_t ~ q(z_t | z_0) for a batch ``z0`` [B, L]; ``t`` is an int or one int per row."""
+        """Draw z_t ~ q(z_t | z_0) for a batch ``z0`` [B, *Z]; ``t`` is an int or one int per row."""
         t = np.broadcast_to(np.asarray(t, dtype=np.int64), (z0.shape[0],))
+        rows = (-1,) + (1,) * (z0.ndim - 1)
         noise = rng.standard_normal(z0.shape).astype(z0.dtype)
-        scale = (self.noise_scale * self.sigmas_cum[t][:, None]).astype(z0.dtype)
-        return self.a_s_cum[t][:, None].astype(z0.dtype) * z0 + scale * noise
+        scale = (self.noise_scale * self.sigmas_cum[t]).reshape(rows).astype(z0.dtype)
+        return self.a_s_cum[t].reshape(rows).astype(z0.dtype) * z0 + scale * noise

@@ -396,3 +396,103 @@ def stitch(
     free = (winner != 0) & ((instance_array[union] == 0) | refined[union])
     region[free] = winner[free]
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Pose frames
+# --------------------------------------------------------------------------------------------------
+
+MAX_NEIGHBOUR_MM = 60.0
+"""Centroids further apart than this are not neighbouring vertebrae (a gap in the labels)."""
+MAX_TILT_DEG = 60.0
+"""A local spine axis tilted more than this from the working grid's superior axis is not trusted."""
+MIN_TILT_DEG = 0.5
+"""Below this tilt a vertebra is cropped axis-aligned (no interpolation)."""
+
+
+def pose_rotations(instances: Sequence[Instance]) -> list[np.ndarray]:
+    """Per instance, the rotation [3, 3] from its pose frame to the working grid (array axes k, j, i).
+
+    Column 0 is the local spine axis: the direction from the inferior to the superior neighbour's centre of
+    mass (or the one neighbour's, for the ends of the spine), pointing superior; columns 1 and 2 are the
+    working grid's posterior (j) and left (i) axes made orthogonal to it (Gram-Schmidt), so the frame tilts
+    with the spine's sagittal and coronal curvature and keeps its axial orientation. Instances must be on a
+    grid with isotropic spacing (the 1 mm working grid) and ordered superior first (as
+    :func:`find_instances` returns them). Without a neighbour within :data:`MAX_NEIGHBOUR_MM`, with a tilt
+    below :data:`MIN_TILT_DEG` or above :data:`MAX_TILT_DEG`, the rotation is the identity.
+    """
+    centroids = [np.asarray(i.centroid, dtype=float) for i in instances]
+    rotations = []
+    for n, c in enumerate(centroids):
+        near = [
+            centroids[m]
+            for m in (n - 1, n + 1)
+            if 0 <= m < len(centroids) and np.linalg.norm(centroids[m] - c) <= MAX_NEIGHBOUR_MM
+        ]
+        rotation = np.eye(3)
+        if near:
+            upper = near[0] if len(near) == 2 or near[0][0] > c[0] else c
+            lower = near[-1] if len(near) == 2 or near[-1][0] < c[0] else c
+            axis = upper - lower
+            if axis[0] < 0:
+                axis = -axis
+            norm = np.linalg.norm(axis)
+            if norm > 0:
+                axis = axis / norm
+                tilt = np.degrees(np.arccos(np.clip(axis[0], -1.0, 1.0)))
+                if MIN_TILT_DEG <= tilt <= MAX_TILT_DEG:
+                    rotation = _frame_from_axis(axis)
+        rotations.append(rotation)
+    return rotations
+
+
+def _frame_from_axis(axis: np.ndarray) -> np.ndarray:
+    """Orthonormal columns (axis, then e_j and e_i made orthogonal to what comes before): a proper rotation."""
+    columns = [axis]
+    for unit in (np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 1.0])):
+        v = unit - sum((unit @ b) * b for b in columns)
+        columns.append(v / np.linalg.norm(v))
+    return np.stack(columns, axis=1)
+
+
+def is_identity(rotation: np.ndarray) -> bool:
+    return bool(np.allclose(rotation, np.eye(3), atol=1e-9))
+
+
+def crop_in_frame(
+    instance_array: np.ndarray, instance: Instance, rotation: np.ndarray, size: int = PATCH_SIZE
+) -> tuple[PatchBox, np.ndarray]:
+    """The instance's float32 binary patch [size]^3 in its pose frame, and its axis-aligned box.
+
+    Patch voxel ``p`` (k, j, i) samples the working grid at ``c + R (p - size // 2)``, ``c`` the box's
+    centre voxel (the rounded centre of mass): trilinear on the instance's own mask, thresholded at 0.5.
+    With the identity rotation this is exactly :func:`crop_instances`' patch.
+    """
+    box = patch_box(instance.centroid, size)
+    if is_identity(rotation):
+        patch = np.zeros((size,) * 3, dtype=np.float32)
+        inside, part = box.slices(instance_array.shape)
+        patch[part] = instance_array[inside] == instance.instance_id
+        return box, patch
+    reach = int(np.ceil(size * np.sqrt(3) / 2)) + 2
+    centre = np.array(box.start) + size // 2
+    big = PatchBox(tuple(centre - reach), 2 * reach)
+    mask = crop(instance_array, big) == instance.instance_id
+    pc = np.full(3, size // 2, dtype=float)
+    offset = (centre - big.start) - rotation @ pc
+    sampled = ndimage.affine_transform(
+        mask.astype(np.float32), rotation, offset=offset, output_shape=(size,) * 3, order=1, cval=0.0
+    )
+    return box, (sampled >= 0.5).astype(np.float32)
+
+
+def uncrop_from_frame(probability: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """A pose-frame probability patch [size]^3 resampled (trilinear) onto its axis-aligned box."""
+    if is_identity(rotation):
+        return probability
+    size = probability.shape[0]
+    pc = np.full(3, size // 2, dtype=float)
+    inverse = rotation.T
+    return ndimage.affine_transform(
+        np.asarray(probability, dtype=np.float32), inverse, offset=pc - inverse @ pc, order=1, cval=0.0
+    )

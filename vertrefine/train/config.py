@@ -10,6 +10,7 @@ Torch is not imported here, so the CLI can build and validate a config before pa
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,17 @@ class TrainConfig:
     out: str
     """The run folder: config.json, log.csv, checkpoints/, bundle/ (and data/, cache/ by default)."""
     data_dir: str | None = None
-    """CT segmentations (NIfTI / DICOM SEG). None: use the built ``cache_dir`` as it is, or with preset
-    'tiny' and no cache_dir, make synthetic spines in RUN_DIR/data."""
+    """CT segmentations (NIfTI / DICOM SEG / a VerSe BIDS tree); several folders are joined with
+    ``os.pathsep``. None: use the built ``cache_dir`` as it is, or with preset 'tiny' and no cache_dir,
+    make synthetic spines in RUN_DIR/data."""
+    data_repeat: tuple[int, ...] = ()
+    """Copies per epoch of each data folder's patches (one per folder; () = 1 each), e.g. to weigh a few
+    real CT vertebrae against many phantoms. Each copy gets its own augmentation."""
+    drop_cut: bool = True
+    """Leave out vertebrae within 2 mm of the edge of a scan with several vertebrae (often cut by the field of
+    view). Off (``--keep-cut``) for data whose files were cropped tightly around whole vertebrae."""
+    val_groups: tuple[str, ...] = ()
+    """Validation individuals (split groups or case names); () = a ``val_fraction`` of the groups by hash."""
     cache_dir: str | None = None
     """Patch cache folder; None = RUN_DIR/cache. Point several runs at one cache to build it once."""
     model: str = "lsd-ebm"
@@ -50,12 +60,17 @@ class TrainConfig:
     this CPU it learns too slowly (docs/TRAINING.md), so the default is 3e-4."""
     energy_lr: float = 1e-4
     """Adam learning rate of the energy MLP (unused by the VAE)."""
-    latent: int = 100
+    latent: int = 8
+    """Latent channels (spatial latent) or latent size (flat latent, ``latent_grid`` 0)."""
+    latent_grid: int = 16
+    """Side of the spatial latent grid (16: 8 mm cells in a 128 mm patch); 0 = a flat latent vector."""
+    res_blocks: int = 2
+    energy_widths: tuple[int, ...] = (16, 32, 32)
     timesteps: int = 20
     """Diffusion steps T (CLI --steps)."""
     diffusion_noise_scale: float = 1.0
     """Multiplies the noise of q(z_t | z_0); 1 = the equations, 0.1 = the paper's code."""
-    langevin_steps: int = 60
+    langevin_steps: int = 20
     langevin_step_size: float = 0.01
     langevin_noise_scale: float = 0.01
     langevin_init: str = "previous"
@@ -65,9 +80,10 @@ class TrainConfig:
     kl_weight: float = 1.0
     energy_on_clean: bool = True
     """LSD-EBM: the energy learns the latents of clean targets, not of (possibly thick-slice) inputs."""
-    encoder_widths: tuple[int, ...] = (16, 32, 64, 128)
-    decoder_widths: tuple[int, ...] = (128, 64, 32, 16)
+    encoder_widths: tuple[int, ...] = (16, 32)
+    decoder_widths: tuple[int, ...] = (32, 16)
     energy_hidden: int = 1000
+    """Flat latent only: hidden units of the energy MLP."""
     device: str = "auto"
     seed: int = 0
     val_fraction: float = 0.1
@@ -88,6 +104,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder_widths", tuple(int(w) for w in self.encoder_widths))
         object.__setattr__(self, "decoder_widths", tuple(int(w) for w in self.decoder_widths))
+        object.__setattr__(self, "energy_widths", tuple(int(w) for w in self.energy_widths))
+        object.__setattr__(self, "data_repeat", tuple(int(r) for r in self.data_repeat))
+        object.__setattr__(self, "val_groups", tuple(str(g) for g in self.val_groups))
         problems = []
         if self.model not in MODEL_KINDS:
             problems.append(f"model must be one of {', '.join(MODEL_KINDS)} (got {self.model!r})")
@@ -114,6 +133,10 @@ class TrainConfig:
             problems.append(f"degraded_prob must be in [0, 1] (got {self.degraded_prob})")
         if self.degraded_prob > 0 and self.degraded_variants == 0:
             problems.append("degraded_prob > 0 needs degraded_variants >= 1")
+        if self.data_repeat and (len(self.data_repeat) != len(self.data_paths) or min(self.data_repeat) < 1):
+            problems.append(f"data_repeat needs one count >= 1 per data folder (got {list(self.data_repeat)})")
+        if self.latent_grid < 0 or self.res_blocks < 0:
+            problems.append("latent_grid and res_blocks must not be negative")
         if self.data_dir is None and self.preset != "tiny" and self.cache_dir is None:
             problems.append("--data is required (or a built --cache; only --preset tiny makes its own data)")
         if problems:
@@ -133,13 +156,20 @@ class TrainConfig:
     def data_path(self) -> Path:
         return Path(self.data_dir) if self.data_dir else self.run_dir / "data"
 
+    @property
+    def data_paths(self) -> list[Path]:
+        """The data folders (``data_dir`` split at ``os.pathsep``), or [RUN_DIR/data]."""
+        if not self.data_dir:
+            return [self.run_dir / "data"]
+        return [Path(p) for p in self.data_dir.split(os.pathsep) if p]
+
     # ---- (de)serialisation ---------------------------------------------------------------------------
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
         data = asdict(self)
-        data["encoder_widths"] = list(self.encoder_widths)
-        data["decoder_widths"] = list(self.decoder_widths)
+        for name in ("encoder_widths", "decoder_widths", "energy_widths", "data_repeat", "val_groups"):
+            data[name] = list(getattr(self, name))
         return data
 
     @classmethod
@@ -174,6 +204,9 @@ class TrainConfig:
             "decoder_widths": self.decoder_widths,
             "energy_hidden": self.energy_hidden,
             "timesteps": self.timesteps,
+            "latent_grid": self.latent_grid,
+            "res_blocks": self.res_blocks,
+            "energy_widths": self.energy_widths,
         }
 
     # ---- the CLI's merge rule ------------------------------------------------------------------------
@@ -187,6 +220,8 @@ class TrainConfig:
         With ``resume``, the base is ``out/config.json`` of the interrupted run; options outside
         :data:`RESUME_OVERRIDABLE` that differ from the saved value are refused (they would change the run).
         """
+        if isinstance(options.get("data_dir"), (list, tuple)):
+            options["data_dir"] = os.pathsep.join(str(p) for p in options["data_dir"]) or None
         given = {k: (str(v) if k in ("data_dir", "cache_dir") and v is not None else v) for k, v in options.items()}
         given = {k: v for k, v in given.items() if v is not None}
         known = {f.name for f in fields(cls)}
@@ -247,10 +282,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 2,
         "lr": 3e-3,
         "energy_lr": 1e-3,
-        "latent": 32,
-        "encoder_widths": (8, 16, 32, 64),
-        "decoder_widths": (64, 32, 16, 8),
-        "energy_hidden": 128,
+        "latent": 2,
+        "latent_grid": 16,
+        "res_blocks": 1,
+        "encoder_widths": (8, 16),
+        "decoder_widths": (16, 8),
+        "energy_widths": (8, 8, 8),
         "langevin_steps": 20,
         "posterior_steps": 3,
         "val_fraction": 0.3,
@@ -259,8 +296,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         # (mean gap ~400 after 30 epochs); at 1e-4 the gap stays ~4.
         "per_model": {"lebm": {"energy_lr": 1e-4}},
     },
-    # The full-size model (ModelConfig defaults) with the TrainConfig defaults (lr 3e-4, energy_lr 1e-4).
+    # The shipped model: a spatial latent (8 channels on a 16^3 grid of 8 mm cells), the energy CNN, lr 3e-4.
     "default": {},
+    # The paper's form: a flat latent of 100 through one linear layer, the energy MLP with 1000 hidden units,
+    # 60 Langevin steps per reverse step (the earlier shipped model; it cannot hold a real vertebra).
+    "paper": {
+        "latent": 100,
+        "latent_grid": 0,
+        "encoder_widths": (16, 32, 64, 128),
+        "decoder_widths": (128, 64, 32, 16),
+        "langevin_steps": 60,
+    },
 }
 PRESET_NAMES = tuple(PRESETS)
 

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..atomic import atomic_path
-from ..cases import Case, find_cases
+from ..cases import Case, case_name, find_cases
 from ..degrade import degrade
 from ..errors import InputError
 from ..labels import label_for_level, level_name
@@ -79,6 +79,8 @@ SHARDS = "shards"
 DEGRADE_AXES = ("sagittal", "axial", "coronal")
 DEGRADE_SLICE_MM = (3.0, 7.0)
 _ARRAYS = ("lowres", "masks", "degraded")
+BIDS_MASK = re.compile(r"_seg-vert_msk\.nii(\.gz)?$", re.IGNORECASE)
+"""File names of VerSe's vertebra masks in its BIDS layout."""
 _GENERATION_FILE = re.compile(r"^(lowres|masks|degraded)-\d+\.npy$")
 
 
@@ -209,8 +211,30 @@ class PatchCache:
 # --------------------------------------------------------------------------------------------------
 
 
+def find_training_cases(folder: str | Path) -> list[Case]:
+    """The training cases of one data folder.
+
+    A VerSe / BIDS tree (``derivatives/sub-*/..._seg-vert_msk.nii.gz``, found at any depth) gives its
+    vertebra masks, named by file (``sub-verse004_seg-vert_msk``, split group ``sub-verse004``); any other
+    folder gives the cases :func:`vertrefine.cases.find_cases` finds directly inside it.
+    """
+    folder = Path(folder)
+    if folder.is_dir():
+        bids = sorted(
+            p for p in folder.rglob("*") if p.is_file() and BIDS_MASK.search(p.name) and not p.name.startswith(".")
+        )
+        if bids:
+            cases = [Case(case_name(p), p) for p in bids]
+            names = [c.name for c in cases]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise InputError(folder, f"holds several masks named {', '.join(duplicates)}", "keep one per subject")
+            return cases
+    return find_cases(folder)
+
+
 def build_patch_cache(
-    data_dir: str | Path,
+    data_dir: str | Path | Sequence[str | Path],
     cache_dir: str | Path,
     *,
     degraded_variants: int = 0,
@@ -224,8 +248,9 @@ def build_patch_cache(
     """Cache the vertebra patches of every case in ``data_dir`` (reusing what ``cache_dir`` holds).
 
     Args:
-        data_dir: folder of CT label maps (NIfTI, DICOM SEG, DICOM series folders): whole spines with one
-            label per vertebra, binary masks of several vertebrae (split into connected components) or
+        data_dir: folder (or folders, their cases in turn) of CT label maps (NIfTI, DICOM SEG, DICOM series
+            folders, or a VerSe/BIDS tree: :func:`find_training_cases`): whole spines with one label per
+            vertebra, binary masks of several vertebrae (split into connected components) or
             single-vertebra masks; any spacing and orientation.
         cache_dir: where the cache lives (created; reused and updated when it exists).
         degraded_variants: thick-slice variants stored per patch (0 = none); each has a random slice
@@ -241,10 +266,12 @@ def build_patch_cache(
 
     Raises InputError (one line) when ``data_dir`` holds no case or no usable patch.
     """
-    data_dir, cache_dir = Path(data_dir), Path(cache_dir)
+    folders = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
+    cache_dir = Path(cache_dir)
     if degraded_variants < 0 or seed < 0 or workers < 1:
         raise ValueError("degraded_variants and seed must be non-negative and workers positive")
-    cases = find_cases(data_dir)
+    data_dir = folders[0] if len(folders) == 1 else Path(", ".join(str(f) for f in folders))
+    cases = [case for folder in folders for case in find_training_cases(folder)]
     if not cases:
         raise InputError(
             data_dir, "holds no label map (NIfTI, DICOM SEG or DICOM folder)", "pass a folder of CT vertebra masks"
@@ -452,7 +479,14 @@ def variant_settings(seed: int, case: str, variant: int) -> tuple[str, float, in
 
 
 def split_group(case: str) -> str:
-    """The case name without a trailing vertebra level, so that one spine's single-vertebra files stay together."""
+    """The individual a case belongs to, so that one individual's files stay on one side of the split.
+
+    BIDS names give their subject (``sub-verse004_seg-vert_msk`` -> ``sub-verse004``); other names lose a
+    trailing vertebra level (``spine_00003_L2`` -> ``spine_00003``).
+    """
+    bids = re.match(r"(sub-[A-Za-z0-9]+)_", case)
+    if bids:
+        return bids.group(1)
     head, label = _trailing_level(case)
     return head if label is not None else case
 
@@ -630,8 +664,13 @@ def _write_generation(
 # --------------------------------------------------------------------------------------------------
 
 
-def split_indices(cache: PatchCache, val_fraction: float = 0.1, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Deterministic (train, validation) patch indices, whole split groups (spines) on either side.
+def split_indices(
+    cache: PatchCache, val_fraction: float = 0.1, seed: int = 0, val_groups: Sequence[str] = ()
+) -> tuple[list[int], list[int]]:
+    """Deterministic (train, validation) patch indices, whole split groups (individuals) on either side.
+
+    With ``val_groups`` (split groups, see :func:`split_group`, or case names) those individuals are the
+    validation set and ``val_fraction`` is ignored; a name that matches no patch raises ``ValueError``.
 
     Groups (:attr:`PatchEntry.group`) are ranked by a hash of ``(seed, group)`` and moved to validation in
     that order until it holds ``val_fraction`` of the patches; with ``val_fraction > 0`` and two or more
@@ -643,6 +682,16 @@ def split_indices(cache: PatchCache, val_fraction: float = 0.1, seed: int = 0) -
     members: dict[str, list[int]] = {}
     for entry in cache.entries:
         members.setdefault(entry.group, []).append(entry.index)
+    if val_groups:
+        wanted = set(val_groups)
+        known = {e.group for e in cache.entries} | {e.case for e in cache.entries}
+        missing = sorted(wanted - known)
+        if missing:
+            raise ValueError(f"validation group(s) {', '.join(missing)} match no cached patch")
+        chosen = [e.group in wanted or e.case in wanted for e in cache.entries]
+        train = [e.index for e, c in zip(cache.entries, chosen, strict=True) if not c]
+        val = [e.index for e, c in zip(cache.entries, chosen, strict=True) if c]
+        return train, val
     ranked = sorted(members, key=lambda g: hashlib.sha256(f"{seed}\0{g}".encode()).hexdigest())
     target = val_fraction * len(cache)
     val_groups: set[str] = set()
@@ -664,7 +713,12 @@ def split_indices(cache: PatchCache, val_fraction: float = 0.1, seed: int = 0) -
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random similarity transform of a patch (the paper's zoom and shift, plus left-right flips)."""
+    """Random deformation of a patch: what a shape model of real vertebrae needs to see.
+
+    The defaults are a similarity transform (the paper's zoom and shift) plus rotations about every axis,
+    anisotropic scaling, a smooth elastic deformation and left-right flips. The same deformation is
+    applied to the input and the target of an item.
+    """
 
     zoom: tuple[float, float] = (0.9, 1.1)
     """Isotropic scale factor range (> 1 enlarges the vertebra)."""
@@ -672,6 +726,19 @@ class Augmentation:
     """Maximum shift along each axis (mm; uniform in [-shift_mm, shift_mm])."""
     flip_prob: float = 0.5
     """Probability of a left-right flip (array axis 2 of the working grid)."""
+    rotation_deg: float = 30.0
+    """Maximum rotation about each of the three axes (degrees; uniform, composed z-y-x); 0 = none."""
+    anisotropy: float = 0.1
+    """Extra per-axis scale factor in [1 - anisotropy, 1 + anisotropy] on top of ``zoom``; 0 = none."""
+    elastic_mm: float = 2.0
+    """Standard deviation (mm) of a smooth displacement field (4^3 control points, trilinear); 0 = none."""
+
+
+NO_AUGMENTATION = Augmentation(
+    zoom=(1.0, 1.0), shift_mm=0.0, flip_prob=0.0, rotation_deg=0.0, anisotropy=0.0, elastic_mm=0.0
+)
+ELASTIC_CONTROL = 4
+"""Control points per axis of the elastic displacement field."""
 
 
 @dataclass(frozen=True)
@@ -684,6 +751,12 @@ class ItemDraw:
     shift: tuple[float, float, float]
     """Shift in low-res voxels along array axes (k, j, i); positive moves the content to larger indices."""
     flip: bool
+    rotation: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Rotation angles (degrees) about array axes (k, j, i)."""
+    scales: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Per-axis scale factors along array axes (k, j, i), on top of ``zoom``."""
+    elastic: tuple[float, ...] = ()
+    """Displacement of each control point (mm), [3, c, c, c] flattened (k, j, i components); () = none."""
 
 
 class PatchDataset(Dataset):
@@ -691,7 +764,8 @@ class PatchDataset(Dataset):
 
     ``augment`` True uses the default :class:`Augmentation`, False none (x and target are the cached maps).
     With probability ``degraded_prob`` x is a random degraded variant of the patch (denoising training).
-    The randomness of cache row ``i`` in epoch ``e`` (see :meth:`set_epoch`) depends on ``(seed, e, i)`` only.
+    ``indices`` may repeat a cache row (oversampling, e.g. of real CT against phantoms); the randomness of the
+    n-th occurrence of cache row ``i`` in epoch ``e`` (see :meth:`set_epoch`) depends on ``(seed, e, i, n)`` only.
     """
 
     def __init__(
@@ -709,6 +783,11 @@ class PatchDataset(Dataset):
             raise ValueError("degraded_prob > 0 needs a patch cache built with degraded_variants > 0")
         self.cache = cache
         self.indices = [int(i) for i in indices]
+        seen: dict[int, int] = {}
+        self.occurrence = []
+        for i in self.indices:
+            self.occurrence.append(seen.get(i, 0))
+            seen[i] = seen.get(i, 0) + 1
         self.augmentation = Augmentation() if augment is True else augment or None
         self.degraded_prob = float(degraded_prob)
         self.seed = int(seed)
@@ -721,44 +800,92 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def draw(self, index: int) -> ItemDraw:
-        """The random choices for cache row ``index`` in the current epoch."""
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+    def draw(self, index: int, occurrence: int = 0) -> ItemDraw:
+        """The random choices for the ``occurrence``-th copy of cache row ``index`` in the current epoch."""
+        key = [self.seed, self.epoch, int(index)] + ([int(occurrence)] if occurrence else [])
+        rng = np.random.default_rng(key)
         degraded = rng.random() < self.degraded_prob
         variant = int(rng.integers(self.cache.n_variants)) if self.cache.n_variants else 0
-        aug = self.augmentation or Augmentation()
+        aug = self.augmentation or NO_AUGMENTATION
         zoom = float(rng.uniform(*aug.zoom))
         shift = rng.uniform(-1.0, 1.0, 3) * aug.shift_mm / DOWNSAMPLE
         flip = bool(rng.random() < aug.flip_prob)
+        rotation = rng.uniform(-1.0, 1.0, 3) * aug.rotation_deg
+        scales = 1.0 + rng.uniform(-1.0, 1.0, 3) * aug.anisotropy
+        elastic = rng.standard_normal(3 * ELASTIC_CONTROL**3) * aug.elastic_mm if aug.elastic_mm > 0 else ()
         if self.augmentation is None:
-            zoom, shift, flip = 1.0, np.zeros(3), False
-        return ItemDraw(variant if degraded else -1, zoom, tuple(float(s) for s in shift), flip)
+            return ItemDraw(variant if degraded else -1, 1.0, (0.0, 0.0, 0.0), False)
+        return ItemDraw(
+            variant if degraded else -1,
+            zoom,
+            tuple(float(v) for v in shift),
+            flip,
+            tuple(float(v) for v in rotation),
+            tuple(float(v) for v in scales),
+            tuple(float(v) for v in elastic),
+        )
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         index = self.indices[position]
-        draw = self.draw(index)
+        draw = self.draw(index, self.occurrence[position])
         target = np.asarray(self.cache.lowres(index), dtype=np.float32)
         x = target if draw.variant < 0 else np.asarray(self.cache.degraded_lowres(index, draw.variant), np.float32)
         maps = torch.from_numpy(np.stack([x, target]))[None]  # [1, 2, 64, 64, 64]
         if self.augmentation is not None:
-            maps = transform(maps, draw.zoom, draw.shift, draw.flip)
+            maps = apply_draw(maps, draw)
         return {"x": maps[0, :1].clone(), "target": maps[0, 1:].clone(), "index": index}
 
 
-def transform(maps: torch.Tensor, zoom: float, shift: Sequence[float], flip: bool) -> torch.Tensor:
-    """Zoom about the patch centre, left-right flip (axis 2), then shift: trilinear, zeros outside.
+def apply_draw(maps: torch.Tensor, draw: ItemDraw) -> torch.Tensor:
+    """:func:`transform` of ``maps`` [B, C, 64, 64, 64] by the deformation of ``draw``."""
+    elastic = np.reshape(draw.elastic, (3,) + (ELASTIC_CONTROL,) * 3) / DOWNSAMPLE if draw.elastic else None
+    return transform(maps, draw.zoom, draw.shift, draw.flip, draw.rotation, draw.scales, elastic)
 
-    ``maps`` is [B, C, D, H, W]; every channel gets the same transform. ``shift`` is in voxels along
-    (D, H, W). Output values stay in the input's range (convex weights), clamped to [0, 1].
+
+def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
+    """[3, 3] rotation R = R_k R_j R_i about array axes (k, j, i) by ``angles_deg`` (acting on (k, j, i) vectors)."""
+    matrices = []
+    for axis, angle in enumerate(angles_deg):
+        c, s = np.cos(np.radians(angle)), np.sin(np.radians(angle))
+        a, b = [n for n in range(3) if n != axis]
+        m = np.eye(3)
+        m[a, a], m[a, b], m[b, a], m[b, b] = c, -s, s, c
+        matrices.append(m)
+    return matrices[0] @ matrices[1] @ matrices[2]
+
+
+def transform(
+    maps: torch.Tensor,
+    zoom: float,
+    shift: Sequence[float],
+    flip: bool,
+    rotation: Sequence[float] = (0.0, 0.0, 0.0),
+    scales: Sequence[float] = (1.0, 1.0, 1.0),
+    elastic: np.ndarray | None = None,
+) -> torch.Tensor:
+    """Deform every channel of ``maps`` [B, C, D, H, W] the same way: trilinear, zeros outside, clamped to [0, 1].
+
+    The content is scaled about the patch centre (``zoom`` x ``scales`` along (D, H, W)), rotated
+    (``rotation``: degrees about (D, H, W), see :func:`rotation_matrix`), flipped left-right (axis W), then
+    shifted by ``shift`` voxels along (D, H, W). ``elastic`` [3, c, c, c] displaces where each output voxel
+    samples from (voxels along (D, H, W) at c^3 control points, trilinearly interpolated).
     """
-    size = torch.tensor(maps.shape[-3:][::-1], dtype=torch.float64)  # (W, H, D): affine_grid's x, y, z
-    flip_x = -1.0 if flip else 1.0
-    scale = torch.tensor([flip_x, 1.0, 1.0], dtype=torch.float64) / zoom
-    offset = torch.tensor(list(shift)[::-1], dtype=torch.float64) * 2.0 / size  # normalised units
+    size = np.array(maps.shape[-3:], dtype=np.float64)  # (D, H, W)
+    forward = rotation_matrix(rotation) @ np.diag(zoom * np.asarray(scales, dtype=np.float64))  # (k, j, i) vectors
+    inverse = np.linalg.inv(forward)
+    if flip:
+        inverse = np.diag([1.0, 1.0, -1.0]) @ inverse
+    # affine_grid works in normalised (x, y, z) = (W, H, D) order: reverse both axes of the matrix.
+    matrix = inverse[::-1, ::-1].copy()
+    offset = (np.asarray(shift, dtype=np.float64) * 2.0 / size)[::-1]
     theta = torch.zeros(1, 3, 4, dtype=torch.float64)
-    theta[0, :, :3] = torch.diag(scale)
-    theta[0, :, 3] = -scale * offset  # output q samples the input at F (q - offset) / zoom
+    theta[0, :, :3] = torch.from_numpy(matrix)
+    theta[0, :, 3] = torch.from_numpy(-matrix @ offset)  # output q samples the input at M (q - offset)
     grid = F.affine_grid(theta.to(maps.dtype).expand(maps.shape[0], 3, 4), list(maps.shape), align_corners=False)
+    if elastic is not None:
+        field = torch.from_numpy(np.asarray(elastic, dtype=np.float64) * 2.0 / size[:, None, None, None])
+        field = F.interpolate(field[None].to(maps.dtype), size=maps.shape[-3:], mode="trilinear", align_corners=True)
+        grid = grid + field[0].flip(0).permute(1, 2, 3, 0)[None]  # [1, D, H, W, (x, y, z)]
     out = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.clamp_(0.0, 1.0)
 
@@ -788,6 +915,10 @@ def reconstruction_dice(logits_lowres: torch.Tensor, masks: torch.Tensor, thresh
 
 __all__ = [
     "Augmentation",
+    "NO_AUGMENTATION",
+    "apply_draw",
+    "find_training_cases",
+    "rotation_matrix",
     "CacheEvent",
     "ItemDraw",
     "PatchCache",

@@ -139,7 +139,7 @@ def example_inputs(name: str, config: ModelConfig, batch: int, generator: torch.
     p = config.patch
     if name == "encoder":
         return ((torch.rand(batch, 1, p, p, p, generator=generator) > 0.5).float(),)
-    z = torch.randn(batch, config.latent, generator=generator)
+    z = torch.randn(batch, *config.latent_shape, generator=generator)
     if name == "decoder":
         return (z,)
     return z, torch.randint(0, config.energy_timesteps, (batch,), generator=generator)
@@ -378,7 +378,7 @@ def export_bundle(
     try:
         files = {}
         for name in model_names(config.kind):
-            spec = io_spec(name, config.latent, config.patch)
+            spec = io_spec(name, config.latent_shape, config.patch)
             path = tmp / FILES[name]
             example = example_inputs(name, config, 2, generator)
             used, note = export_module(
@@ -408,7 +408,8 @@ def export_bundle(
         manifest = {
             "format_version": MANIFEST_VERSION,
             "kind": config.kind,
-            "latent_size": config.latent,
+            "latent_size": math.prod(config.latent_shape),
+            "latent_shape": list(config.latent_shape),
             "patch_size": config.patch,
             "spacing_mm": SPACING_MM,
             "orientation": ORIENTATION,
@@ -491,15 +492,25 @@ def autoencoder_as_vae(model: VertebraModel) -> VertebraModel:
 
 
 def export_run(
-    run_dir: str | Path, out_dir: str | Path, *, exporter: Exporter = "auto", as_kind: str | None = None
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    exporter: Exporter = "auto",
+    as_kind: str | None = None,
+    sampler_overrides: dict | None = None,
 ) -> Path:
     """`vertrefine export RUN_DIR -o OUT_DIR [--as vae]`: the bundle of a run's last checkpoint.
 
     ``as_kind="vae"`` exports only the autoencoder of an LEBM / LSD-EBM run (see :func:`autoencoder_as_vae`).
+    ``sampler_overrides`` (e.g. ``{"guidance": 0.5, "t_refine": 3}``) replace the run's sampler defaults in
+    the manifest; they are recorded in the recipe.
     """
     model, schedule, meta = load_checkpoint_model(run_dir)
     recipe = dict(meta["recipe"], checkpoint=meta["checkpoint"])
-    sampler = meta["sampler_defaults"]
+    sampler = dict(meta["sampler_defaults"])
+    if sampler_overrides:
+        sampler.update(sampler_overrides)
+        recipe["sampler_overrides"] = dict(sampler_overrides)
     if as_kind not in (None, model.config.kind):
         if as_kind != "vae":
             raise InputError(

@@ -61,6 +61,8 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 CHECKPOINT_FORMAT = 1
 T_REFINE = 6
 """Default refinement depth t_refine written into the bundle (the paper: 6 of T = 20)."""
+GUIDANCE = 0.5
+"""Default data-consistency weight written into the bundle (`vertrefine export --guidance` sets another)."""
 _ORDER, _STEP = 1, 2  # seed-sequence tags of the two random streams
 
 # Options whose change on resume cannot alter the numbers (paths may move with the run folder).
@@ -234,6 +236,7 @@ def _prepare_cache(config: TrainConfig, emit: EventCallback) -> None:
 
     cache_path = config.cache_path
     data_path = config.data_path
+    data_paths = config.data_paths
     if config.data_dir is None:
         if _has_cache(cache_path):
             return  # a cache built beforehand (maybe on another machine) is used as it is
@@ -243,10 +246,11 @@ def _prepare_cache(config: TrainConfig, emit: EventCallback) -> None:
     emit("cache_start", {"data": str(data_path), "cache": str(cache_path)})
     try:
         data.build_patch_cache(
-            data_path,
+            data_paths,
             cache_path,
             degraded_variants=config.degraded_variants,
             seed=config.seed,
+            drop_cut=config.drop_cut,
             workers=max(1, config.num_workers),
             on_progress=on_progress,
         )
@@ -272,6 +276,22 @@ def _make_synthetic_data(folder: Path, cases: int, emit: EventCallback) -> None:
         emit("synth", {"done": done, "total": cases})
 
     write_synth_dataset(folder, cases, TINY_SYNTH_SEED, on_case=on_case)
+
+
+def _repeated(cache: Any, indices: list[int], config: TrainConfig) -> list[int]:
+    """``indices`` with each patch repeated by its data folder's ``data_repeat`` count."""
+    if not config.data_repeat or set(config.data_repeat) == {1}:
+        return indices
+    folders = [p.resolve() for p in config.data_paths]
+
+    def repeat(i: int) -> int:
+        source = Path(cache.entries[i].source)
+        for folder, count in zip(folders, config.data_repeat, strict=True):
+            if source == folder or folder in source.parents:
+                return count
+        return 1
+
+    return [i for i in indices for _ in range(repeat(i))]
 
 
 def _batches(indices: Sequence[int], size: int) -> list[Sequence[int]]:
@@ -397,6 +417,7 @@ def _sampler_defaults(config: TrainConfig) -> dict[str, Any]:
         "posterior_steps": config.posterior_steps,
         "posterior_step_size": config.posterior_step_size,
         "threshold": 0.5,
+        "guidance": GUIDANCE,
     }
 
 
@@ -491,7 +512,11 @@ def _train(config: TrainConfig, procs: _Processes, on_event: EventCallback | Non
         _prepare_cache(config, emit)
     procs.barrier()
     cache = data.PatchCache.open(config.cache_path)
-    train_idx, val_idx = data.split_indices(cache, config.val_fraction, config.seed)
+    try:
+        train_idx, val_idx = data.split_indices(cache, config.val_fraction, config.seed, config.val_groups)
+    except ValueError as exc:
+        raise InputError(config.cache_path, str(exc), "check --val-groups against the case names") from None
+    train_idx = _repeated(cache, train_idx, config)
     if not train_idx:
         raise InputError(config.cache_path, "leaves no patch for training", "add cases or lower --val-fraction")
     if not val_idx:

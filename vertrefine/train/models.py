@@ -6,14 +6,25 @@ phantom patches, a 2 mm soft occupancy upsampled this way reproduces the 1 mm ma
 convolutions cost 8 times less than at 1 mm (see docs/TRAINING.md). Training feeds the pooled 64^3 view
 directly (``Encoder.forward_lowres`` / ``Decoder.logits_lowres``); the exported models take and give 128^3.
 
-The energy is an MLP on [z, one-hot(t)] (the paper's: latent 100, 1000 hidden units, GELU). ONNX cannot
-export autograd, so ``EnergyMLP.energy_and_grad`` writes dE/dz as the MLP's explicit backward pass.
+Two latent forms (``ModelConfig.latent_grid``):
+
+- flat (``latent_grid = 0``): z is a vector [L] (the paper's: L = 100) reached through one linear layer, and
+  the energy is an MLP on [z, one-hot(t)] (1000 hidden units, GELU). Measured on real CT vertebrae this form
+  cannot hold a real shape (encode-decode DSC 0.45-0.75, docs/TRAINING.md).
+- spatial (``latent_grid = g > 0``): z is a grid [C, g, g, g] of latent cells (C = ``latent`` channels; for
+  128^3 patches and g = 16 each cell covers 8 mm), made and read by convolutions only, so local detail
+  survives. The energy is a small 3D CNN on z (:class:`EnergyCNN`) with a per-step embedding added to its
+  first and last layers, ending in a linear read-out to one scalar.
+
+ONNX cannot export autograd, so both energies write dE/dz as their explicit backward pass
+(``energy_and_grad``): transposed GEMMs for the MLP, transposed convolutions for the CNN; both are tested
+against autograd.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +45,12 @@ class ModelConfig:
     decoder_widths: tuple[int, ...] = (128, 64, 32, 16)
     energy_hidden: int = 1000
     timesteps: int = 20
+    latent_grid: int = 0
+    """0: a flat latent vector [latent]. g > 0: a spatial latent [latent, g, g, g] (latent = channels)."""
+    res_blocks: int = 1
+    """Spatial latent: residual blocks at the latent grid in the encoder and in the decoder."""
+    energy_widths: tuple[int, ...] = (16, 32, 32)
+    """Spatial latent: channels of the energy CNN's convolutions (the first keeps the grid, the others halve it)."""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -41,13 +58,30 @@ class ModelConfig:
             raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {self.kind!r}")
         object.__setattr__(self, "encoder_widths", tuple(self.encoder_widths))
         object.__setattr__(self, "decoder_widths", tuple(self.decoder_widths))
-        if self.lowres % 2 ** len(self.encoder_widths) or self.lowres % 2 ** len(self.decoder_widths):
+        object.__setattr__(self, "energy_widths", tuple(self.energy_widths))
+        if self.latent_grid:
+            stages = self.lowres // self.latent_grid
+            if self.lowres % self.latent_grid or stages & (stages - 1) or stages < 2:
+                raise ValueError(f"latent_grid must be {self.lowres} / 2^k with k >= 1, got {self.latent_grid}")
+            k = stages.bit_length() - 1
+            if len(self.encoder_widths) != k or len(self.decoder_widths) != k:
+                raise ValueError(f"a {self.latent_grid}^3 latent grid needs {k} encoder and decoder widths")
+            if self.latent_grid % 2 ** (len(self.energy_widths) - 1) or not self.energy_widths:
+                raise ValueError("the latent grid must be divisible by 2 ** (number of energy widths - 1)")
+        elif self.lowres % 2 ** len(self.encoder_widths) or self.lowres % 2 ** len(self.decoder_widths):
             raise ValueError("patch / downsample must be divisible by 2 ** (number of stages)")
 
     @property
     def lowres(self) -> int:
         """Side of the internal grid (64 for 128^3 patches downsampled by 2)."""
         return self.patch // self.downsample
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one latent: (L,) flat, or (C, g, g, g) spatial."""
+        if self.latent_grid:
+            return (self.latent, self.latent_grid, self.latent_grid, self.latent_grid)
+        return (self.latent,)
 
     @property
     def has_energy(self) -> bool:
@@ -64,6 +98,18 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         return cls(**data)
+
+
+def make_encoder(config: ModelConfig) -> nn.Module:
+    return SpatialEncoder(config) if config.latent_grid else Encoder(config)
+
+
+def make_decoder(config: ModelConfig) -> nn.Module:
+    return SpatialDecoder(config) if config.latent_grid else Decoder(config)
+
+
+def make_energy(config: ModelConfig) -> nn.Module:
+    return EnergyCNN(config) if config.latent_grid else EnergyMLP(config)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -127,6 +173,72 @@ class Decoder(nn.Module):
         return torch.sigmoid(self.logits(z))
 
 
+class _ResBlock(nn.Module):
+    """x + conv(gelu(norm(conv(gelu(norm(x)))))) at constant width and grid."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _norm(channels), nn.GELU(), nn.Conv3d(channels, channels, 3, 1, 1),
+            _norm(channels), nn.GELU(), nn.Conv3d(channels, channels, 3, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class SpatialEncoder(nn.Module):
+    """x [B, 1, P, P, P] in {0, 1} -> (mu, logvar), each [B, C, g, g, g] (fully convolutional)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        stages, channels = [], 1
+        for width in config.encoder_widths:
+            stages.append(_stage(channels, width, up=False))
+            channels = width
+        stages += [_ResBlock(channels) for _ in range(config.res_blocks)]
+        self.features = nn.Sequential(*stages)
+        self.head = nn.Sequential(_norm(channels), nn.GELU(), nn.Conv3d(channels, 2 * config.latent, 1))
+
+    def forward_lowres(self, x_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode the pooled view [B, 1, P/d, P/d, P/d] (soft occupancy in [0, 1])."""
+        mu, logvar = self.head(self.features(x_low)).chunk(2, dim=1)
+        return mu, logvar.clamp(-12.0, 6.0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_lowres(F.avg_pool3d(x, self.config.downsample))
+
+
+class SpatialDecoder(nn.Module):
+    """z [B, C, g, g, g] -> probability [B, 1, P, P, P] (fully convolutional)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = config.decoder_widths
+        layers: list[nn.Module] = [nn.Conv3d(config.latent, widths[0], 3, 1, 1)]
+        layers += [_ResBlock(widths[0]) for _ in range(config.res_blocks)]
+        layers += [_norm(widths[0]), nn.GELU()]
+        for a, b in zip(widths[:-1], widths[1:], strict=False):
+            layers.append(_stage(a, b, up=True))
+        self.features = nn.Sequential(*layers)
+        self.out = nn.ConvTranspose3d(widths[-1], 1, 4, 2, 1)
+
+    def logits_lowres(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits on the internal grid [B, 1, P/d, P/d, P/d]."""
+        return self.out(self.features(z))
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits upsampled (trilinear) to the patch grid [B, 1, P, P, P]."""
+        return F.interpolate(
+            self.logits_lowres(z), scale_factor=self.config.downsample, mode="trilinear", align_corners=False
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(z))
+
+
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -170,15 +282,69 @@ class EnergyMLP(nn.Module):
         return energy, d_a1 @ self.inp.weight
 
 
+class EnergyCNN(nn.Module):
+    """E(z, t) for a spatial latent z [B, C, g, g, g]: a 3D CNN with GELU, one scalar per row.
+
+    a_1 = conv_1(z) + e_1(t)  (3^3, stride 1), a_k = conv_k(gelu(a_{k-1})) (3^3, stride 2) for k >= 2, with
+    e_n(t) added to the last layer too; E = <w, gelu(a_n)> + b. No normalisation layer, so that the
+    backward pass is a chain of transposed convolutions (:meth:`energy_and_grad`), exported to ONNX.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        widths = config.energy_widths
+        convs, channels = [], config.latent
+        for n, width in enumerate(widths):
+            convs.append(nn.Conv3d(channels, width, 3, 1 if n == 0 else 2, 1))
+            channels = width
+        self.convs = nn.ModuleList(convs)
+        side = config.latent_grid // 2 ** (len(widths) - 1)
+        self.time_first = nn.Embedding(config.energy_timesteps, widths[0])
+        self.time_last = nn.Embedding(config.energy_timesteps, widths[-1])
+        self.out = nn.Linear(widths[-1] * side**3, 1)
+        nn.init.zeros_(self.time_first.weight)
+        nn.init.zeros_(self.time_last.weight)
+
+    def _pre(self, z: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+        """Pre-activations a_1 .. a_n."""
+        pre, h = [], z
+        last = len(self.convs) - 1
+        for n, conv in enumerate(self.convs):
+            a = conv(h)
+            if n == 0:
+                a = a + self.time_first(t)[:, :, None, None, None]
+            if n == last:
+                a = a + self.time_last(t)[:, :, None, None, None]
+            pre.append(a)
+            h = F.gelu(a)
+        return pre
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a_last = self._pre(z, t)[-1]
+        return self.out(F.gelu(a_last).flatten(1)).squeeze(1)
+
+    def energy_and_grad(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energy [B] and its exact gradient dE/dz [B, C, g, g, g], as plain forward operations (exportable)."""
+        pre = self._pre(z, t)
+        energy = self.out(F.gelu(pre[-1]).flatten(1)).squeeze(1)
+        grad_h = self.out.weight.reshape(1, *pre[-1].shape[1:])  # dE/d gelu(a_n), the same for every row
+        for n in range(len(self.convs) - 1, -1, -1):
+            grad_a = grad_h * gelu_derivative(pre[n])
+            conv = self.convs[n]
+            stride = conv.stride[0]
+            grad_h = F.conv_transpose3d(grad_a, conv.weight, stride=stride, padding=1, output_padding=stride - 1)
+        return energy, grad_h
+
+
 class VertebraModel(nn.Module):
     """Encoder, decoder and (for LEBM and LSD-EBM) the energy of one model kind."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-        self.energy = EnergyMLP(config) if config.has_energy else None
+        self.encoder = make_encoder(config)
+        self.decoder = make_decoder(config)
+        self.energy = make_energy(config) if config.has_energy else None
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {"autoencoder": list(self.encoder.parameters()) + list(self.decoder.parameters())}
@@ -192,22 +358,36 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def conv_flops(config: ModelConfig) -> dict[str, int]:
-    """Multiply-accumulate counts x 2 (FLOPs) of one patch through encoder and decoder, by layer shapes."""
-    flops = {"encoder": 0, "decoder": 0}
-    side, channels = config.lowres, 1
-    for width in config.encoder_widths:
-        side //= 2
-        flops["encoder"] += 2 * side**3 * width * channels * 4**3  # stride-2 conv, kernel 4
-        flops["encoder"] += 2 * side**3 * width * width * 3**3
-        channels = width
-    flops["encoder"] += 2 * channels * side**3 * 2 * config.latent
-    widths = config.decoder_widths
-    side = config.lowres // 2 ** len(widths)
-    flops["decoder"] += 2 * config.latent * widths[0] * side**3
-    for a, b in zip(widths[:-1], widths[1:], strict=False):
-        side *= 2
-        flops["decoder"] += 2 * side**3 * b * a * 2**3  # transposed kernel 4 stride 2: 8 taps per output
-        flops["decoder"] += 2 * side**3 * b * b * 3**3
-    side *= 2
-    flops["decoder"] += 2 * side**3 * 1 * widths[-1] * 2**3
-    return flops
+    """FLOPs (2 x multiply-accumulates) of one patch through the encoder and the decoder.
+
+    Counted from the layer shapes of one forward pass on the internal grid (convolutions, transposed
+    convolutions and linear layers; normalisation and activations are left out).
+    """
+    model = VertebraModel(replace(config, kind="vae"))
+    counts = {"encoder": 0, "decoder": 0}
+    current = ["encoder"]
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if isinstance(module, nn.Linear):
+            counts[current[0]] += 2 * module.in_features * module.out_features
+        elif isinstance(module, nn.Conv3d):
+            taps = module.in_channels // module.groups * math.prod(module.kernel_size)
+            counts[current[0]] += 2 * output[0].numel() * taps
+        elif isinstance(module, nn.ConvTranspose3d):
+            taps = module.in_channels * math.prod(module.kernel_size)
+            counts[current[0]] += 2 * inputs[0][0].numel() * taps // module.in_channels * module.out_channels
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv3d, nn.ConvTranspose3d))
+    ]
+    try:
+        with torch.no_grad():
+            mu, _ = model.encoder.forward_lowres(torch.zeros(1, 1, *(config.lowres,) * 3))
+            current[0] = "decoder"
+            model.decoder.logits_lowres(mu)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts

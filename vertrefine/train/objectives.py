@@ -45,6 +45,11 @@ class LangevinConfig:
         return asdict(self)
 
 
+def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-row values [B] shaped to broadcast over latents ``like`` [B, *Z] (flat or spatial)."""
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
 def _randn(shape: torch.Size | tuple[int, ...], like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
@@ -59,7 +64,8 @@ def reverse_step_langevin(
 ) -> torch.Tensor:
     """Sample z~_t from p(z~_t | z_{t+1}) ∝ exp(-E(z~_t, t) - ||z_{t+1} - z~_t||^2 / (2 sigma^2)) (Eqs. 2-4).
 
-    ``sigma`` is sigma_{t+1} per row [B, 1]. Returns z~_t (divide by a_s[t+1] for z_t), detached.
+    ``sigma`` is sigma_{t+1} per row, shaped to broadcast over ``z_next`` [B, *Z]. Returns z~_t (divide by
+    a_s[t+1] for z_t), detached.
     """
     with torch.no_grad():
         y = z_next.clone() if langevin.init == "previous" else _randn(z_next.shape, z_next, generator)
@@ -80,7 +86,7 @@ def _elbo_terms(
     logits = model.decoder.logits_lowres(z0)
     recon = F.binary_cross_entropy_with_logits(logits, target)
     voxels = target[0].numel()
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean() / voxels
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1).mean() / voxels
     return z0, mu, recon, kl
 
 
@@ -145,10 +151,9 @@ class LsdEbmObjective(Objective):
         a_s, sigmas = self._a_s.to(device), self._sigmas.to(device)
         t = torch.randint(0, self.schedule.timesteps, (batch,), generator=generator, device=device)
         noise_scale = self.schedule.noise_scale
-        z_t = self._a_s_cum.to(device)[t, None] * z0 + noise_scale * self._sigmas_cum.to(device)[t, None] * _randn(
-            z0.shape, z0, generator
-        )
-        a_next, sigma_next = a_s[t + 1, None], sigmas[t + 1, None]
+        a_cum, sigma_cum = _rows(self._a_s_cum.to(device)[t], z0), _rows(self._sigmas_cum.to(device)[t], z0)
+        z_t = a_cum * z0 + noise_scale * sigma_cum * _randn(z0.shape, z0, generator)
+        a_next, sigma_next = _rows(a_s[t + 1], z0), _rows(sigmas[t + 1], z0)
         z_next = a_next * z_t + noise_scale * sigma_next * _randn(z0.shape, z0, generator)
 
         energy = self.model.energy
@@ -194,7 +199,7 @@ class LebmObjective(Objective):
         for _ in range(cfg.posterior_steps):
             z = z.detach().requires_grad_(True)
             nll = F.binary_cross_entropy_with_logits(decoder.logits_lowres(z), target, reduction="sum")
-            potential = nll + (energy(z, t) + 0.5 * z.pow(2).sum(1)).sum()
+            potential = nll + (energy(z, t) + 0.5 * z.pow(2).flatten(1).sum(1)).sum()
             (grad,) = torch.autograd.grad(potential, z)
             z = z - 0.5 * step * grad + math.sqrt(step) * cfg.noise_scale * _randn(z.shape, z, generator)
         return z.detach()

@@ -1,0 +1,186 @@
+"""Data consistency: keep the refined shape faithful to what the thick-slice input shows (numpy only).
+
+Thick-slice forward model (DESIGN.md section 3, data consistency). Every voxel ``p`` of a vertebra's 128^3
+patch (1 mm, in its pose frame) lies in one voxel ``k`` of the input grid, its *slab* (for a 0.6 x 0.6 x 5 mm
+input, a 5 mm slab along the coarse axis). The forward model ``A`` averages a decoded probability patch
+``x`` over each slab, ``(A x)_k``; the input shows, for slab ``k``, the fraction ``y_k`` of its patch
+voxels labelled as this vertebra (1 or 0 for a voxel of the input; in between only where the input's
+labels were interpolated onto the working grid). A slab is *observed* when ``|y_k - 1/2| >= 1/4``.
+
+Gradient-free guidance (DESIGN.md: "A gradient-free form needs only the encoder"): with ``P_y`` the
+smallest shift of each observed slab's voxels that makes its average agree with the label it shows
+(at least 1/2 + ``margin`` inside, at most 1/2 - ``margin`` outside, clipped to [0, 1]; slabs that already
+agree, and voxels outside the input's field of view, are left alone),
+
+    z <- z + gamma (Enc(P_y(D(z))) - Enc(D(z)))
+
+moves the latent by the encoder's reading of the correction. The prior decides what the slabs cannot show
+(anything inside a slab whose average already agrees); the step never moves a shape away from agreement.
+The measured comparison with the likelihood gradient J_D^T A^T r is in docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .volume import Geometry
+
+OBSERVED = 0.25
+"""A slab is observed when its labelled fraction is at least 1/2 + OBSERVED or at most 1/2 - OBSERVED."""
+
+
+@dataclass(frozen=True)
+class SlabObservation:
+    """What the input shows of one vertebra, per slab of its patch."""
+
+    slab: np.ndarray
+    """int32 [P, P, P]: slab number of each patch voxel (0..S-1), -1 outside the input's field of view."""
+    counts: np.ndarray
+    """float32 [S]: patch voxels per slab."""
+    inside: np.ndarray
+    """bool [S]: the slab shows this vertebra (observed inside)."""
+    outside: np.ndarray
+    """bool [S]: the slab shows no part of it (observed outside)."""
+
+    @property
+    def slabs(self) -> int:
+        return int(self.counts.size)
+
+
+def patch_to_input_index(
+    working: Geometry, box_start: Sequence[int], rotation: np.ndarray, size: int, source: Geometry
+) -> np.ndarray:
+    """4x4 affine from patch voxel (k, j, i) to the continuous array index (k, j, i) of the ``source`` grid.
+
+    The patch voxel ``p`` lies at working index ``start + size // 2 + R (p - size // 2)`` (see
+    :func:`vertrefine.spatial.crop_in_frame`).
+    """
+    centre = np.asarray(box_start, dtype=float) + size // 2
+    pc = np.full(3, size // 2, dtype=float)
+    to_working = np.eye(4)
+    to_working[:3, :3] = rotation
+    to_working[:3, 3] = centre - rotation @ pc
+    flip = np.eye(4)[[2, 1, 0, 3]]  # (k, j, i, 1) <-> (i, j, k, 1)
+    working_to_lps = working.index_to_physical_matrix() @ flip
+    lps_to_source = flip @ np.linalg.inv(source.index_to_physical_matrix())
+    return lps_to_source @ working_to_lps @ to_working
+
+
+def observe(patch: np.ndarray, affine: np.ndarray, source_shape: Sequence[int]) -> SlabObservation:
+    """The slabs of a patch and what the input patch ``patch`` [P, P, P] (1 = this vertebra) shows in each.
+
+    ``affine`` maps patch voxels to source array indices (:func:`patch_to_input_index`); a patch voxel's
+    slab is the source voxel its centre falls in.
+    """
+    size = patch.shape[0]
+    axes = [np.arange(size, dtype=np.float32)] * 3
+    m, b = affine[:3, :3].astype(np.float32), affine[:3, 3].astype(np.float32)
+    # index = m @ (k, j, i) + b, built from three broadcast outer sums (no [3, P^3] coordinate array)
+    index = [
+        np.rint(
+            (m[r, 0] * axes[0])[:, None, None]
+            + (m[r, 1] * axes[1])[None, :, None]
+            + (m[r, 2] * axes[2])[None, None, :]
+            + b[r]
+        ).astype(np.int32)
+        for r in range(3)
+    ]
+    valid = np.ones((size,) * 3, dtype=bool)
+    for r in range(3):
+        valid &= (index[r] >= 0) & (index[r] < int(source_shape[r]))
+    if not valid.any():
+        empty = np.zeros(0, np.float32)
+        return SlabObservation(np.full((size,) * 3, -1, np.int32), empty, empty.astype(bool), empty.astype(bool))
+    lo = [int(index[r][valid].min()) for r in range(3)]
+    extent = [int(index[r][valid].max()) - lo[r] + 1 for r in range(3)]
+    flat = ((index[0] - lo[0]) * extent[1] + (index[1] - lo[1])) * extent[2] + (index[2] - lo[2])
+    flat = np.where(valid, flat, extent[0] * extent[1] * extent[2])  # one spare bin for outside
+    full = np.bincount(flat.ravel(), minlength=extent[0] * extent[1] * extent[2] + 1)[:-1]
+    used = full > 0
+    lut = np.full(full.size + 1, -1, dtype=np.int32)
+    lut[:-1][used] = np.arange(int(used.sum()), dtype=np.int32)
+    ids = lut[flat]
+    counts = full[used].astype(np.float32)
+    fraction = np.bincount(ids[valid], weights=patch[valid], minlength=counts.size) / np.maximum(counts, 1)
+    return SlabObservation(
+        slab=ids.reshape(patch.shape),
+        counts=counts,
+        inside=fraction >= 0.5 + OBSERVED,
+        outside=fraction <= 0.5 - OBSERVED,
+    )
+
+
+def slab_means(x: np.ndarray, observation: SlabObservation) -> np.ndarray:
+    """(A x)_k: the mean of ``x`` [P, P, P] over each slab [S]."""
+    valid = observation.slab >= 0
+    sums = np.bincount(observation.slab[valid], weights=x[valid], minlength=observation.slabs)
+    return (sums / np.maximum(observation.counts, 1)).astype(np.float32)
+
+
+def project(x: np.ndarray, observation: SlabObservation, margin: float = 0.1) -> np.ndarray:
+    """P_y(x): ``x`` [P, P, P] in [0, 1] with each disagreeing observed slab shifted towards its label.
+
+    Observed-inside slabs whose mean is below 1/2 + ``margin`` are raised by the difference, observed-outside
+    slabs above 1/2 - ``margin`` lowered (clipped to [0, 1]); every other voxel keeps its value.
+    """
+    means = slab_means(x, observation)
+    shift = np.zeros(observation.slabs + 1, dtype=np.float32)  # last entry: voxels outside the field of view
+    shift[:-1] = np.where(observation.inside, np.maximum(0.5 + margin - means, 0.0), 0.0)
+    shift[:-1] += np.where(observation.outside, np.minimum(0.5 - margin - means, 0.0), 0.0)
+    return np.clip(x + shift[observation.slab], 0.0, 1.0)
+
+
+def agreement(x: np.ndarray, observation: SlabObservation, threshold: float = 0.5) -> float:
+    """Fraction of observed slabs whose mean of ``x`` falls on the side of ``threshold`` the input shows."""
+    means = slab_means(x, observation)
+    observed = observation.inside | observation.outside
+    if not observed.any():
+        return 1.0
+    right = np.where(observation.inside, means >= threshold, means < threshold)
+    return float(right[observed].mean())
+
+
+Encode = Callable[[np.ndarray], np.ndarray]
+"""Binary or soft patches [B, P, P, P] -> encoder means [B, *Z]."""
+DecodeChunks = Callable[[np.ndarray], Iterator[tuple[int, np.ndarray]]]
+"""Latents [B, *Z] -> (start row, probabilities [b, P, P, P]) a chunk at a time."""
+
+
+class DataConsistency:
+    """The guidance step ``z <- z + gamma (Enc(P_y(D(z))) - Enc(D(z)))`` for rows of latents.
+
+    ``observations[r]`` is row ``r``'s :class:`SlabObservation` (None: the row is not guided, e.g. an input
+    on a grid as fine as the working grid, where every slab is one voxel and the input is the answer).
+    """
+
+    def __init__(
+        self,
+        encode: Encode,
+        decode_chunks: DecodeChunks,
+        observations: Sequence[SlabObservation | None],
+        margin: float = 0.1,
+    ) -> None:
+        self.encode = encode
+        self.decode_chunks = decode_chunks
+        self.observations = list(observations)
+        self.margin = float(margin)
+
+    def __call__(self, z: np.ndarray, weight: float) -> np.ndarray:
+        """One guidance step on ``z`` [B, *Z] (B = len(observations)) with weight ``gamma`` = ``weight``."""
+        if len(z) != len(self.observations):
+            raise ValueError(f"{len(z)} latents for {len(self.observations)} observations")
+        rows = [r for r, o in enumerate(self.observations) if o is not None]
+        if not rows or weight == 0:
+            return z
+        out = z.copy()
+        for start, probability in self.decode_chunks(z[rows]):
+            chunk = rows[start : start + len(probability)]
+            projected = np.stack(
+                [project(p, self.observations[r], self.margin) for p, r in zip(probability, chunk, strict=True)]
+            )
+            mu = self.encode(np.concatenate([projected, probability]))
+            out[chunk] += np.float32(weight) * (mu[: len(chunk)] - mu[len(chunk) :])
+        return out
