@@ -22,16 +22,21 @@ from vertrefine.train.models import ModelConfig, VertebraModel  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 # 32^3 patches keep export and checks well under a second; the architecture is the default one, smaller.
 TINY = dict(latent=8, patch=32, encoder_widths=(4, 8), decoder_widths=(8, 4), energy_hidden=32)
+SPATIAL = dict(TINY, latent=2, latent_grid=4, res_blocks=1, energy_widths=(4, 4, 4))
 SAMPLER = dict(t_refine=6, langevin_steps=5, step_size=0.01, noise_scale=0.01, init="noise")
 
 
 def make_model(kind: str, seed: int = 0) -> VertebraModel:
     """An untrained model: its GroupNorm weights are all ones and biases all zeros, so the TorchScript
-    exporter merges them (equal values) into one initializer plus Identity copies, a case the loader handles."""
+    exporter merges them (equal values) into one initializer plus Identity copies, a case the loader handles.
+    'KIND/spatial' is the spatial latent with the energy CNN."""
+    kind, _, form = kind.partition("/")
     torch.manual_seed(seed)
-    model = VertebraModel(ModelConfig(kind=kind, **TINY))
+    model = VertebraModel(ModelConfig(kind=kind, **(SPATIAL if form else TINY)))
     if model.energy is not None:
-        torch.nn.init.normal_(model.energy.time.weight, std=0.5)
+        for name, embedding in model.energy.named_children():
+            if name.startswith("time"):
+                torch.nn.init.normal_(embedding.weight, std=0.5)
     return model.eval()
 
 
@@ -50,7 +55,8 @@ def export(model: VertebraModel, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, tuple[VertebraModel, Path]]:
     root = tmp_path_factory.mktemp("from_bundle")
-    return {kind: (model := make_model(kind), export(model, root / kind)) for kind in ("vae", "lsd-ebm")}
+    kinds = ("vae", "lsd-ebm", "lsd-ebm/spatial")
+    return {kind: (model := make_model(kind), export(model, root / kind.replace("/", "-"))) for kind in kinds}
 
 
 def assert_same_outputs(original: VertebraModel, rebuilt: VertebraModel, seed: int = 0) -> None:
@@ -58,7 +64,7 @@ def assert_same_outputs(original: VertebraModel, rebuilt: VertebraModel, seed: i
     config = original.config
     generator = torch.Generator().manual_seed(seed)
     x = (torch.rand(3, 1, config.patch, config.patch, config.patch, generator=generator) > 0.7).float()
-    z = torch.randn(3, config.latent, generator=generator)
+    z = torch.randn(3, *config.latent_shape, generator=generator)
     with torch.no_grad():
         for got, want in zip(rebuilt.encoder(x), original.encoder(x), strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -72,7 +78,7 @@ def assert_same_outputs(original: VertebraModel, rebuilt: VertebraModel, seed: i
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["vae", "lsd-ebm"])
+@pytest.mark.parametrize("kind", ["vae", "lsd-ebm", "lsd-ebm/spatial"])
 def test_rebuilt_model_reproduces_the_exported_one(bundles, kind):
     original, folder = bundles[kind]
     rebuilt = model_from_bundle(folder)

@@ -269,11 +269,14 @@ def test_degraded_variants_are_the_degraded_case_cropped_at_the_clean_box(spine,
     assert data.variant_settings(5, "spine_a", 0) != data.variant_settings(6, "spine_a", 0)
     assert data.variant_settings(5, "spine_a", 0) != data.variant_settings(5, "spine_b", 0)
 
-    # variant 1 again by hand: the whole working-grid case degraded, each instance cropped at its clean box
+    # variant 1 again by hand: the whole working-grid case degraded on its native thick grid, put back on the
+    # working grid as refine puts a thick input there, each instance cropped at its clean box
     working = spatial.to_working_grid(io.read_label_map(folder / "spine_a.nii.gz"))
     instance_array, instances = spatial.find_instances(working)
     axis, mm, seed = settings[1]
-    damaged = degrade(working.with_array(instance_array), slice_mm=mm, axis=axis, seed=seed).array
+    native = degrade(working.with_array(instance_array), slice_mm=mm, axis=axis, seed=seed, native=True)
+    assert max(native.geometry.spacing) == mm
+    damaged = spatial.resample_labels(native, working.geometry).array
     for entry, (instance, box, _) in zip(cache.entries, spatial.crop_instances(instance_array, instances), strict=True):
         expected = block_mean(spatial.crop(damaged, box) == instance.instance_id)
         np.testing.assert_array_equal(cache.degraded_lowres(entry.index, 1), expected)
@@ -448,3 +451,78 @@ def test_worker_processes_give_the_serial_cache(patch_dir, tmp_path):
     assert parallel.entries == serial.entries and parallel.fingerprint == serial.fingerprint
     for name in ("lowres", "masks"):
         np.testing.assert_array_equal(parallel.array(name), serial.array(name))
+
+
+# --------------------------------------------------------------------------------------------------
+# real-data training: VerSe trees, several folders, explicit validation individuals, rotations
+# --------------------------------------------------------------------------------------------------
+
+
+def test_verse_bids_tree_is_read_as_it_comes_and_split_by_subject(tmp_path):
+    spine = synth.synth_spine(21, levels=("L1", "L2"))
+    root = tmp_path / "verse"
+    for subject in ("sub-verse004", "sub-gl017"):
+        folder = root / "derivatives" / subject
+        folder.mkdir(parents=True)
+        io.write_label_map(spine, folder / f"{subject}_seg-vert_msk.nii.gz")
+        (folder / f"{subject}_seg-subreg_ctd.json").write_text("[]")  # centroids: not a mask
+    (root / "rawdata" / "sub-verse004").mkdir(parents=True)
+    io.write_label_map(spine, root / "rawdata" / "sub-verse004" / "sub-verse004_ct.nii.gz")  # the CT: not read
+    cases = data.find_training_cases(root)
+    assert [c.name for c in cases] == ["sub-gl017_seg-vert_msk", "sub-verse004_seg-vert_msk"]
+    cache = build_patch_cache(root, tmp_path / "cache")
+    assert {e.group for e in cache.entries} == {"sub-verse004", "sub-gl017"}
+    train, val = split_indices(cache, val_groups=["sub-gl017"])
+    assert {cache.entries[i].group for i in val} == {"sub-gl017"} and len(train) == len(val) == 2
+    with pytest.raises(ValueError, match="sub-verse999"):
+        split_indices(cache, val_groups=["sub-verse999"])
+
+
+def test_several_data_folders_and_repeats_in_training(tmp_path):
+    from vertrefine.train import loop
+    from vertrefine.train.config import TrainConfig
+
+    real, phantoms = tmp_path / "real", tmp_path / "phantoms"
+    real.mkdir()
+    phantoms.mkdir()
+    io.write_label_map(synth.synth_spine(31, levels=("L3",)), real / "ct_a.nii.gz")
+    io.write_label_map(synth.synth_spine(32, levels=("L3",)), real / "ct_b.nii.gz")
+    io.write_label_map(synth.synth_spine(33, levels=("L4", "L5")), phantoms / "spine_00033.nii.gz")
+    config = TrainConfig.from_options(
+        out=tmp_path / "run", data_dir=[real, phantoms], data_repeat=(3, 1), val_groups=("ct_b",)
+    )
+    assert config.data_paths == [real, phantoms]
+    cache = build_patch_cache(config.data_paths, config.cache_path)
+    train, val = split_indices(cache, val_groups=config.val_groups)
+    repeated = loop._repeated(cache, train, config)
+    names = [cache.entries[i].case for i in repeated]
+    assert names.count("ct_a") == 3 and names.count("spine_00033") == 2 and "ct_b" not in names
+    dataset = PatchDataset(cache, repeated, augment=True)
+    copies = [n for n, i in enumerate(repeated) if cache.entries[i].case == "ct_a"]
+    first, second = (dataset[n]["target"] for n in copies[:2])
+    assert not torch.equal(first, second)  # each copy gets its own augmentation
+    with pytest.raises(InputError, match="data_repeat"):
+        TrainConfig.from_options(out=tmp_path / "r2", data_dir=[real, phantoms], data_repeat=(3,))
+
+
+def test_rotation_augmentation_turns_content_about_the_patch_centre():
+    k, j, i = np.ogrid[:64, :64, :64]
+    blob = np.zeros((1, 1, 64, 64, 64), np.float32)
+    blob[0, 0] = ((k - 31.5) ** 2 + (j - 45.5) ** 2 + (i - 31.5) ** 2) <= 5.0**2  # off-centre along j
+    turned = transform(torch.from_numpy(blob), 1.0, (0.0, 0.0, 0.0), False, rotation=(90.0, 0.0, 0.0))
+    profiles = [turned[0, 0].sum(dim=[a for a in range(3) if a != axis]) for axis in range(3)]
+    centre = [float((p * torch.arange(64)).sum() / p.sum()) for p in profiles]
+    # a quarter turn about axis k moves the blob from +14 along j to +-14 along i, keeping k
+    assert centre[0] == pytest.approx(31.5, abs=0.3) and centre[1] == pytest.approx(31.5, abs=0.3)
+    assert abs(centre[2] - 31.5) == pytest.approx(14.0, abs=0.3)
+    assert float(turned.sum()) == pytest.approx(float(blob.sum()), rel=0.02)
+    np.testing.assert_allclose(
+        data.rotation_matrix((10, -20, 30)) @ data.rotation_matrix((10, -20, 30)).T, np.eye(3), atol=1e-12
+    )
+    squeezed = transform(torch.from_numpy(blob), 1.0, (0.0, 0.0, 0.0), False, scales=(1.0, 1.0, 0.8))
+    assert float(squeezed.sum()) / float(blob.sum()) == pytest.approx(0.8, rel=0.03)
+    field = np.zeros((3, 4, 4, 4))
+    field[2] = 2.0  # a uniform elastic displacement is a shift: the content moves by -2 voxels along i
+    moved = transform(torch.from_numpy(blob), 1.0, (0.0, 0.0, 0.0), False, elastic=field)
+    expected = transform(torch.from_numpy(blob), 1.0, (0.0, 0.0, -2.0), False)
+    torch.testing.assert_close(moved, expected, atol=1e-5, rtol=0)

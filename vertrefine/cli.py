@@ -312,6 +312,13 @@ def degrade(
     axis: Annotated[Axis, typer.Option(help="Slice direction of the simulated acquisition.")] = Axis.sagittal,
     seed: Annotated[int, typer.Option(min=0, help="Seed; case i of a folder uses seed + i.")] = 0,
     in_plane_mm: Annotated[float, typer.Option(min=0.0, help="Simulated in-plane resolution in mm.")] = 1.0,
+    native: Annotated[
+        bool,
+        typer.Option(
+            help="Write the result on the simulated acquisition's own grid (e.g. 1 x 1 x 5 mm, one voxel per "
+            "slab), as a clinic's segmentation comes, instead of on the input's grid (NIfTI output only)."
+        ),
+    ] = False,
     boundary_amplitude_mm: Annotated[
         float | None,
         typer.Option(min=0.0, help="Std of the smooth boundary displacement, mm (default: 0.4 x slice-mm)."),
@@ -344,7 +351,7 @@ def degrade(
     ] = None,
     skip_existing: Annotated[bool, typer.Option(help="In folder mode, skip cases whose output exists.")] = False,
 ) -> None:
-    """Simulate a thick-slice MRI segmentation of a label map, on the input's grid."""
+    """Simulate a thick-slice MRI segmentation of a label map, on the input's grid (or --native)."""
     from .batch import run_batch
     from .degrade import degrade as degrade_volume
     from .io import read_label_map, write_label_map
@@ -360,7 +367,10 @@ def degrade(
         truncation=truncation,
         islands=islands,
         island_radius_mm=island_radius_mm,
+        native=native,
     )
+    if native and str(output).lower().endswith((".dcm", ".dicom")):
+        raise fail(f"{output}: --native writes NIfTI only (a DICOM SEG needs a source series on its grid)")
 
     def one_case(index: int, source: Path, destination: Path, _status: Callable[[str], None]) -> str:
         volume = read_label_map(source, series_uid=series_uid)

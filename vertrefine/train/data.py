@@ -6,7 +6,8 @@ accepts) is read, resampled onto the 1 mm working grid, split into vertebra inst
 cache keeps the 1 mm mask (``np.packbits``, 256 KB), its 64^3 soft occupancy (2x2x2 block mean, float16,
 512 KB: what the networks see) and, with ``degraded_variants=k``, ``k`` thick-slice versions of that
 occupancy, made by :func:`vertrefine.degrade.degrade` on the whole working-grid case (so damage comes
-from the whole spine) and cropped at the clean instance's box.
+from the whole spine) on the simulated acquisition's native grid, put back on the working grid by the
+label-aware resampling refine uses for thick inputs, and cropped at the clean instance's box.
 
 On disk (``cache_dir``)::
 
@@ -284,6 +285,7 @@ def build_patch_cache(
         "degraded_variants": int(degraded_variants),
         "seed": int(seed) if degraded_variants else 0,
         "slice_mm": list(DEGRADE_SLICE_MM) if degraded_variants else [],
+        "variant_grid": "native, resampled" if degraded_variants else "",
         "min_voxels": int(min_voxels),
         "drop_cut": bool(drop_cut),
         "exclude_labels": sorted(int(v) for v in exclude_labels),
@@ -426,7 +428,10 @@ def _patches_of(
         for v in range(k):
             axis, slice_mm, degrade_seed = variant_settings(params["seed"], record["name"], v)
             variants.append((axis, slice_mm))
-            damaged = degrade(instances_volume, slice_mm=slice_mm, axis=axis, seed=degrade_seed).array
+            # as refine sees a clinic's thick-slice segmentation: on its native grid, then put on the 1 mm
+            # working grid by the same label-aware resampling
+            native = degrade(instances_volume, slice_mm=slice_mm, axis=axis, seed=degrade_seed, native=True)
+            damaged = spatial.resample_labels(native, working.geometry).array
             for n, (inst, box, _) in enumerate(crops):
                 degraded[n, v] = block_mean(spatial.crop(damaged, box) == inst.instance_id)
     record["entries"] = [

@@ -226,11 +226,11 @@ def model_from_bundle(bundle_dir: str | Path, *, verify: bool = True) -> Vertebr
         config = ModelConfig.from_dict(dict(bundle.manifest["model_config"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(manifest_path, f"no usable model_config in the manifest ({exc})", _REMEDY) from None
-    if config.kind != bundle.kind or config.latent != bundle.latent or config.patch != bundle.patch:
+    if config.kind != bundle.kind or config.latent_shape != bundle.latent_shape or config.patch != bundle.patch:
         raise InputError(
             manifest_path,
-            f"model_config ({config.kind}, latent {config.latent}, patch {config.patch}) contradicts the manifest "
-            f"({bundle.kind}, latent {bundle.latent}, patch {bundle.patch})",
+            f"model_config ({config.kind}, latent {config.latent_shape}, patch {config.patch}) contradicts the "
+            f"manifest ({bundle.kind}, latent {bundle.latent_shape}, patch {bundle.patch})",
             _REMEDY,
         )
     model = VertebraModel(config).eval()
