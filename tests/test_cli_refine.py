@@ -55,6 +55,40 @@ def test_refine_keeps_the_nifti_header_and_writes_a_sidecar(cases, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.nii.gz"]
 
 
+def test_a_thick_slice_nifti_is_refined_onto_1mm_keeping_orientation_and_codes(tmp_path):
+    from vertrefine.degrade import degrade
+
+    spine = synth_spine(23, levels=("L2", "L3"))
+    thick = degrade(spine, slice_mm=5, axis="sagittal", seed=2, native=True, in_plane_mm=0.8)
+    write_label_map(thick, tmp_path / "thick.nii.gz")
+    image = nib.load(tmp_path / "thick.nii.gz")
+    affine = image.affine.copy()  # the same anatomy stored with the first axis reversed
+    affine[:3, 0] *= -1
+    affine[:3, 3] += image.affine[:3, 0] * (image.shape[0] - 1)
+    flipped = nib.Nifti1Image(np.asarray(image.dataobj)[::-1].copy(), affine)
+    flipped.set_qform(affine, code=2)  # aligned to another scan
+    flipped.set_sform(affine, code=4)  # MNI: any code must survive
+    nib.save(flipped, tmp_path / "clinic.nii.gz")
+    result = invoke("refine", tmp_path / "clinic.nii.gz", "-o", tmp_path / "out.nii.gz", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "written on a 1x1x1 mm grid" in result.output
+    out = nib.load(tmp_path / "out.nii.gz")
+    assert out.header.get_zooms() == (1.0, 1.0, 1.0)
+    assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (2, 4)
+    assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(flipped.affine)
+    corner = lambda img: img.affine @ np.array([-0.5, -0.5, -0.5, 1.0])  # noqa: E731
+    size = lambda img: np.array(img.shape) * np.array(img.header.get_zooms())  # noqa: E731
+    np.testing.assert_allclose(corner(out)[:3], corner(flipped)[:3], atol=1e-4)
+    np.testing.assert_allclose(size(out), size(flipped), atol=1.0)
+    sidecar = json.loads((tmp_path / "out.json").read_text())
+    assert "1.0" in sidecar["output_grid"] and sidecar["output_grid"] != sidecar["input_grid"]
+    kept = invoke("refine", tmp_path / "clinic.nii.gz", "-o", tmp_path / "same.nii.gz", "--spacing", "input", *FAST)
+    assert kept.exit_code == 0, kept.output
+    assert nib.load(tmp_path / "same.nii.gz").header.binaryblock == flipped.header.binaryblock
+    bad = invoke("refine", tmp_path / "clinic.nii.gz", "-o", tmp_path / "x.nii.gz", "--spacing", "fine")
+    assert bad.exit_code == 2 and "--spacing" in bad.output
+
+
 def test_refine_extras_probability_uncertainty_meshes_and_qc(cases, tmp_path):
     import trimesh
 

@@ -141,7 +141,7 @@ def _grids(volume: Volume) -> dict[str, Volume]:
 @pytest.mark.parametrize("kind", ["flipped", "oblique", "anisotropic"])
 def test_output_lies_on_the_input_grid(two_vertebrae, vae, kind):
     volume = _grids(two_vertebrae)[kind]
-    result = refine_volume(volume, vae, RefineOptions(None))
+    result = refine_volume(volume, vae, RefineOptions(None, spacing="input"))
     assert result.labels.geometry == volume.geometry
     assert result.labels.array.shape == volume.array.shape
     assert result.labels.array.dtype == volume.array.dtype
@@ -150,11 +150,31 @@ def test_output_lies_on_the_input_grid(two_vertebrae, vae, kind):
         assert _dice(result.labels.array == label, volume.array == label) > 0.7
 
 
+def test_a_thick_slice_input_gets_a_1mm_grid_with_its_orientation_and_extent(two_vertebrae, vae):
+    g = two_vertebrae.geometry
+    thick = two_vertebrae.array[::5]
+    t = np.deg2rad(15)
+    direction = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])  # oblique in-plane
+    volume = Volume(thick.copy(), Geometry(thick.shape, (0.8, 0.8, 5.0), g.origin, tuple(direction.ravel())))
+    result = refine_volume(volume, vae, RefineOptions(None, keep_maps=True))
+    out = result.labels.geometry
+    assert out.spacing == (1.0, 1.0, 1.0) and out.direction == volume.geometry.direction
+    extent = lambda geo: np.array(geo.size_ijk) * np.array(geo.spacing)  # noqa: E731
+    np.testing.assert_allclose(extent(out), extent(volume.geometry), atol=1.0)
+    corner = lambda geo: geo.index_to_physical(np.full(3, -0.5) * 1.0)  # noqa: E731
+    np.testing.assert_allclose(corner(out), corner(volume.geometry), atol=1e-6)  # the same physical box
+    assert result.probability.geometry == out and result.labels.labels == [21, 22]
+    assert refine_volume(volume, vae, RefineOptions(None, spacing="input")).labels.geometry == volume.geometry
+    assert refine_volume(volume, vae, RefineOptions(None, spacing=2.0)).labels.geometry.spacing == (2.0, 2.0, 2.0)
+    fine = _grids(two_vertebrae)["flipped"]  # 1 mm input: its own grid by default
+    assert refine_volume(fine, vae, RefineOptions(None)).labels.geometry == fine.geometry
+
+
 def test_samples_give_mean_probability_and_uncertainty_maps(two_vertebrae, lsd):
     options = RefineOptions(FAST, samples=3, keep_maps=True)
     prepared = prepare_case(two_vertebrae, lsd, options)
     (z,) = sample_latents(lsd, [prepared], options, [np.random.default_rng(0)])
-    assert z.shape == (3, 2, lsd.bundle.latent)
+    assert z.shape == (3, 2, *lsd.bundle.latent_shape)
     result = finish_case(prepared, z, lsd, options)
     probability, std = result.probability.array, result.uncertainty.array
     assert result.probability.geometry == two_vertebrae.geometry

@@ -204,6 +204,15 @@ def refine(
         bool,
         typer.Option(help="Crop each vertebra along the local spine axis (tilted spines); --no-pose: axis-aligned."),
     ] = True,
+    spacing: Annotated[
+        str,
+        typer.Option(
+            metavar="MM|input|auto",
+            help="Output grid: auto = 1 mm isotropic when any input spacing is coarser than 1.5 mm (same "
+            "orientation and extent), else the input's grid; 'input' keeps the input's grid; a number sets "
+            "the isotropic spacing in mm. DICOM SEG outputs stay on their source series' grid.",
+        ),
+    ] = "auto",
     samples: Annotated[int, typer.Option(min=1, help="Chains per vertebra; the mean probability is kept.")] = 1,
     seed: Annotated[int, typer.Option(min=0, help="Seed; case i of a folder uses seed + i.")] = 0,
     threshold: Annotated[float, typer.Option(min=0.01, max=0.99, help="Probability threshold.")] = 0.5,
@@ -266,6 +275,11 @@ def refine(
             raise fail(f"--t-refine {sampler.t_refine} exceeds the bundle's {bundle.schedule['timesteps']} steps")
     extras = ExtraOutputs(probability=save_prob, uncertainty=uncertainty, mesh=mesh, qc=qc, batch=is_batch(input_path))
     extras.check()
+    output_spacing = _output_spacing(spacing)
+    if str(output).lower().endswith((".dcm", ".dicom")):
+        if output_spacing not in ("auto", "input"):
+            raise fail(f"{output}: --spacing {spacing} needs a NIfTI output (a DICOM SEG keeps its source's grid)")
+        output_spacing = "input"
     options = RefineOptions(
         sampler=sampler,
         samples=samples,
@@ -273,6 +287,7 @@ def refine(
         labels=label_set,
         keep_maps=extras.wants_maps,
         pose=pose,
+        spacing=output_spacing,
     )
     sessions, note = open_sessions(bundle, device.value, threads)
     if note:
@@ -435,6 +450,19 @@ class Preset(str, Enum):
     tiny = "tiny"
     default = "default"
     paper = "paper"
+
+
+def _output_spacing(text: str) -> float | str:
+    """--spacing: 'auto', 'input' or a positive number of mm."""
+    if text in ("auto", "input"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise typer.BadParameter(f"--spacing takes a number of mm, 'input' or 'auto', got {text!r}")
+    return value
 
 
 def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:

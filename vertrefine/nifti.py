@@ -101,8 +101,10 @@ def write_nifti(volume: Volume, path: str | Path, *, like: Volume | None = None)
 
     When ``like`` (default: ``volume.source``) was read from NIfTI and ``volume`` lies on its grid, the
     output carries the input's header unchanged (qform/sform and codes, pixdim, units, intent, descrip,
-    extensions); only the voxels change, stored in the input's dtype when it holds every label.
-    Otherwise a header is built from the geometry: qform = sform, both with code 1 (scanner), mm units.
+    extensions); only the voxels change, stored in the input's dtype when it holds every label. On another
+    grid (e.g. the 1 mm grid refine writes for a thick-slice input) the input's header is kept with the new
+    shape, spacing and affine, under the input's qform and sform codes. Without a NIfTI ``like`` a header
+    is built from the geometry: qform = sform, both with code 1 (scanner), mm units.
     """
     return _write(volume, path, like, lambda preferred: _storage_dtype(volume.array, preferred))
 
@@ -142,6 +144,17 @@ def _write(
         if reset_scaling:
             header.set_slope_inter(1.0, 0.0)
         image = meta["image_class"](data.astype(dtype).reshape(meta["shape"]), None, header)
+    elif meta:  # another grid in the input's space (e.g. 1 mm from a thick-slice input): its header and codes
+        affine = affine_from_geometry(volume.geometry)
+        header = meta["header"].copy()
+        dtype = stored_dtype(np.dtype(meta["dtype"]))
+        header.set_data_dtype(dtype)
+        header.set_slope_inter(1.0, 0.0)
+        qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+        image = meta["image_class"](data.astype(dtype), affine, header)
+        image.set_qform(affine, code=qform_code or (0 if sform_code else 1))
+        image.set_sform(affine, code=sform_code or (0 if qform_code else 1))
+        image.header.set_zooms(volume.geometry.spacing)
     else:
         affine = affine_from_geometry(volume.geometry)
         image = nib.Nifti1Image(data.astype(stored_dtype(None)), affine)

@@ -25,6 +25,7 @@ from .spatial import (
     PatchBox,
     crop_in_frame,
     find_instances,
+    output_geometry,
     pose_rotations,
     resample_labels,
     resample_scalar,
@@ -63,12 +64,19 @@ class RefineOptions:
     """Also build the mean-probability and standard-deviation maps (for --save-prob/--uncertainty)."""
     pose: bool = True
     """Crop each vertebra in its pose frame (the local spine axis, :func:`vertrefine.spatial.pose_rotations`)."""
+    spacing: float | str = "auto"
+    """Output grid (:func:`vertrefine.spatial.output_geometry`): 'auto' (1 mm for inputs coarser than 1.5 mm,
+    else the input's grid), 'input', or an isotropic spacing in mm."""
 
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ValueError("samples must be >= 1")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError("threshold must be in (0, 1)")
+        if isinstance(self.spacing, str) and self.spacing not in ("auto", "input"):
+            raise ValueError(f"spacing must be 'auto', 'input' or a number of mm, got {self.spacing!r}")
+        if not isinstance(self.spacing, str) and not self.spacing > 0:
+            raise ValueError(f"spacing must be positive, got {self.spacing}")
 
 
 @dataclass
@@ -120,6 +128,7 @@ class RefinedCase:
     """The result on the input grid, plus what --mesh, --qc and the sidecar need."""
 
     labels: Volume
+    """The result on the output grid (:attr:`RefineOptions.spacing`), input label ids."""
     working: Geometry
     working_before: np.ndarray
     """Instance ids of the input on the working grid."""
@@ -342,13 +351,13 @@ def finish_case(
     )
     for v in vertebrae:
         v.voxels_after = int(np.count_nonzero(after == v.instance.instance_id))
-    labels = _back_to_input(prepared, after)
+    target = output_geometry(prepared.volume.geometry, options.spacing)
+    labels = _back_to_input(prepared, after, target)
     probability = uncertainty = None
     if options.keep_maps:
         prob_map, std_map = _maps(after.shape, vertebrae)
-        original = prepared.volume.geometry
-        probability = resample_scalar(Volume(prob_map, prepared.working), original)
-        uncertainty = resample_scalar(Volume(std_map, prepared.working), original)
+        probability = resample_scalar(Volume(prob_map, prepared.working), target)
+        uncertainty = resample_scalar(Volume(std_map, prepared.working), target)
     seconds["stitch"] = time.perf_counter() - start
     return RefinedCase(
         labels=labels,
@@ -362,19 +371,23 @@ def finish_case(
     )
 
 
-def _back_to_input(prepared: PreparedCase, after: np.ndarray) -> Volume:
-    """The refined label map on the input grid; structures that were not refined keep their input voxels."""
+def _back_to_input(prepared: PreparedCase, after: np.ndarray, target: Geometry) -> Volume:
+    """The refined label map on the output grid ``target``; structures that were not refined keep their input
+    voxels (on another grid than the input's: the input's voxels, nearest neighbour)."""
     volume = prepared.volume
     labels = restore_labels(after, prepared.instances)
-    if prepared.working.same_grid(volume.geometry, tol=1e-6):
+    if prepared.working.same_grid(target, tol=1e-6):
         result = labels
     else:
-        result = to_input_grid(Volume(labels, prepared.working), volume.geometry).array
+        result = to_input_grid(Volume(labels, prepared.working), target).array
+    source = volume.array
+    if not target.same_grid(volume.geometry, tol=1e-6):
+        source = resample_labels(volume, target, method="nearest").array
     refined_labels = np.array(sorted({i.label for i in prepared.instances}))
-    passthrough = (volume.array != 0) & ~np.isin(volume.array, refined_labels)
+    passthrough = (source != 0) & ~np.isin(source, refined_labels)
     out = np.where(np.isin(result, refined_labels), result, 0).astype(volume.array.dtype)
-    out[passthrough] = volume.array[passthrough]
-    return volume.with_array(out)
+    out[passthrough] = source[passthrough]
+    return Volume(out, target, volume.source)
 
 
 def refine_volume(

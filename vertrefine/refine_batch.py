@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from .atomic import atomic_path
 from .bundle import MANIFEST_NAME, sha256_file
 from .cases import case_name
 from .errors import OutputError
-from .io import read_label_map, write_label_map
+from .io import is_dicom_output, read_label_map, write_label_map
 from .nifti import is_nifti_path, write_scalar_nifti
 from .refine import PreparedCase, RefinedCase, RefineOptions, finish_case, prepare_case, sample_latents
 from .runtime import BundleSessions
@@ -139,7 +139,10 @@ class RefineJob:
 
     def _finish(self, name: str, case: _Case, z: np.ndarray, status: Status) -> str:
         start = time.perf_counter()
-        refined = finish_case(case.prepared, z, self.sessions, self.options, status)
+        options = self.options
+        if is_dicom_output(case.destination):  # a SEG stays on its source series' grid
+            options = replace(options, spacing="input")
+        refined = finish_case(case.prepared, z, self.sessions, options, status)
         status("write")
         write_start = time.perf_counter()
         self._write_extras(name, case, refined)
@@ -148,7 +151,12 @@ class RefineJob:
         self._write_sidecar(case, refined)
         write_label_map(refined.labels, case.destination, like=case.prepared.volume)
         n = len(refined.vertebrae)
-        return f"{n} vertebra{'e' if n != 1 else ''} refined, seed {self.seed + case.index}"
+        message = f"{n} vertebra{'e' if n != 1 else ''} refined, seed {self.seed + case.index}"
+        if not refined.labels.geometry.same_grid(case.prepared.volume.geometry, tol=1e-6):
+            spacing = "x".join(f"{v:g}" for v in refined.labels.geometry.spacing)
+            coarse = "x".join(f"{v:g}" for v in case.prepared.volume.geometry.spacing)
+            message += f", written on a {spacing} mm grid (input {coarse} mm; --spacing input keeps it)"
+        return message
 
     def _write_extras(self, name: str, case: _Case, refined: RefinedCase) -> None:
         like = case.prepared.volume
@@ -196,6 +204,8 @@ class RefineJob:
             },
             "input_grid": volume.geometry.describe(),
             "working_grid": refined.working.describe(),
+            "output_grid": refined.labels.geometry.describe(),
+            "pose_frames": self.options.pose,
             "passed_through_labels": sorted(set(volume.labels) - refined_labels),
             "seconds": {k: round(v, 3) for k, v in refined.seconds.items()},
             "vertebrae": refined.vertebra_rows(),

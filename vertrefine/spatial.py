@@ -68,6 +68,38 @@ def working_geometry(geometry: Geometry, spacing: float = WORKING_SPACING_MM) ->
     return Geometry(shape=(size[2], size[1], size[0]), spacing=(s, s, s), origin=tuple(origin))
 
 
+COARSE_SPACING_MM = 1.5
+"""An input with any spacing coarser than this is coarse: refine writes its result on a finer grid."""
+
+
+def output_geometry(geometry: Geometry, spacing: float | str = "auto") -> Geometry:
+    """The grid refine writes its result on, for an input on ``geometry``.
+
+    ``"input"``: the input's own grid. A number: an isotropic grid of that spacing (mm) with the input's
+    direction cosines covering the input's physical extent (its voxel box, half-voxel borders included):
+    ``round(n * s / spacing)`` voxels along each index axis of ``n`` voxels of ``s`` mm, the first voxel's
+    centre half a new voxel inside the input box's corner. ``"auto"``: 1 mm when any input spacing is
+    coarser than :data:`COARSE_SPACING_MM` (a thick-slice grid cannot hold a CT-quality shape), else
+    the input's grid. Raises ValueError for a non-positive spacing or an unknown word.
+    """
+    if spacing == "input" or (spacing == "auto" and max(geometry.spacing) <= COARSE_SPACING_MM):
+        return geometry
+    if spacing == "auto":
+        spacing = WORKING_SPACING_MM
+    if isinstance(spacing, str):
+        raise ValueError(f"spacing must be 'auto', 'input' or a number of mm, got {spacing!r}")
+    s = float(spacing)
+    if not s > 0:
+        raise ValueError(f"spacing must be positive, got {spacing}")
+    old = np.asarray(geometry.spacing, dtype=float)
+    sizes = np.maximum(np.rint(np.asarray(geometry.size_ijk) * old / s), 1).astype(int)
+    first_centre = -0.5 + (s / 2) / old  # continuous input index (i, j, k) of the new first voxel's centre
+    origin = geometry.index_to_physical(first_centre)
+    return Geometry(
+        shape=(sizes[2], sizes[1], sizes[0]), spacing=(s, s, s), origin=tuple(origin), direction=geometry.direction
+    )
+
+
 def resample_labels(volume: Volume, target: Geometry, *, method: str = "label-aware") -> Volume:
     """The label map on ``target``'s grid (dtype and ``source`` kept); on the same grid, an exact copy.
 
