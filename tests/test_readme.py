@@ -13,7 +13,7 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_readme_quick_start_uses_the_bundled_example():
     readme = (ROOT / "README.md").read_text()
-    for name in ("examples/lumbar_ct.nii.gz", "examples/lumbar_thick5mm.nii.gz"):
+    for name in ("examples/verse010_ct.nii.gz", "examples/verse010_sag5mm.nii.gz"):
         assert name in readme
         assert (ROOT / name).is_file()
 
@@ -43,11 +43,12 @@ def test_readme_main_command_refines_the_example_and_improves_its_dice(tmp_path,
     for words in commands:
         result = runner.invoke(app, words[1:], env={"COLUMNS": "200"})
         assert result.exit_code == 0, (words, result.output)
-    refined = tmp_path / "lumbar_refined.nii.gz"
-    assert refined.exists() and (tmp_path / "lumbar_refined.png").exists()
-    scored = runner.invoke(app, ["score", str(refined), "examples/lumbar_ct.nii.gz", "--json", "after.json"])
+    refined = tmp_path / "verse010_refined.nii.gz"
+    assert refined.exists() and (tmp_path / "verse010_refined.png").exists()
+    truth = "examples/verse010_ct.nii.gz"
+    scored = runner.invoke(app, ["score", str(refined), truth, "--resample", "--json", "after.json"])
     baseline = runner.invoke(
-        app, ["score", "examples/lumbar_thick5mm.nii.gz", "examples/lumbar_ct.nii.gz", "--json", "before.json"]
+        app, ["score", "examples/verse010_sag5mm.nii.gz", truth, "--resample", "--json", "before.json"]
     )
     assert scored.exit_code == 0 and baseline.exit_code == 0
     after = json.loads((tmp_path / "after.json").read_text())["summary"]["overall"]["dsc"]["mean"]

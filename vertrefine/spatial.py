@@ -506,15 +506,17 @@ def crop_in_frame(
         inside, part = box.slices(instance_array.shape)
         patch[part] = instance_array[inside] == instance.instance_id
         return box, patch
-    reach = int(np.ceil(size * np.sqrt(3) / 2)) + 2
     centre = np.array(box.start) + size // 2
-    big = PatchBox(tuple(centre - reach), 2 * reach)
-    mask = crop(instance_array, big) == instance.instance_id
+    reach = np.ceil(np.abs(rotation) @ np.full(3, size / 2)).astype(int) + 2  # the turned cube's half extent
+    start = centre - reach
+    region = tuple(slice(int(a), int(a) + 2 * int(r)) for a, r in zip(start, reach, strict=True))
+    mask = np.zeros(tuple(2 * reach), dtype=np.float32)
+    inside = tuple(slice(max(s.start, 0), min(s.stop, n)) for s, n in zip(region, instance_array.shape, strict=True))
+    part = tuple(slice(i.start - s.start, i.stop - s.start) for i, s in zip(inside, region, strict=True))
+    mask[part] = instance_array[inside] == instance.instance_id
     pc = np.full(3, size // 2, dtype=float)
-    offset = (centre - big.start) - rotation @ pc
-    sampled = ndimage.affine_transform(
-        mask.astype(np.float32), rotation, offset=offset, output_shape=(size,) * 3, order=1, cval=0.0
-    )
+    offset = reach - rotation @ pc
+    sampled = ndimage.affine_transform(mask, rotation, offset=offset, output_shape=(size,) * 3, order=1, cval=0.0)
     return box, (sampled >= 0.5).astype(np.float32)
 
 
