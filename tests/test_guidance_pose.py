@@ -31,26 +31,35 @@ def ball(size: int = P, radius: float = 9.0, centre=None) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ slabs
 
 
+def ball_on(geometry: Geometry, radius: float, centre=(15.5, 15.5, 15.5)) -> np.ndarray:
+    """uint8 [z, y, x] on ``geometry``: 1 where a voxel centre lies within ``radius`` mm of LPS ``centre``."""
+    ijk = np.indices(geometry.size_ijk).reshape(3, -1).T
+    inside = np.linalg.norm(geometry.index_to_physical(ijk) - np.asarray(centre), axis=1) <= radius
+    return inside.reshape(geometry.size_ijk).transpose(2, 1, 0).astype(np.uint8)
+
+
 def test_slabs_follow_a_thick_input_grid_and_its_field_of_view():
     working = Geometry((P, P, P), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     # 5 mm along x (ITK i = array axis 2), starting 2 mm into the patch: 20 x-columns hold the patch's left part
     source = Geometry((P, P, 4), (5.0, 1.0, 1.0), (2.0, 0.0, 0.0))
     affine = patch_to_input_index(working, (0, 0, 0), np.eye(3), P, source)
-    obs = observe(ball(), affine, source.shape)
+    obs = observe(affine, ball_on(source, 9.0), 1, P)
     x_of_voxel = np.arange(P)
     slab_x = np.rint((x_of_voxel - 2.0) / 5.0).astype(int)
     inside_fov = (slab_x >= 0) & (slab_x < 4)
     assert np.all((obs.slab[0, 0, :] >= 0) == inside_fov)  # outside the field of view: -1
     assert set(np.unique(obs.counts)) == {5.0}  # every slab: 5 voxels along x, one in y and z
     assert obs.slabs == int(inside_fov.sum() // 5) * P * P
+    assert np.all(obs.inside ^ obs.outside)  # every slab in the field of view shows 1 or 0
+    # the slab of patch voxel (16, 16, 17) is source voxel (16, 16, 3): inside the ball
+    assert obs.inside[obs.slab[16, 16, 17]] and obs.outside[obs.slab[0, 0, 3]]
 
 
 def test_projection_makes_disagreeing_slabs_agree_and_leaves_agreeing_ones_alone():
     working = Geometry((P, P, P), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     source = Geometry((P, P, 7), (5.0, 1.0, 1.0), (-0.5 + 2.5, 0.0, 0.0))
     affine = patch_to_input_index(working, (0, 0, 0), np.eye(3), P, source)
-    truth = ball(radius=10)
-    obs = observe(truth, affine, source.shape)
+    obs = observe(affine, ball_on(source, 10.0), 1, P)
     wrong = ball(radius=7)  # eroded: the slabs at the rim disagree
     assert agreement(wrong, obs) < 0.97
     fixed = project(wrong, obs, margin=0.1)
@@ -78,8 +87,7 @@ def test_data_consistency_step_moves_the_decoded_shape_towards_the_input():
     working = Geometry((P, P, P), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     source = Geometry((6, P, P), (1.0, 1.0, 5.0), (0.0, 0.0, 2.0))  # 5 mm axial slabs
     affine = patch_to_input_index(working, (0, 0, 0), np.eye(3), P, source)
-    truth = ball(radius=10)
-    obs = observe(truth, affine, source.shape)
+    obs = observe(affine, ball_on(source, 10.0), 1, P)
     ae = BlockAutoencoder()
     guide = DataConsistency(ae.encode, ae.decode_chunks, [obs])
     z = ae.encode(ball(radius=6)[None])

@@ -206,3 +206,34 @@ def test_no_vertebra_labels_is_a_clear_error(two_vertebrae, vae):
     sacrum_and_other = only_sacrum.with_array(np.where(two_vertebrae.array == 21, 90, only_sacrum.array))
     with pytest.raises(InputError, match="--labels"):
         refine_volume(sacrum_and_other, vae, RefineOptions(None))
+
+
+def _slab_agreement(result, thick: Volume) -> float:
+    """Fraction of the thick input's voxels near the vertebrae whose label the result's majority reproduces."""
+    back = resample_labels(result.labels, thick.geometry, method="nearest").array
+    near = np.zeros(thick.array.shape, bool)
+    near[thick.array > 0] = True
+    near |= back > 0
+    return float(np.mean(back[near] == thick.array[near]))
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_guidance_makes_the_result_agree_with_the_thick_slices(two_vertebrae, lsd, binary):
+    from dataclasses import replace as with_
+
+    from vertrefine.degrade import degrade
+
+    thick = degrade(two_vertebrae, slice_mm=5, axis="sagittal", seed=3, native=True, islands=0)
+    if binary:  # one value for both vertebrae, kept apart by a 3-voxel gap (touching ones would be one)
+        from scipy import ndimage
+
+        gap = ndimage.binary_dilation(thick.array == 21, iterations=3) & (thick.array == 22)
+        thick = thick.with_array(((thick.array > 0) & ~gap).astype(np.uint8))
+    plain = refine_volume(thick, lsd, RefineOptions(with_(FAST, guidance=0.0), spacing="input"), seed=1)
+    guided_options = RefineOptions(with_(FAST, guidance=0.7), spacing="input")
+    prepared = prepare_case(thick, lsd, guided_options)
+    assert len(prepared.observations) == 2 and all(o is not None and o.slabs > 0 for o in prepared.observations)
+    guided = refine_volume(thick, lsd, guided_options, seed=1)
+    assert _slab_agreement(guided, thick) > _slab_agreement(plain, thick)
+    fine = prepare_case(two_vertebrae, lsd, guided_options)  # a 1 mm input: nothing to guide by
+    assert fine.observations == []

@@ -3,9 +3,9 @@
 Thick-slice forward model (DESIGN.md section 3, data consistency). Every voxel ``p`` of a vertebra's 128^3
 patch (1 mm, in its pose frame) lies in one voxel ``k`` of the input grid, its *slab* (for a 0.6 x 0.6 x 5 mm
 input, a 5 mm slab along the coarse axis). The forward model ``A`` averages a decoded probability patch
-``x`` over each slab, ``(A x)_k``; the input shows, for slab ``k``, the fraction ``y_k`` of its patch
-voxels labelled as this vertebra (1 or 0 for a voxel of the input; in between only where the input's
-labels were interpolated onto the working grid). A slab is *observed* when ``|y_k - 1/2| >= 1/4``.
+``x`` over each slab, ``(A x)_k``; the input shows, for slab ``k``, the label ``y_k`` in {0, 1} of its
+input voxel (this vertebra or not), read from the input voxel itself: every slab inside the input's field
+of view is observed, none outside it.
 
 Gradient-free guidance (DESIGN.md: "A gradient-free form needs only the encoder"): with ``P_y`` the
 smallest shift of each observed slab's voxels that makes its average agree with the label it shows
@@ -27,9 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .volume import Geometry
-
-OBSERVED = 0.25
-"""A slab is observed when its labelled fraction is at least 1/2 + OBSERVED or at most 1/2 - OBSERVED."""
 
 
 @dataclass(frozen=True)
@@ -69,47 +66,46 @@ def patch_to_input_index(
     return lps_to_source @ working_to_lps @ to_working
 
 
-def observe(patch: np.ndarray, affine: np.ndarray, source_shape: Sequence[int]) -> SlabObservation:
-    """The slabs of a patch and what the input patch ``patch`` [P, P, P] (1 = this vertebra) shows in each.
+def observe(affine: np.ndarray, source_labels: np.ndarray, value: int, size: int) -> SlabObservation:
+    """The slabs of a [size]^3 patch and what the input shows in each: whether its voxel is ``value``.
 
-    ``affine`` maps patch voxels to source array indices (:func:`patch_to_input_index`); a patch voxel's
-    slab is the source voxel its centre falls in.
+    ``affine`` maps patch voxels to array indices of the input grid (:func:`patch_to_input_index`); a patch
+    voxel's slab is the input voxel its centre falls in, and the slab shows this vertebra when that input
+    voxel holds ``value`` in ``source_labels`` (the input's labels, or its vertebra instances, on its own
+    grid: never an interpolation of them, which would blur exactly the boundary slabs). Patch voxels outside
+    the input's field of view get slab -1.
     """
-    size = patch.shape[0]
-    axes = [np.arange(size, dtype=np.float32)] * 3
+    axes = np.arange(size, dtype=np.float32)
     m, b = affine[:3, :3].astype(np.float32), affine[:3, 3].astype(np.float32)
     # index = m @ (k, j, i) + b, built from three broadcast outer sums (no [3, P^3] coordinate array)
     index = [
         np.rint(
-            (m[r, 0] * axes[0])[:, None, None]
-            + (m[r, 1] * axes[1])[None, :, None]
-            + (m[r, 2] * axes[2])[None, None, :]
-            + b[r]
+            (m[r, 0] * axes)[:, None, None] + (m[r, 1] * axes)[None, :, None] + (m[r, 2] * axes)[None, None, :] + b[r]
         ).astype(np.int32)
         for r in range(3)
     ]
+    shape = source_labels.shape
     valid = np.ones((size,) * 3, dtype=bool)
     for r in range(3):
-        valid &= (index[r] >= 0) & (index[r] < int(source_shape[r]))
+        valid &= (index[r] >= 0) & (index[r] < int(shape[r]))
     if not valid.any():
         empty = np.zeros(0, np.float32)
         return SlabObservation(np.full((size,) * 3, -1, np.int32), empty, empty.astype(bool), empty.astype(bool))
     lo = [int(index[r][valid].min()) for r in range(3)]
     extent = [int(index[r][valid].max()) - lo[r] + 1 for r in range(3)]
     flat = ((index[0] - lo[0]) * extent[1] + (index[1] - lo[1])) * extent[2] + (index[2] - lo[2])
-    flat = np.where(valid, flat, extent[0] * extent[1] * extent[2])  # one spare bin for outside
-    full = np.bincount(flat.ravel(), minlength=extent[0] * extent[1] * extent[2] + 1)[:-1]
-    used = full > 0
-    lut = np.full(full.size + 1, -1, dtype=np.int32)
-    lut[:-1][used] = np.arange(int(used.sum()), dtype=np.int32)
+    cells = extent[0] * extent[1] * extent[2]
+    flat = np.where(valid, flat, cells)  # one spare bin for outside
+    full = np.bincount(flat.ravel(), minlength=cells + 1)[:-1]
+    used = np.flatnonzero(full)
+    lut = np.full(cells + 1, -1, dtype=np.int32)
+    lut[used] = np.arange(used.size, dtype=np.int32)
     ids = lut[flat]
-    counts = full[used].astype(np.float32)
-    fraction = np.bincount(ids[valid], weights=patch[valid], minlength=counts.size) / np.maximum(counts, 1)
+    # each used cell is one input voxel: read its label once
+    local = np.unravel_index(used, extent)
+    shows = source_labels[tuple(local[r] + lo[r] for r in range(3))] == value
     return SlabObservation(
-        slab=ids.reshape(patch.shape),
-        counts=counts,
-        inside=fraction >= 0.5 + OBSERVED,
-        outside=fraction <= 0.5 - OBSERVED,
+        slab=ids.reshape((size,) * 3), counts=full[used].astype(np.float32), inside=shows, outside=~shows
     )
 
 

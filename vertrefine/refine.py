@@ -208,9 +208,15 @@ def prepare_case(
     observations: list[SlabObservation | None] = []
     if _guided(options, volume):
         start = time.perf_counter()
-        for (box, patch), rotation in zip(cropped, rotations, strict=True):
+        from_mask = any(i.instance_id != i.label for i in instances)
+        # what each input voxel shows: its label, or for a binary mask its vertebra instance (nearest)
+        shown = volume.array
+        if from_mask:
+            shown = resample_labels(Volume(instance_array, working_grid), volume.geometry, method="nearest").array
+        for inst, (box, _), rotation in zip(chosen, cropped, rotations, strict=True):
             affine = patch_to_input_index(working_grid, box.start, rotation, bundle.patch, volume.geometry)
-            observations.append(observe(patch, affine, volume.geometry.shape))
+            value = inst.instance_id if from_mask else inst.label
+            observations.append(observe(affine, shown, value, bundle.patch))
         seconds["observe"] = time.perf_counter() - start
     return PreparedCase(
         volume=volume,
