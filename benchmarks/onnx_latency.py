@@ -91,7 +91,7 @@ def main() -> None:
         print(f"ONNX Runtime {ort.__version__} CPU, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
         for batch in (1, 5):
             x = balls(batch, bundle.patch, rng)
-            z = rng.standard_normal((batch, bundle.latent)).astype(np.float32)
+            z = rng.standard_normal((batch, *bundle.latent_shape)).astype(np.float32)
             enc = timed(lambda x=x: encoder.run(None, {"x": x}), args.repeats)
             dec = timed(lambda z=z: decoder.run(None, {"z": z}), args.repeats)
             both = timed(lambda x=x: decoder.run(None, {"z": encoder.run(None, {"x": x})[0]}), args.repeats)
@@ -101,7 +101,7 @@ def main() -> None:
             )
         if bundle.has_energy:
             energy = ort.InferenceSession(str(bundle.files["energy"]), options, providers=cpu)
-            z = rng.standard_normal((5, bundle.latent)).astype(np.float32)
+            z = rng.standard_normal((5, *bundle.latent_shape)).astype(np.float32)
             step = 0 if bundle.kind == "lebm" else bundle.diffusion_schedule().timesteps // 2  # lebm: t is always 0
             t = np.full(5, step, np.int64)
             best, median = timed(lambda: energy.run(None, {"z": z, "t": t}), 200)

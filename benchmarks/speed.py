@@ -33,7 +33,7 @@ torch.no_grad. Around it, the same pre- and post-processing as refine
 differ only in how the model runs.
 
 VERTREFINE: `vertrefine refine` defaults: ONNX Runtime (CPU here; threads: below), the numpy sampler with the
-bundle's sampler_defaults (t_refine 6, 60 Langevin steps, lambda 0.01, noise 0.01, chains started at
+bundle's sampler_defaults (its t_refine, Langevin steps, step size, noise, data-consistency guidance; chains started at
 z_{t+1}, the energy's exported explicit gradient), all vertebrae of a case encoded, sampled and decoded
 together (ONNX batches of up to 4 patches).
 
@@ -402,11 +402,11 @@ def flop_efficiency(
     rows = []
     model, device = reference.model, reference.device
     sessions = vertrefine.sessions.sessions
-    latent = model.config.latent
+    latent = model.config.latent_shape
     runtime_name = f"onnxruntime ({vertrefine.sessions.providers[0].replace('ExecutionProvider', '')})"
     for runtime, batch in (("torch", 1), (runtime_name, 1), (runtime_name, 4)):
         x = balls(batch, model.config.patch, np.random.default_rng(0))
-        z = np.random.default_rng(batch).standard_normal((batch, latent)).astype(np.float32)
+        z = np.random.default_rng(batch).standard_normal((batch, *latent)).astype(np.float32)
         if runtime == "torch":
             xt, zt = torch.from_numpy(x).to(device), torch.from_numpy(z).to(device)
 
