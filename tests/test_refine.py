@@ -229,11 +229,51 @@ def test_guidance_makes_the_result_agree_with_the_thick_slices(two_vertebrae, ls
 
         gap = ndimage.binary_dilation(thick.array == 21, iterations=3) & (thick.array == 22)
         thick = thick.with_array(((thick.array > 0) & ~gap).astype(np.uint8))
-    plain = refine_volume(thick, lsd, RefineOptions(with_(FAST, guidance=0.0), spacing="input"), seed=1)
-    guided_options = RefineOptions(with_(FAST, guidance=0.7), spacing="input")
+    plain_options = RefineOptions(with_(FAST, guidance=0.0), spacing="input", on_disagree="write")
+    plain = refine_volume(thick, lsd, plain_options, seed=1)
+    guided_options = RefineOptions(with_(FAST, guidance=0.7), spacing="input", on_disagree="write")
     prepared = prepare_case(thick, lsd, guided_options)
     assert len(prepared.observations) == 2 and all(o is not None and o.slabs > 0 for o in prepared.observations)
     guided = refine_volume(thick, lsd, guided_options, seed=1)
     assert _slab_agreement(guided, thick) > _slab_agreement(plain, thick)
     fine = prepare_case(two_vertebrae, lsd, guided_options)  # a 1 mm input: nothing to guide by
     assert fine.observations == []
+
+
+class WrongShape:
+    """Sessions whose decoder draws a cube where the second vertebra should be (a model gone wrong)."""
+
+    def __init__(self, sessions, wrong_row: int) -> None:
+        self._sessions, self.wrong_row = sessions, wrong_row
+
+    def __getattr__(self, name):
+        return getattr(self._sessions, name)
+
+    def decode_chunks(self, z):
+        for start, probability in self._sessions.decode_chunks(z):
+            probability = probability.copy()
+            for offset in range(len(probability)):
+                if (start + offset) % 2 == self.wrong_row:
+                    probability[offset] = 0.0
+                    probability[offset, 15:60, 40:90, 40:90] = 1.0  # below the superior neighbour
+            yield start, probability
+
+
+@pytest.mark.parametrize("on_disagree", ["keep-input", "write"])
+def test_a_vertebra_that_disagrees_with_the_input_is_flagged_and_kept_as_input(two_vertebrae, vae, on_disagree):
+    broken = WrongShape(vae, wrong_row=1)
+    result = refine_volume(two_vertebrae, broken, RefineOptions(None, on_disagree=on_disagree))
+    good, wrong = result.vertebrae
+    assert good.decision == "refined" and good.agreement_dsc > 0.85
+    assert wrong.agreement_dsc < 0.85 and wrong.agreement_hd95_mm > 5
+    rows = result.vertebra_rows()
+    assert rows[1]["decision"] == wrong.decision and rows[1]["agreement_dsc"] == round(wrong.agreement_dsc, 4)
+    l3 = result.labels.array == wrong.instance.label
+    if on_disagree == "keep-input":
+        assert wrong.decision == "kept input (disagrees)"
+        np.testing.assert_array_equal(l3, two_vertebrae.array == wrong.instance.label)  # the input's own voxels
+    else:
+        assert wrong.decision == "refined (disagrees)"
+        assert _dice(l3, two_vertebrae.array == wrong.instance.label) < 0.85
+    with pytest.raises(ValueError, match="on_disagree"):
+        RefineOptions(None, on_disagree="ignore")

@@ -139,6 +139,11 @@ def synth(
     out.print(f"wrote {len(written)} {what} (seeds {seed}..{seed + cases - 1}) to {out_dir}")
 
 
+class Disagree(str, Enum):
+    keep_input = "keep-input"
+    write = "write"
+
+
 class ModelKind(str, Enum):
     vae = "vae"
     lebm = "lebm"
@@ -204,6 +209,18 @@ def refine(
         bool,
         typer.Option(help="Crop each vertebra along the local spine axis (tilted spines); --no-pose: axis-aligned."),
     ] = True,
+    min_agreement: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="A vertebra whose result, on the input grid, has a DSC below this against the input is flagged.",
+        ),
+    ] = 0.85,
+    on_disagree: Annotated[
+        Disagree,
+        typer.Option(help="For a flagged vertebra, write the input's voxels (keep-input) or the result (write)."),
+    ] = Disagree.keep_input,
     spacing: Annotated[
         str,
         typer.Option(
@@ -288,6 +305,8 @@ def refine(
         keep_maps=extras.wants_maps,
         pose=pose,
         spacing=output_spacing,
+        min_agreement=min_agreement,
+        on_disagree=on_disagree.value,
     )
     sessions, note = open_sessions(bundle, device.value, threads)
     if note:

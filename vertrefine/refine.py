@@ -31,7 +31,6 @@ from .spatial import (
     resample_scalar,
     restore_labels,
     stitch,
-    to_input_grid,
     uncrop_from_frame,
     working_geometry,
 )
@@ -40,6 +39,9 @@ from .volume import Geometry, Volume
 GUIDED_SPACING_MM = 1.5
 """Inputs whose coarsest spacing is at most this are not guided: each of their voxels is a slab of about
 the working grid's size, so guidance would only copy the input back."""
+
+ON_DISAGREE = ("keep-input", "write")
+"""What refine writes for a vertebra whose result disagrees with the input (RefineOptions.on_disagree)."""
 
 VERTEBRA_LABELS: frozenset[int] = frozenset(range(1, 26)) | {28}
 """VerSe ids refined by default: C1..C7, T1..T12, L1..L6 and T13 (sacrum 26 and coccyx 27 pass through)."""
@@ -67,12 +69,20 @@ class RefineOptions:
     spacing: float | str = "auto"
     """Output grid (:func:`vertrefine.spatial.output_geometry`): 'auto' (1 mm for inputs coarser than 1.5 mm,
     else the input's grid), 'input', or an isotropic spacing in mm."""
+    min_agreement: float = 0.85
+    """A vertebra whose result, on the input grid, has a DSC below this against the input disagrees with it."""
+    on_disagree: str = "keep-input"
+    """'keep-input': a disagreeing vertebra is written as the input shows it; 'write': as refined (flagged)."""
 
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ValueError("samples must be >= 1")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError("threshold must be in (0, 1)")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
+        if self.on_disagree not in ON_DISAGREE:
+            raise ValueError(f"on_disagree must be one of {', '.join(ON_DISAGREE)}, got {self.on_disagree!r}")
         if isinstance(self.spacing, str) and self.spacing not in ("auto", "input"):
             raise ValueError(f"spacing must be 'auto', 'input' or a number of mm, got {self.spacing!r}")
         if not isinstance(self.spacing, str) and not self.spacing > 0:
@@ -114,6 +124,16 @@ class RefinedVertebra:
     voxels_after: int = 0
     from_binary_mask: bool = False
     """True when the vertebra is a connected component of a single-valued mask (no level is known)."""
+    agreement_dsc: float | None = None
+    """DSC of the result against the input, both on the input grid (None: not measured)."""
+    agreement_hd95_mm: float | None = None
+    """HD95 (mm) of the result against the input on the input grid (None: a mask is empty)."""
+    decision: str = "refined"
+    """'refined'; 'kept input (disagrees)' or 'refined (disagrees)' when the agreement is below the minimum."""
+
+    @property
+    def disagrees(self) -> bool:
+        return self.decision != "refined"
 
     @property
     def name(self) -> str:
@@ -162,6 +182,9 @@ class RefinedCase:
                 "volume_before_ml": round(v.instance.voxels * voxel_ml, 3),
                 "volume_after_ml": round(v.voxels_after * voxel_ml, 3),
                 "dice_after_vs_before": round(2 * overlap / total, 4) if total else None,
+                "agreement_dsc": None if v.agreement_dsc is None else round(v.agreement_dsc, 4),
+                "agreement_hd95_mm": None if v.agreement_hd95_mm is None else round(v.agreement_hd95_mm, 2),
+                "decision": v.decision,
             }
             if v.std is not None:
                 inside = v.probability >= 0.5
@@ -355,10 +378,23 @@ def finish_case(
         [(v.instance.instance_id, v.box, v.probability) for v in vertebrae],
         threshold=options.threshold,
     )
+    input_ids = _input_instance_ids(prepared)
+    after_on_input = _ids_on(prepared, after, prepared.volume.geometry)
+    spacing = prepared.volume.geometry.spacing[::-1]
     for v in vertebrae:
+        v.agreement_dsc, v.agreement_hd95_mm = _agreement(after_on_input, input_ids, v.instance.instance_id, spacing)
+        if v.agreement_dsc < options.min_agreement:
+            keep = options.on_disagree == "keep-input"
+            v.decision = "kept input (disagrees)" if keep else "refined (disagrees)"
+    for v in vertebrae:
+        if v.decision.startswith("kept input"):
+            instance_id = v.instance.instance_id
+            after[after == instance_id] = 0
+            after[(prepared.instance_array == instance_id) & (after == 0)] = instance_id
         v.voxels_after = int(np.count_nonzero(after == v.instance.instance_id))
     target = output_geometry(prepared.volume.geometry, options.spacing)
-    labels = _back_to_input(prepared, after, target)
+    kept = {v.instance.instance_id for v in vertebrae if v.decision.startswith("kept input")}
+    labels = _back_to_input(prepared, after, target, kept, input_ids)
     probability = uncertainty = None
     if options.keep_maps:
         prob_map, std_map = _maps(after.shape, vertebrae)
@@ -377,18 +413,69 @@ def finish_case(
     )
 
 
-def _back_to_input(prepared: PreparedCase, after: np.ndarray, target: Geometry) -> Volume:
-    """The refined label map on the output grid ``target``; structures that were not refined keep their input
-    voxels (on another grid than the input's: the input's voxels, nearest neighbour)."""
+def _input_instance_ids(prepared: PreparedCase) -> np.ndarray:
+    """The input's vertebra instance ids on its own grid: its labels, or for a binary mask its components
+    (the working grid's instances, nearest neighbour)."""
     volume = prepared.volume
-    labels = restore_labels(after, prepared.instances)
+    if not prepared.from_binary_mask:
+        return volume.array
+    return _ids_on(prepared, prepared.instance_array, volume.geometry, method="nearest")
+
+
+def _ids_on(prepared: PreparedCase, ids: np.ndarray, target: Geometry, method: str = "label-aware") -> np.ndarray:
+    """Instance ids ``ids`` of the working grid on ``target`` (the array itself when it is the working grid)."""
     if prepared.working.same_grid(target, tol=1e-6):
-        result = labels
-    else:
-        result = to_input_grid(Volume(labels, prepared.working), target).array
-    source = volume.array
-    if not target.same_grid(volume.geometry, tol=1e-6):
-        source = resample_labels(volume, target, method="nearest").array
+        return ids
+    return resample_labels(Volume(ids, prepared.working), target, method=method).array
+
+
+def _agreement(
+    result: np.ndarray, reference: np.ndarray, instance_id: int, spacing: Sequence[float]
+) -> tuple[float, float | None]:
+    """(DSC, HD95 mm) of ``result == id`` against ``reference == id`` (same grid; spacing in array axis order)."""
+    from .metrics import surface_distances
+
+    a, b = result == instance_id, reference == instance_id
+    union = a | b
+    if not union.any():
+        return 1.0, None
+    box = tuple(
+        slice(max(int(idx.min()) - 1, 0), int(idx.max()) + 2) for idx in np.nonzero(union)
+    )  # the union's bounding box plus a voxel
+    a, b = a[box], b[box]
+    dice = 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+    return float(dice), surface_distances(a, b, spacing)[0]
+
+
+def _back_to_input(
+    prepared: PreparedCase,
+    after: np.ndarray,
+    target: Geometry,
+    kept: set[int] = frozenset(),
+    input_ids: np.ndarray | None = None,
+) -> Volume:
+    """The refined label map on the output grid ``target``.
+
+    Structures that were not refined keep their input voxels, and so do the vertebrae in ``kept`` (the
+    input's own voxels on the input's grid, nearest neighbour on another grid).
+    """
+    volume = prepared.volume
+    ids = _ids_on(prepared, after, target)
+    same_grid = target.same_grid(volume.geometry, tol=1e-6)
+    if kept:
+        if input_ids is None:
+            input_ids = _input_instance_ids(prepared)
+        source_ids = (
+            input_ids
+            if same_grid
+            else resample_labels(Volume(input_ids, volume.geometry), target, method="nearest").array
+        )
+        ids = ids.copy()
+        for instance_id in kept:
+            ids[ids == instance_id] = 0
+            ids[source_ids == instance_id] = instance_id
+    result = restore_labels(ids, prepared.instances)
+    source = volume.array if same_grid else resample_labels(volume, target, method="nearest").array
     refined_labels = np.array(sorted({i.label for i in prepared.instances}))
     passthrough = (source != 0) & ~np.isin(source, refined_labels)
     out = np.where(np.isin(result, refined_labels), result, 0).astype(volume.array.dtype)
