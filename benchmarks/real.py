@@ -5,7 +5,7 @@
     # the same with every default spelled out:
     python -m benchmarks.real --data /work/shared/data/real-ct \\
         --cases verse__sub-verse006 verse__sub-verse008 verse__sub-verse010 verse__sub-verse012 \\
-        --slice-mm 3 5 7 --axis sagittal axial --methods input sdf vae lsd-ebm-noguide lsd-ebm \\
+        --slice-mm 3 5 7 --axis sagittal axial --methods input sdf vae lsd-ebm-noguide lsd-ebm refine \\
         --weights weights/lsd-ebm --threads 2 --ceiling --pose \\
         --json docs/results/real.json --markdown docs/results/real.md
     # quick look, no model: python -m benchmarks.real --data DIR --methods input sdf --slice-mm 5 \\
@@ -23,7 +23,9 @@ ground truth's 1 mm grid:
 - ``sdf``: classical shape-based interpolation (per-label signed distances, ``resample_labels``' default);
 - ``vae``: ``refine_volume`` decoding the encoder's mean (``RefineOptions(sampler=None)``);
 - ``lsd-ebm-noguide``: the bundle's sampler with data-consistency guidance 0;
-- ``lsd-ebm``: the bundle's sampler defaults (``vertrefine refine``'s default).
+- ``lsd-ebm``: the bundle's sampler defaults (the model: every vertebra written as refined);
+- ``refine``: ``vertrefine refine``'s defaults, i.e. ``lsd-ebm`` plus the agreement gate that keeps the
+  input for a vertebra whose result disagrees with it (DSC < 0.85 on the input grid).
 
 The model rows use one bundle (``--weights``, default the shipped lsd-ebm), refine with the case seed, and
 their 1 mm working-grid result goes to the ground-truth grid by nearest neighbour. Every ground-truth
@@ -84,12 +86,13 @@ DEFAULT_CASES: tuple[str, ...] = (
 """The validation individuals of the split in weights/README.md."""
 VERTEBRA_LABELS: tuple[int, ...] = tuple(range(1, 26))
 """VerSe C1..L6; every other label (sacrum, coccyx, T13, ...) is dropped from the ground truth."""
-METHODS: tuple[str, ...] = ("input", "sdf", "vae", "lsd-ebm-noguide", "lsd-ebm")
-MODEL_METHODS: tuple[str, ...] = ("vae", "lsd-ebm-noguide", "lsd-ebm")
+METHODS: tuple[str, ...] = ("input", "sdf", "vae", "lsd-ebm-noguide", "lsd-ebm", "refine")
+MODEL_METHODS: tuple[str, ...] = ("vae", "lsd-ebm-noguide", "lsd-ebm", "refine")
 TITLES: dict[str, str] = {
     **NAMES,
     "sdf": "SDF interpolation",
     "lsd-ebm-noguide": "LSD-EBM (no guidance)",
+    "refine": "`vertrefine refine` (LSD-EBM + agreement gate)",
 }
 LINE_NAMES: dict[str, str] = {
     "input": "input DSC",
@@ -97,6 +100,7 @@ LINE_NAMES: dict[str, str] = {
     "vae": "VAE",
     "lsd-ebm-noguide": "LSD-EBM(no guidance)",
     "lsd-ebm": "LSD-EBM",
+    "refine": "refine",
 }
 """How the last stdout line names each row."""
 LINE_CONDITION = (5.0, "sagittal")
@@ -153,10 +157,12 @@ def find_case_paths(data: Path, cases: Sequence[str]) -> dict[str, Path]:
 
 def method_options(bundle: Bundle) -> dict[str, RefineOptions]:
     """Refine options of each model method this bundle can run (the lsd-ebm rows need an lsd-ebm bundle)."""
-    options = {"vae": RefineOptions(sampler=None)}
+    options = {"vae": RefineOptions(sampler=None, on_disagree="write")}
     if bundle.kind == "lsd-ebm":
-        options["lsd-ebm-noguide"] = RefineOptions(SamplerSettings.from_manifest(bundle.sampler, guidance=0.0))
-        options["lsd-ebm"] = RefineOptions(SamplerSettings.from_manifest(bundle.sampler))
+        unguided = SamplerSettings.from_manifest(bundle.sampler, guidance=0.0)
+        options["lsd-ebm-noguide"] = RefineOptions(unguided, on_disagree="write")
+        options["lsd-ebm"] = RefineOptions(SamplerSettings.from_manifest(bundle.sampler), on_disagree="write")
+        options["refine"] = RefineOptions(SamplerSettings.from_manifest(bundle.sampler))
     return options
 
 
@@ -539,7 +545,7 @@ def markdown_report(doc: dict[str, Any]) -> str:
 
 
 def summary_line(doc: dict[str, Any]) -> str:
-    """``real: 5mm sagittal  input DSC a  sdf b  VAE c  LSD-EBM(no guidance) d  LSD-EBM e  worst change f``."""
+    """``real: 5mm sagittal  input DSC a  sdf b  VAE c  LSD-EBM(no guidance) d  LSD-EBM e  refine g  worst change f``."""
     key = condition_key(*LINE_CONDITION)
     if key not in doc["conditions"]:
         key = next(iter(doc["conditions"]))
