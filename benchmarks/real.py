@@ -545,7 +545,9 @@ def markdown_report(doc: dict[str, Any]) -> str:
 
 
 def summary_line(doc: dict[str, Any]) -> str:
-    """``real: 5mm sagittal  input DSC a  sdf b  VAE c  LSD-EBM(no guidance) d  LSD-EBM e  refine g  worst change f``."""
+    """The last stdout line: ``real: 5mm sagittal  input DSC a  sdf b  VAE c ... refine g  worst change f``
+
+    (n/a: not run)."""
     key = condition_key(*LINE_CONDITION)
     if key not in doc["conditions"]:
         key = next(iter(doc["conditions"]))
