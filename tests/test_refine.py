@@ -264,16 +264,67 @@ def test_a_vertebra_that_disagrees_with_the_input_is_flagged_and_kept_as_input(t
     broken = WrongShape(vae, wrong_row=1)
     result = refine_volume(two_vertebrae, broken, RefineOptions(None, on_disagree=on_disagree))
     good, wrong = result.vertebrae
-    assert good.decision == "refined" and good.agreement_dsc > 0.85
+    assert good.decision == "refined" and good.reason == "" and good.agreement_dsc > 0.85
     assert wrong.agreement_dsc < 0.85 and wrong.agreement_hd95_mm > 5
     rows = result.vertebra_rows()
     assert rows[1]["decision"] == wrong.decision and rows[1]["agreement_dsc"] == round(wrong.agreement_dsc, 4)
     l3 = result.labels.array == wrong.instance.label
     if on_disagree == "keep-input":
-        assert wrong.decision == "kept input (disagrees)"
+        assert wrong.decision == "kept input" and "disagrees with the input" in wrong.reason
         np.testing.assert_array_equal(l3, two_vertebrae.array == wrong.instance.label)  # the input's own voxels
     else:
-        assert wrong.decision == "refined (disagrees)"
+        assert wrong.decision == "refined, flagged" and "check it" in wrong.reason
         assert _dice(l3, two_vertebrae.array == wrong.instance.label) < 0.85
     with pytest.raises(ValueError, match="on_disagree"):
         RefineOptions(None, on_disagree="ignore")
+
+
+def _with_structure(spine: Volume, label: int, where: tuple[slice, ...]) -> Volume:
+    array = spine.array.copy()
+    array[where] = label
+    return spine.with_array(array)
+
+
+@pytest.mark.parametrize(
+    "kind, label, where, words",
+    [
+        ("single voxel", 19, (slice(2, 3), slice(2, 3), slice(2, 3)), "too small"),
+        ("specks", 19, (slice(2, 40, 9), slice(2, 40, 9), slice(2, 40, 9)), "too small"),
+    ],
+)
+def test_an_implausible_input_vertebra_passes_through_unchanged_with_a_warning(
+    two_vertebrae, vae, kind, label, where, words
+):
+    volume = _with_structure(two_vertebrae, label, where)
+    result = refine_volume(volume, vae, RefineOptions(None))
+    np.testing.assert_array_equal(result.labels.array == label, volume.array == label)  # voxel for voxel
+    assert [v.instance.label for v in result.vertebrae] == [21, 22]  # the real ones are refined
+    (row,) = [r for r in result.vertebra_rows() if r["label"] == label]
+    assert row["decision"] == "passed through" and words in row["reason"]
+    assert any(line.startswith("T12:") and words in line for line in result.warnings)
+
+
+def test_a_liver_sized_blob_is_not_refined_as_a_vertebra(vae):
+    g = Geometry((150, 150, 150), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0))
+    k, j, i = np.ogrid[:150, :150, :150]
+    blob = ((k - 75) ** 2 / 60**2 + (j - 75) ** 2 / 50**2 + (i - 75) ** 2 / 45**2 <= 1).astype(np.uint8) * 20
+    volume = Volume(blob, g)
+    result = refine_volume(volume, vae, RefineOptions(None))
+    assert result.vertebrae == [] and "too large" in result.warnings[0]
+    np.testing.assert_array_equal(result.labels.array, blob)
+
+
+def test_an_emptied_result_is_not_written_the_input_is_kept(two_vertebrae, vae):
+    class Empty(WrongShape):
+        def decode_chunks(self, z):
+            for start, probability in self._sessions.decode_chunks(z):
+                probability = probability.copy()
+                probability[[(start + n) % 2 == self.wrong_row for n in range(len(probability))]] = 0.0
+                yield start, probability
+
+    result = refine_volume(two_vertebrae, Empty(vae, wrong_row=0), RefineOptions(None, on_disagree="write"))
+    emptied = result.vertebrae[0]
+    assert emptied.decision == "kept input" and emptied.reason == "implausible result: empty result"
+    label = emptied.instance.label
+    np.testing.assert_array_equal(result.labels.array == label, two_vertebrae.array == label)
+    assert result.vertebrae[1].decision == "refined"

@@ -14,10 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from .errors import InputError
 from .guidance import DataConsistency, SlabObservation, observe, patch_to_input_index
 from .labels import level_name
+from .plausibility import extent_mm, input_problem, result_problem, touches
 from .runtime import BundleSessions
 from .sampler import SamplerSettings, refine_latents
 from .spatial import (
@@ -106,6 +108,8 @@ class PreparedCase:
     """Per vertebra, the rotation [3, 3] from its pose frame to the working grid (empty: all identity)."""
     observations: list[SlabObservation | None] = field(default_factory=list)
     """Per vertebra, what the input's slabs show (for guidance; empty or None: not guided)."""
+    passed_through: list[tuple[Instance, str]] = field(default_factory=list)
+    """Vertebrae of the input that are implausible as one vertebra, with the reason: written back unchanged."""
     from_binary_mask: bool = False
     """The vertebrae are connected components of a single-valued mask."""
     seconds: dict[str, float] = field(default_factory=dict)
@@ -129,11 +133,9 @@ class RefinedVertebra:
     agreement_hd95_mm: float | None = None
     """HD95 (mm) of the result against the input on the input grid (None: a mask is empty)."""
     decision: str = "refined"
-    """'refined'; 'kept input (disagrees)' or 'refined (disagrees)' when the agreement is below the minimum."""
-
-    @property
-    def disagrees(self) -> bool:
-        return self.decision != "refined"
+    """What was written: 'refined', 'kept input' (the input's voxels) or 'refined, flagged'."""
+    reason: str = ""
+    """Why the vertebra was kept as input or flagged ('' when refined without a problem)."""
 
     @property
     def name(self) -> str:
@@ -158,6 +160,19 @@ class RefinedCase:
     probability: Volume | None = None
     uncertainty: Volume | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    passed_through: list[tuple[Instance, str]] = field(default_factory=list)
+    """Input vertebrae not refined because they are implausible as one vertebra, with the reason."""
+    from_binary_mask: bool = False
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line per vertebra that was passed through, kept as input or flagged."""
+        lines = [f"{self._name(inst)}: {reason}; passed through unchanged" for inst, reason in self.passed_through]
+        lines += [f"{v.name}: {v.reason}; {v.decision}" for v in self.vertebrae if v.reason]
+        return lines
+
+    def _name(self, instance: Instance) -> str:
+        return f"vertebra_{instance.instance_id}" if self.from_binary_mask else level_name(instance.label)
 
     @property
     def working_labels(self) -> Volume:
@@ -185,11 +200,25 @@ class RefinedCase:
                 "agreement_dsc": None if v.agreement_dsc is None else round(v.agreement_dsc, 4),
                 "agreement_hd95_mm": None if v.agreement_hd95_mm is None else round(v.agreement_hd95_mm, 2),
                 "decision": v.decision,
+                "reason": v.reason,
             }
             if v.std is not None:
                 inside = v.probability >= 0.5
                 row["mean_std_inside"] = round(float(v.std[inside].mean()), 4) if inside.any() else None
             rows.append(row)
+        for inst, reason in self.passed_through:
+            rows.append(
+                {
+                    "name": self._name(inst),
+                    "label": inst.label,
+                    "level": None if self.from_binary_mask else level_name(inst.label),
+                    "instance": inst.instance_id,
+                    "centroid_lps_mm": [round(c, 2) for c in inst.centroid_lps],
+                    "volume_before_ml": round(inst.voxels * voxel_ml, 3),
+                    "decision": "passed through",
+                    "reason": reason,
+                }
+            )
         return rows
 
 
@@ -220,18 +249,21 @@ def prepare_case(
             f"no vertebra labels to refine (labels found: {found})",
             "pass --labels with the ids to refine (VerSe numbering: 20..24 = L1..L5)",
         )
+    from_mask = any(i.instance_id != i.label for i in instances)
+    chosen, passed_through = _plausible(chosen, instance_array, working_grid, from_mask)
     seconds["resample"] = time.perf_counter() - start
     start = time.perf_counter()
     status(f"encode {len(chosen)} vertebrae")
     rotations = pose_rotations(chosen) if options.pose else [np.eye(3) for _ in chosen]
     cropped = [crop_in_frame(instance_array, inst, r, bundle.patch) for inst, r in zip(chosen, rotations, strict=True)]
-    patches = np.stack([patch for _, patch in cropped])
-    mu, _ = sessions.encode(patches)
+    if cropped:
+        mu, _ = sessions.encode(np.stack([patch for _, patch in cropped]))
+    else:
+        mu = np.zeros((0, *bundle.latent_shape), np.float32)
     seconds["encode"] = time.perf_counter() - start
     observations: list[SlabObservation | None] = []
     if _guided(options, volume):
         start = time.perf_counter()
-        from_mask = any(i.instance_id != i.label for i in instances)
         # what each input voxel shows: its label, or for a binary mask its vertebra instance (nearest)
         shown = volume.array
         if from_mask:
@@ -250,9 +282,33 @@ def prepare_case(
         mu=mu,
         rotations=rotations,
         observations=observations,
-        from_binary_mask=any(i.instance_id != i.label for i in instances),
+        passed_through=passed_through,
+        from_binary_mask=from_mask,
         seconds=seconds,
     )
+
+
+def _plausible(
+    chosen: list[Instance], instance_array: np.ndarray, working: Geometry, from_mask: bool
+) -> tuple[list[Instance], list[tuple[Instance, str]]]:
+    """(the instances plausible as one vertebra, [(instance, reason)] for the others): :mod:`plausibility`."""
+    boxes = ndimage.find_objects(instance_array)
+    voxel_ml = working.voxel_volume_mm3 / 1000.0
+    keep, dropped = [], []
+    for inst in chosen:
+        box = boxes[inst.instance_id - 1]
+        problem = input_problem(
+            None if from_mask else inst.label,
+            inst.voxels,
+            voxel_ml,
+            extent_mm(box, max(working.spacing)),
+            touches(box, instance_array.shape),
+        )
+        if problem is None:
+            keep.append(inst)
+        else:
+            dropped.append((inst, f"implausible input: {problem}"))
+    return keep, dropped
 
 
 def _guided(options: RefineOptions, volume: Volume) -> bool:
@@ -299,7 +355,7 @@ def sample_latents(
     if any(o is not None for o in observations):
         guide = DataConsistency(lambda x: sessions.encode(x)[0], sessions.decode_chunks, observations)
     schedule = sessions.bundle.diffusion_schedule()
-    z = refine_latents(sessions.energy_and_grad, z0, schedule, options.sampler, noise, guide)
+    z = z0 if len(z0) == 0 else refine_latents(sessions.energy_and_grad, z0, schedule, options.sampler, noise, guide)
     out, row = [], 0
     for case in cases:
         n = len(case.mu) * options.samples
@@ -314,6 +370,9 @@ def sample_latents(
 def _decode_mean_std(sessions: BundleSessions, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Mean and std over samples of the decoded probabilities; ``z`` is [samples, n, *Z]."""
     samples, n = z.shape[:2]
+    if n == 0:
+        size = (sessions.bundle.patch,) * 3
+        return np.zeros((0, *size), np.float32), (np.zeros((0, *size), np.float32) if samples > 1 else None)
     total: np.ndarray | None = None
     squares: np.ndarray | None = None
     for start, probability in sessions.decode_chunks(z.reshape(samples * n, *z.shape[2:])):
@@ -384,16 +443,23 @@ def finish_case(
     for v in vertebrae:
         v.agreement_dsc, v.agreement_hd95_mm = _agreement(after_on_input, input_ids, v.instance.instance_id, spacing)
         if v.agreement_dsc < options.min_agreement:
-            keep = options.on_disagree == "keep-input"
-            v.decision = "kept input (disagrees)" if keep else "refined (disagrees)"
+            v.decision = "kept input" if options.on_disagree == "keep-input" else "refined, flagged"
+            v.reason = (
+                f"refinement disagrees with the input (DSC {v.agreement_dsc:.2f} < {options.min_agreement:g}): check it"
+            )
     for v in vertebrae:
-        if v.decision.startswith("kept input"):
+        problem = result_problem(v.instance.voxels, int(np.count_nonzero(after == v.instance.instance_id)))
+        if problem is not None:
+            v.decision, v.reason = "kept input", f"implausible result: {problem}"
+    for v in vertebrae:
+        if v.decision == "kept input":
             instance_id = v.instance.instance_id
             after[after == instance_id] = 0
             after[(prepared.instance_array == instance_id) & (after == 0)] = instance_id
         v.voxels_after = int(np.count_nonzero(after == v.instance.instance_id))
     target = output_geometry(prepared.volume.geometry, options.spacing)
-    kept = {v.instance.instance_id for v in vertebrae if v.decision.startswith("kept input")}
+    kept = {v.instance.instance_id for v in vertebrae if v.decision == "kept input"}
+    kept |= {inst.instance_id for inst, _ in prepared.passed_through}
     labels = _back_to_input(prepared, after, target, kept, input_ids)
     probability = uncertainty = None
     if options.keep_maps:
@@ -410,6 +476,8 @@ def finish_case(
         probability=probability,
         uncertainty=uncertainty,
         seconds=seconds,
+        passed_through=list(prepared.passed_through),
+        from_binary_mask=prepared.from_binary_mask,
     )
 
 
@@ -474,9 +542,10 @@ def _back_to_input(
         for instance_id in kept:
             ids[ids == instance_id] = 0
             ids[source_ids == instance_id] = instance_id
-    result = restore_labels(ids, prepared.instances)
+    result = restore_labels(ids, [*prepared.instances, *(inst for inst, _ in prepared.passed_through)])
     source = volume.array if same_grid else resample_labels(volume, target, method="nearest").array
-    refined_labels = np.array(sorted({i.label for i in prepared.instances}))
+    handled = [*prepared.instances, *(inst for inst, _ in prepared.passed_through)]
+    refined_labels = np.array(sorted({i.label for i in handled}))
     passthrough = (source != 0) & ~np.isin(source, refined_labels)
     out = np.where(np.isin(result, refined_labels), result, 0).astype(volume.array.dtype)
     out[passthrough] = source[passthrough]

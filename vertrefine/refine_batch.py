@@ -152,13 +152,8 @@ class RefineJob:
         write_label_map(refined.labels, case.destination, like=case.prepared.volume)
         n = len(refined.vertebrae)
         message = f"{n} vertebra{'e' if n != 1 else ''} refined, seed {self.seed + case.index}"
-        for v in refined.vertebrae:
-            if v.disagrees:
-                kept = "kept the input" if v.decision.startswith("kept") else "written as refined"
-                message += (
-                    f"; {v.name}: refinement disagrees with the input (DSC {v.agreement_dsc:.2f} < "
-                    f"{self.options.min_agreement:g}): check it, {kept}"
-                )
+        for line in refined.warnings:
+            message += f"; {line}"
         if not refined.labels.geometry.same_grid(case.prepared.volume.geometry, tol=1e-6):
             spacing = "x".join(f"{v:g}" for v in refined.labels.geometry.spacing)
             coarse = "x".join(f"{v:g}" for v in case.prepared.volume.geometry.spacing)

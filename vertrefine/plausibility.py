@@ -1,0 +1,108 @@
+"""Is this a vertebra, and is its refinement believable? Checks on volume, extent and change (numpy only).
+
+Before refinement each vertebra of the input is checked against what one vertebra of its level can be (its
+volume on the 1 mm working grid and the longest side of its bounding box); one that cannot be (a single
+voxel, specks, a fragment cut by the field of view, a liver-sized blob) is not refined: it passes through
+unchanged and the case reports it. After refinement the result is checked against the input: empty,
+halved or doubled volume means the model has gone wrong, and the input is kept for that vertebra.
+
+Volume ranges per region are generous bounds around what was measured on whole vertebrae (body and posterior
+elements) at 1 mm: the real CT masks of the training data (31 thoracic T2-T12: 17-52 mL; 31 lumbar L1-L5:
+40-76 mL) and the phantoms of ``vertrefine synth`` (L1-L5: 53-74 mL). Cervical vertebrae (none measured here)
+get a wide range below the thoracic one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .labels import level_name
+
+
+@dataclass(frozen=True)
+class VolumeRange:
+    """Plausible volume of one vertebra (mL)."""
+
+    min_ml: float
+    max_ml: float
+
+
+CERVICAL = VolumeRange(2.0, 45.0)
+THORACIC = VolumeRange(5.0, 110.0)
+LUMBAR = VolumeRange(15.0, 180.0)
+ANY_LEVEL = VolumeRange(2.0, 180.0)
+"""For a vertebra of unknown level (a component of a binary mask, a label outside VerSe's vertebrae)."""
+MAX_EXTENT_MM = 150.0
+"""The longest side of one vertebra's bounding box (a lumbar vertebra with its processes: about 90 mm)."""
+MIN_CHANGE, MAX_CHANGE = 0.5, 2.0
+"""A result with less than half or more than twice the input's volume is implausible."""
+
+
+def volume_range(label: int | None) -> VolumeRange:
+    """The plausible volume of the vertebra with VerSe id ``label`` (None or another id: any level)."""
+    name = level_name(label) if label is not None else ""
+    if name[:1] == "C" and name[1:].isdigit():
+        return CERVICAL
+    if name[:1] == "T" and name[1:].isdigit():
+        return THORACIC
+    if name[:1] == "L" and name[1:].isdigit():
+        return LUMBAR
+    return ANY_LEVEL
+
+
+def input_problem(
+    label: int | None, voxels: int, voxel_ml: float, extent_mm: float, touches_border: bool
+) -> str | None:
+    """Why an input vertebra is not one to refine, or None when it is plausible.
+
+    ``voxels`` and ``voxel_ml`` give its volume, ``extent_mm`` the longest side of its bounding box,
+    ``touches_border`` whether it reaches the edge of the field of view; ``label`` its VerSe id (None: a
+    component of a binary mask, whose level is unknown).
+    """
+    volume = voxels * voxel_ml
+    bounds = volume_range(label)
+    if volume < bounds.min_ml:
+        where = " and cut by the field of view" if touches_border else ""
+        return f"too small for one vertebra ({volume:.1f} mL < {bounds.min_ml:g} mL{where})"
+    if volume > bounds.max_ml:
+        return f"too large for one vertebra ({volume:.0f} mL > {bounds.max_ml:g} mL)"
+    if extent_mm > MAX_EXTENT_MM:
+        return f"too long for one vertebra ({extent_mm:.0f} mm > {MAX_EXTENT_MM:g} mm)"
+    return None
+
+
+def result_problem(voxels_before: int, voxels_after: int) -> str | None:
+    """Why a refined vertebra is not believable against its input (empty, halved, doubled), or None."""
+    if voxels_after == 0:
+        return "empty result"
+    ratio = voxels_after / max(voxels_before, 1)
+    if ratio < MIN_CHANGE:
+        return f"result {ratio:.2f} x the input's volume"
+    if ratio > MAX_CHANGE:
+        return f"result {ratio:.1f} x the input's volume"
+    return None
+
+
+def extent_mm(box: tuple[slice, ...], spacing_mm: float) -> float:
+    """Longest side (mm) of a bounding box on an isotropic grid."""
+    return float(max(s.stop - s.start for s in box) * spacing_mm)
+
+
+def touches(box: tuple[slice, ...], shape: tuple[int, ...]) -> bool:
+    """Whether a bounding box reaches the first or last voxel along any axis of an array of ``shape``."""
+    return any(s.start <= 0 or s.stop >= n for s, n in zip(box, shape, strict=True))
+
+
+__all__ = [
+    "ANY_LEVEL",
+    "CERVICAL",
+    "LUMBAR",
+    "MAX_EXTENT_MM",
+    "THORACIC",
+    "VolumeRange",
+    "extent_mm",
+    "input_problem",
+    "result_problem",
+    "touches",
+    "volume_range",
+]
