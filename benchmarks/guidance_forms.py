@@ -174,6 +174,16 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report(doc: dict[str, Any], render, json_path: Path | None, markdown_path: Path | None) -> None:
+    """Print ``render(doc)`` and write it and the JSON document where asked."""
+    text = render(doc)
+    print(text)
+    if json_path:
+        json_path.write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    if markdown_path:
+        markdown_path.write_text(text)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -188,13 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
-    doc = run(args)
-    text = markdown(doc)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(doc, indent=1, default=float) + "\n")
-    if args.markdown:
-        args.markdown.write_text(text)
+    report(run(args), markdown, args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.guidance_forms import TRAINING_CASES
+from benchmarks.guidance_forms import TRAINING_CASES, report
 from benchmarks.real import case_seed, condition_key, dsc_change, find_case_paths, load_ground_truth
 from vertrefine.bundle import load_bundle
 from vertrefine.degrade import degrade
@@ -120,13 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
-    doc = run(args)
-    text = markdown(doc)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(doc, indent=1, default=float) + "\n")
-    if args.markdown:
-        args.markdown.write_text(text)
+    report(run(args), markdown, args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -122,30 +122,68 @@ def _stage(cin: int, cout: int, *, up: bool) -> nn.Sequential:
     return nn.Sequential(resample, _norm(cout), nn.GELU(), nn.Conv3d(cout, cout, 3, 1, 1), _norm(cout), nn.GELU())
 
 
-class Encoder(nn.Module):
-    """x [B, 1, P, P, P] in {0, 1} -> (mu [B, L], logvar [B, L])."""
+def _down_stages(config: ModelConfig) -> tuple[list[nn.Module], int]:
+    """The encoder's stride-2 stages (``encoder_widths``) from one input channel, and the last width."""
+    stages, channels = [], 1
+    for width in config.encoder_widths:
+        stages.append(_stage(channels, width, up=False))
+        channels = width
+    return stages, channels
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        stages, channels = [], 1
-        for width in config.encoder_widths:
-            stages.append(_stage(channels, width, up=False))
-            channels = width
-        self.features = nn.Sequential(*stages)
-        side = config.lowres // 2 ** len(config.encoder_widths)
-        self.head = nn.Linear(channels * side**3, 2 * config.latent)
+
+class _Encoding(nn.Module):
+    """What both encoders share: 128^3 input pooled to the internal grid; log-variance clamped."""
+
+    config: ModelConfig
 
     def forward_lowres(self, x_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode the pooled view [B, 1, P/d, P/d, P/d] (soft occupancy in [0, 1])."""
-        mu, logvar = self.head(self.features(x_low).flatten(1)).chunk(2, dim=1)
+        mu, logvar = self.moments(x_low).chunk(2, dim=1)
         return mu, logvar.clamp(-12.0, 6.0)
+
+    def moments(self, x_low: torch.Tensor) -> torch.Tensor:
+        """[mu, logvar] stacked along dimension 1."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward_lowres(F.avg_pool3d(x, self.config.downsample))
 
 
-class Decoder(nn.Module):
+class _Decoding(nn.Module):
+    """What both decoders share: logits on the internal grid, upsampled trilinearly, sigmoid."""
+
+    config: ModelConfig
+
+    def logits_lowres(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits on the internal grid [B, 1, P/d, P/d, P/d]."""
+        raise NotImplementedError
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits upsampled (trilinear) to the patch grid [B, 1, P, P, P]."""
+        return F.interpolate(
+            self.logits_lowres(z), scale_factor=self.config.downsample, mode="trilinear", align_corners=False
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(z))
+
+
+class Encoder(_Encoding):
+    """x [B, 1, P, P, P] in {0, 1} -> (mu [B, L], logvar [B, L])."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        stages, channels = _down_stages(config)
+        self.features = nn.Sequential(*stages)
+        side = config.lowres // 2 ** len(config.encoder_widths)
+        self.head = nn.Linear(channels * side**3, 2 * config.latent)
+
+    def moments(self, x_low: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x_low).flatten(1))
+
+
+class Decoder(_Decoding):
     """z [B, L] -> probability [B, 1, P, P, P]."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -159,18 +197,8 @@ class Decoder(nn.Module):
         self.out = nn.ConvTranspose3d(widths[-1], 1, 4, 2, 1)
 
     def logits_lowres(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits on the internal grid [B, 1, P/d, P/d, P/d]."""
         h = F.gelu(self.fc(z)).view(-1, self.config.decoder_widths[0], self.side, self.side, self.side)
         return self.out(self.features(h))
-
-    def logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits upsampled (trilinear) to the patch grid [B, 1, P, P, P]."""
-        return F.interpolate(
-            self.logits_lowres(z), scale_factor=self.config.downsample, mode="trilinear", align_corners=False
-        )
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(z))
 
 
 class _ResBlock(nn.Module):
@@ -187,30 +215,22 @@ class _ResBlock(nn.Module):
         return x + self.body(x)
 
 
-class SpatialEncoder(nn.Module):
+class SpatialEncoder(_Encoding):
     """x [B, 1, P, P, P] in {0, 1} -> (mu, logvar), each [B, C, g, g, g] (fully convolutional)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        stages, channels = [], 1
-        for width in config.encoder_widths:
-            stages.append(_stage(channels, width, up=False))
-            channels = width
+        stages, channels = _down_stages(config)
         stages += [_ResBlock(channels) for _ in range(config.res_blocks)]
         self.features = nn.Sequential(*stages)
         self.head = nn.Sequential(_norm(channels), nn.GELU(), nn.Conv3d(channels, 2 * config.latent, 1))
 
-    def forward_lowres(self, x_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode the pooled view [B, 1, P/d, P/d, P/d] (soft occupancy in [0, 1])."""
-        mu, logvar = self.head(self.features(x_low)).chunk(2, dim=1)
-        return mu, logvar.clamp(-12.0, 6.0)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward_lowres(F.avg_pool3d(x, self.config.downsample))
+    def moments(self, x_low: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x_low))
 
 
-class SpatialDecoder(nn.Module):
+class SpatialDecoder(_Decoding):
     """z [B, C, g, g, g] -> probability [B, 1, P, P, P] (fully convolutional)."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -226,17 +246,7 @@ class SpatialDecoder(nn.Module):
         self.out = nn.ConvTranspose3d(widths[-1], 1, 4, 2, 1)
 
     def logits_lowres(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits on the internal grid [B, 1, P/d, P/d, P/d]."""
         return self.out(self.features(z))
-
-    def logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits upsampled (trilinear) to the patch grid [B, 1, P, P, P]."""
-        return F.interpolate(
-            self.logits_lowres(z), scale_factor=self.config.downsample, mode="trilinear", align_corners=False
-        )
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(z))
 
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
