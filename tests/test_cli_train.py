@@ -23,7 +23,7 @@ def tiny_run(tmp_path_factory):
 
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    result = invoke("train", "--preset", "tiny", "--model", "lsd-ebm", "--epochs", "2", "--out", run)
+    result = invoke("train", "--preset", "tiny", "--model", "lsd-ebm", "--epochs", "2", "--keep-cut", "--out", run)
     assert result.exit_code == 0, result.output
     return run, result.output
 
@@ -43,6 +43,7 @@ def test_tiny_preset_trains_logs_and_exports_a_verified_bundle(tiny_run):
     ]
     command = manifest["recipe"]["command"]
     assert command.startswith("vertrefine train --out ") and "--preset tiny" in command and "--epochs 2" in command
+    assert "--keep-cut" in command and "--resume" not in command and "PosixPath" not in command  # retypeable
 
 
 def test_resume_continues_to_more_epochs_and_refuses_changed_options(tiny_run):

@@ -518,7 +518,9 @@ def _train(config: TrainConfig, procs: _Processes, on_event: EventCallback | Non
         raise InputError(config.cache_path, str(exc), "check --val-groups against the case names") from None
     train_idx = _repeated(cache, train_idx, config)
     if not train_idx:
-        raise InputError(config.cache_path, "leaves no patch for training", "add cases or lower --val-fraction")
+        raise InputError(
+            config.cache_path, "leaves no patch for training", "add cases, or name fewer individuals in --val-groups"
+        )
     if not val_idx:
         emit("warning", {"message": "only one case: no validation split, val_dice is not measured"})
     if checkpoint is not None and checkpoint.get("cache_fingerprint") not in (None, cache.fingerprint):
