@@ -284,3 +284,16 @@ def test_output_equal_to_input_is_refused(cases):
     result = invoke("refine", source, "-o", source, "--model", "vae")
     assert result.exit_code == 2 and "input" in _error_line(result)
     assert source.read_bytes() == before
+
+
+def test_flagged_vertebrae_are_reported_in_single_and_folder_mode(cases, tmp_path):
+    single = invoke(
+        "refine", cases / "spine_22.nii.gz", "-o", tmp_path / "one.nii.gz", "--min-agreement", "0.99", *FAST
+    )
+    assert single.exit_code == 0, single.output
+    assert "warning: L4: refinement disagrees with the input" in single.output and "kept input" in single.output
+    folder = invoke("refine", cases, "-o", tmp_path / "all", "--min-agreement", "0.99", *FAST)
+    assert folder.exit_code == 0, folder.output
+    assert "2 done (2 with warnings)" in folder.output and "spine_21" in folder.output and "check it" in folder.output
+    sidecar = json.loads((tmp_path / "all" / "spine_21.json").read_text())
+    assert {v["decision"] for v in sidecar["vertebrae"]} == {"kept input"}

@@ -18,7 +18,7 @@ from vertrefine.refine import (
 )
 from vertrefine.runtime import open_sessions
 from vertrefine.sampler import SamplerSettings
-from vertrefine.spatial import find_instances, resample_labels
+from vertrefine.spatial import crop, find_instances, resample_labels
 from vertrefine.synth import synth_spine
 from vertrefine.volume import Geometry, Volume
 
@@ -118,6 +118,9 @@ def test_binary_mask_components_are_refined_and_written_back_with_the_mask_value
     assert result.labels.labels == [1]
     assert _dice(result.labels.array == 1, binary.array == 1) > 0.8
     assert [v.name for v in result.vertebrae] == ["vertebra_1", "vertebra_2"]
+    one = binary.with_array(np.where(two_vertebrae.array == 21, 1, 0).astype(np.uint8))  # one vertebra, value 1
+    (single,) = refine_volume(one, vae, RefineOptions(None)).vertebrae
+    assert single.name == "vertebra_1" and single.decision == "refined"  # not "C1", not too large for a C1
 
 
 def _grids(volume: Volume) -> dict[str, Volume]:
@@ -272,6 +275,8 @@ def test_a_vertebra_that_disagrees_with_the_input_is_flagged_and_kept_as_input(t
     if on_disagree == "keep-input":
         assert wrong.decision == "kept input" and "disagrees with the input" in wrong.reason
         np.testing.assert_array_equal(l3, two_vertebrae.array == wrong.instance.label)  # the input's own voxels
+        kept_patch = crop(result.working_before, wrong.box) == wrong.instance.instance_id
+        np.testing.assert_array_equal(wrong.probability, kept_patch)  # meshes and maps follow what is written
     else:
         assert wrong.decision == "refined, flagged" and "check it" in wrong.reason
         assert _dice(l3, two_vertebrae.array == wrong.instance.label) < 0.85

@@ -175,9 +175,21 @@ def report(outcomes: list[CaseOutcome], out: Console) -> int:
     """Print the final counts (and a table of failures); return the exit code."""
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
     failed = [o for o in outcomes if o.status == "failed"]
+    # a done case's detail is a summary line, then one line per warning (e.g. a vertebra kept as input)
+    warned = [(o.case, line) for o in outcomes if o.status == "done" for line in o.detail.splitlines()[1:]]
     if len(outcomes) == 1 and not failed:
         only = outcomes[0]
-        out.print(f"{only.case}: {only.status} ({only.detail}, {only.seconds:.1f} s)", highlight=False)
+        summary = only.detail.splitlines()[0] if only.detail else ""
+        out.print(f"{only.case}: {only.status} ({summary}, {only.seconds:.1f} s)", highlight=False)
+        for _, line in warned:
+            out.print(f"[yellow]warning:[/] {line}", highlight=False)
+    elif warned:
+        table = Table(title="warnings")
+        table.add_column("case")
+        table.add_column("warning")
+        for case, line in warned:
+            table.add_row(case, line)
+        out.print(table)
     if failed:
         table = Table(title="failed cases")
         table.add_column("case")
@@ -186,5 +198,7 @@ def report(outcomes: list[CaseOutcome], out: Console) -> int:
             table.add_row(outcome.case, outcome.detail)
         out.print(table)
     if len(outcomes) > 1 or failed:
-        out.print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
+        with_warnings = len({case for case, _ in warned})
+        extra = f" ({with_warnings} with warnings)" if with_warnings else ""
+        out.print(f"{counts['done']} done{extra}, {counts['skipped']} skipped, {counts['failed']} failed")
     return 1 if failed else 0

@@ -254,7 +254,7 @@ def refine(
     ] = None,
     skip_existing: Annotated[bool, typer.Option(help="In folder mode, skip cases whose output exists.")] = False,
 ) -> None:
-    """Refine vertebra segmentations with the shape prior, on the input's grid (plus a JSON sidecar)."""
+    """Refine vertebra segmentations with the shape prior (1 mm output for thick-slice inputs) plus a JSON sidecar."""
     from .batch import is_batch, run_batch
     from .bundle import load_bundle
     from .info import default_bundle_dir
@@ -473,15 +473,15 @@ class Preset(str, Enum):
 
 
 def _output_spacing(text: str) -> float | str:
-    """--spacing: 'auto', 'input' or a positive number of mm."""
+    """--spacing: 'auto', 'input' or a number of mm in [0.25, 5]."""
     if text in ("auto", "input"):
         return text
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0:
-        raise typer.BadParameter(f"--spacing takes a number of mm, 'input' or 'auto', got {text!r}")
+    if not 0.25 <= value <= 5.0:
+        raise typer.BadParameter(f"--spacing takes a number of mm from 0.25 to 5, 'input' or 'auto', got {text!r}")
     return value
 
 

@@ -259,7 +259,7 @@ def prepare_case(
             f"no vertebra labels to refine (labels found: {found})",
             "pass --labels with the ids to refine (VerSe numbering: 20..24 = L1..L5)",
         )
-    from_mask = any(i.instance_id != i.label for i in instances)
+    from_mask = _is_binary_mask(instances)
     chosen, passed_through = _plausible(chosen, instance_array, working_grid, from_mask)
     seconds["resample"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -296,6 +296,16 @@ def prepare_case(
         from_binary_mask=from_mask,
         seconds=seconds,
     )
+
+
+BINARY_VALUES = frozenset({1, 255})
+"""The value of a binary mask: a single-valued map of 1 or 255 names no vertebra level."""
+
+
+def _is_binary_mask(instances: Sequence[Instance]) -> bool:
+    """Components of one mask value, or a single structure whose value is a mask value (1, 255), not a level."""
+    values = {i.label for i in instances}
+    return any(i.instance_id != i.label for i in instances) or (len(values) == 1 and values <= BINARY_VALUES)
 
 
 def _plausible(
@@ -460,10 +470,12 @@ def finish_case(
         if problem is not None:
             v.decision, v.reason = "kept input", f"implausible result: {problem}"
     for v in vertebrae:
-        if v.decision == "kept input":
+        if v.decision == "kept input":  # the input's shape everywhere: labels, probability map, mesh
             instance_id = v.instance.instance_id
             after[after == instance_id] = 0
             after[(prepared.instance_array == instance_id) & (after == 0)] = instance_id
+            v.probability = (crop(prepared.instance_array, v.box) == instance_id).astype(np.float32)
+            v.std = None if v.std is None else np.zeros_like(v.std)
         v.voxels_after = int(np.count_nonzero(after == v.instance.instance_id))
     target = output_geometry(prepared.volume.geometry, options.spacing)
     kept = {v.instance.instance_id for v in vertebrae if v.decision == "kept input"}

@@ -152,13 +152,11 @@ class RefineJob:
         write_label_map(refined.labels, case.destination, like=case.prepared.volume)
         n = len(refined.vertebrae)
         message = f"{n} vertebra{'e' if n != 1 else ''} refined, seed {self.seed + case.index}"
-        for line in refined.warnings:
-            message += f"; {line}"
         if not refined.labels.geometry.same_grid(case.prepared.volume.geometry, tol=1e-6):
             spacing = "x".join(f"{v:g}" for v in refined.labels.geometry.spacing)
             coarse = "x".join(f"{v:g}" for v in case.prepared.volume.geometry.spacing)
             message += f", written on a {spacing} mm grid (input {coarse} mm; --spacing input keeps it)"
-        return message
+        return "\n".join([message, *refined.warnings])
 
     def _write_extras(self, name: str, case: _Case, refined: RefinedCase) -> None:
         like = case.prepared.volume
