@@ -158,6 +158,21 @@ def test_tiny_preset_without_data_trains_on_its_own_synthetic_spines(tmp_path):
     assert recipe["data"]["train_patches"] + recipe["data"]["val_patches"] == 15 and recipe["data"]["val_patches"] > 0
 
 
+def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, cache_dir):
+    first = loop.train(micro_config(tmp_path, cache_dir, "first", export=False))
+    tuned = loop.train(
+        micro_config(
+            tmp_path, cache_dir, "tuned", export=False, init_from=str(first), kl_weight=0.1, lr=1e-12, energy_lr=1e-12
+        )
+    )
+    start, end = final_weights(first), final_weights(tuned)
+    for key in start:  # a vanishing learning rate: the tuned run ends where its start was
+        torch.testing.assert_close(end[key], start[key], atol=1e-6, rtol=0)
+    assert TrainConfig.load(tuned / "config.json").init_from == str(first)
+    with pytest.raises(InputError, match="another model configuration"):
+        loop.train(micro_config(tmp_path, cache_dir, "other", export=False, init_from=str(first), latent=3))
+
+
 def test_epoch_order_shards_partition_a_seeded_permutation():
     whole = loop.epoch_order(10, seed=3, epoch=2)
     assert sorted(whole) == list(range(10)) and whole == loop.epoch_order(10, seed=3, epoch=2)

@@ -573,6 +573,13 @@ def train(
         typer.Option(min=0.0, max=1.0, help="Probability that a training input is a thick-slice copy."),
     ] = None,
     cache: Annotated[Path | None, typer.Option("--cache", help="Patch cache folder (default: OUT/cache).")] = None,
+    kl_weight: Annotated[
+        float | None, typer.Option(min=0.0, help="Weight of the ELBO's KL term (default 1; lower keeps more detail).")
+    ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(help="Start from this run's (or checkpoint's) weights, same architecture: fine-tuning."),
+    ] = None,
     device: Annotated[Device | None, typer.Option(help="auto, cpu or cuda.")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Seed of data order, augmentation and sampling.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(min=1, help="Keep a checkpoint every N epochs.")] = None,
@@ -587,6 +594,8 @@ def train(
         drop_cut=drop_cut,
         val_groups=tuple(g.strip() for g in val_groups.split(",") if g.strip()) if val_groups else None,
         cache_dir=cache,
+        kl_weight=kl_weight,
+        init_from=init_from,
         model=model and model.value,
         epochs=epochs,
         batch_size=batch_size,

@@ -78,6 +78,10 @@ class TrainConfig:
     """LEBM: posterior Langevin steps through the decoder."""
     posterior_step_size: float = 1e-4
     kl_weight: float = 1.0
+    """Weight of the KL term of the ELBO (1 = the ELBO; lower keeps more detail in the latent)."""
+    init_from: str | None = None
+    """A checkpoint (or run folder) whose model weights start this run (same model configuration); the
+    optimizer, epochs and data order start afresh. For fine-tuning, e.g. with another --kl-weight."""
     energy_on_clean: bool = True
     """LSD-EBM: the energy learns the latents of clean targets, not of (possibly thick-slice) inputs."""
     encoder_widths: tuple[int, ...] = (16, 32)
@@ -122,6 +126,8 @@ class TrainConfig:
         for name in ("langevin_steps", "posterior_steps", "num_workers", "degraded_variants", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative (got {getattr(self, name)})")
+        if not self.kl_weight >= 0:
+            problems.append(f"kl_weight must not be negative (got {self.kl_weight})")
         for name in ("lr", "energy_lr", "langevin_step_size", "posterior_step_size"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be positive (got {getattr(self, name)})")
@@ -222,7 +228,10 @@ class TrainConfig:
         """
         if isinstance(options.get("data_dir"), (list, tuple)):
             options["data_dir"] = os.pathsep.join(str(p) for p in options["data_dir"]) or None
-        given = {k: (str(v) if k in ("data_dir", "cache_dir") and v is not None else v) for k, v in options.items()}
+        given = {
+            k: (str(v) if k in ("data_dir", "cache_dir", "init_from") and v is not None else v)
+            for k, v in options.items()
+        }
         given = {k: v for k, v in given.items() if v is not None}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(given) - known)

@@ -544,6 +544,18 @@ def _train(config: TrainConfig, procs: _Processes, on_event: EventCallback | Non
         history = [dict(h) for h in checkpoint.get("history", [])]
         _restore_rng(dict(checkpoint.get("rng", {})))
         del checkpoint
+    elif config.init_from:
+        from .export import load_checkpoint_model  # weights-only loading and its checks, in one place
+
+        start_model, _, _ = load_checkpoint_model(config.init_from)
+        if start_model.config != model_config:
+            raise InputError(
+                config.init_from,
+                "was trained with another model configuration",
+                "start from a checkpoint of the same architecture (latent, widths, timesteps)",
+            )
+        model.load_state_dict(start_model.state_dict())
+        model.to(device)
     if procs.active:
         _broadcast_parameters(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
