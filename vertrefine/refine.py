@@ -177,11 +177,12 @@ class RefinedCase:
     @property
     def warnings(self) -> list[str]:
         """One line per vertebra that was passed through, kept as input or flagged."""
-        lines = [f"{self._name(inst)}: {reason}; passed through unchanged" for inst, reason in self.passed_through]
+        lines = [f"{self.name_of(inst)}: {reason}; passed through unchanged" for inst, reason in self.passed_through]
         lines += [f"{v.name}: {v.reason}; {v.decision}" for v in self.vertebrae if v.reason]
         return lines
 
-    def _name(self, instance: Instance) -> str:
+    def name_of(self, instance: Instance) -> str:
+        """'L3', or 'vertebra_2' for a component of a binary mask."""
         return f"vertebra_{instance.instance_id}" if self.from_binary_mask else level_name(instance.label)
 
     @property
@@ -219,7 +220,7 @@ class RefinedCase:
         for inst, reason in self.passed_through:
             rows.append(
                 {
-                    "name": self._name(inst),
+                    "name": self.name_of(inst),
                     "label": inst.label,
                     "level": None if self.from_binary_mask else level_name(inst.label),
                     "instance": inst.instance_id,

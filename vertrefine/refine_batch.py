@@ -168,9 +168,17 @@ class RefineJob:
             write_scalar_nifti(refined.uncertainty, std_path, like=like)
         qc_path = self.extras.path("qc", name)
         if qc_path is not None:
-            from .qc import write_qc_png
+            from .qc import QcVertebra, write_qc_png
 
-            write_qc_png(refined.working_before, refined.working_after, qc_path, title=name)
+            shown = [
+                QcVertebra(v.instance.instance_id, v.name, v.instance.centroid, v.decision if v.reason else "")
+                for v in refined.vertebrae
+            ]
+            shown += [
+                QcVertebra(inst.instance_id, refined.name_of(inst), inst.centroid, "passed through")
+                for inst, _ in refined.passed_through
+            ]
+            write_qc_png(refined.working_before, refined.working_after, qc_path, title=name, vertebrae=shown)
         mesh_dir = self.extras.path("mesh", name)
         if mesh_dir is not None:
             from .mesh import vertebra_mesh, write_stl
