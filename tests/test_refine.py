@@ -333,3 +333,35 @@ def test_an_emptied_result_is_not_written_the_input_is_kept(two_vertebrae, vae):
     label = emptied.instance.label
     np.testing.assert_array_equal(result.labels.array == label, two_vertebrae.array == label)
     assert result.vertebrae[1].decision == "refined"
+
+
+class BallDecoder(WrongShape):
+    """Decodes every latent as a ball of radius 24 mm around the patch centre: a shape that does not stop at
+    the image's border, as a model completing a cut vertebra would."""
+
+    def decode_chunks(self, z):
+        grid = np.indices((128, 128, 128)).reshape(3, -1).T
+        ball = (np.linalg.norm(grid - 63.5, axis=1) <= 24).reshape((128,) * 3).astype(np.float32)
+        for start, probability in self._sessions.decode_chunks(z):
+            yield start, np.broadcast_to(ball, probability.shape).copy()
+
+
+def test_a_vertebra_cut_by_the_border_is_refined_only_inside_or_passed_through(two_vertebrae, vae):
+    g = two_vertebrae.geometry
+    l3 = np.argwhere(two_vertebrae.array == 22)
+    k_mid = int(np.median(l3[:, 0]))  # L3 (inferior, low k) cut through its middle: the image starts there
+    origin = tuple(g.index_to_physical(np.array([0, 0, k_mid])))
+    cut = Volume(
+        two_vertebrae.array[k_mid:].copy(), replace(g, shape=(g.shape[0] - k_mid, *g.shape[1:]), origin=origin)
+    )
+    balls = BallDecoder(vae, wrong_row=-1)
+    result = refine_volume(cut, balls, RefineOptions(None, on_disagree="write"))
+    assert result.labels.geometry == cut.geometry  # nothing is written beyond the image
+    upper, lower = result.vertebrae
+    assert upper.fov_fraction == 1.0 and 0.5 < lower.fov_fraction < 0.9
+    assert [r["fov_fraction"] for r in result.vertebra_rows()] == [1.0, round(lower.fov_fraction, 3)]
+    strict = refine_volume(cut, balls, RefineOptions(None, on_disagree="write", min_fov_fraction=0.95))
+    kept = strict.vertebrae[1]
+    assert kept.decision == "kept input" and "field of view" in kept.reason
+    np.testing.assert_array_equal(strict.labels.array == 22, cut.array == 22)  # passed through unchanged
+    assert strict.vertebrae[0].decision in ("refined", "refined, flagged")  # the whole vertebra is not gated

@@ -218,6 +218,15 @@ def refine(
             "flagged (the true shape scores 0.7-0.9 against 5 mm slices).",
         ),
     ] = 0.6,
+    min_fov_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="A vertebra with less than this fraction of its refined shape inside the image is written as "
+            "the input shows it.",
+        ),
+    ] = 0.5,
     on_disagree: Annotated[
         Disagree,
         typer.Option(help="For a flagged vertebra, write the input's voxels (keep-input) or the result (write)."),
@@ -307,6 +316,7 @@ def refine(
         pose=pose,
         spacing=output_spacing,
         min_agreement=min_agreement,
+        min_fov_fraction=min_fov_fraction,
         on_disagree=on_disagree.value,
     )
     sessions, note = open_sessions(bundle, device.value, threads)

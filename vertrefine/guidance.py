@@ -66,15 +66,8 @@ def patch_to_input_index(
     return lps_to_source @ working_to_lps @ to_working
 
 
-def observe(affine: np.ndarray, source_labels: np.ndarray, value: int, size: int) -> SlabObservation:
-    """The slabs of a [size]^3 patch and what the input shows in each: whether its voxel is ``value``.
-
-    ``affine`` maps patch voxels to array indices of the input grid (:func:`patch_to_input_index`); a patch
-    voxel's slab is the input voxel its centre falls in, and the slab shows this vertebra when that input
-    voxel holds ``value`` in ``source_labels`` (the input's labels, or its vertebra instances, on its own
-    grid: never an interpolation of them, which would blur exactly the boundary slabs). Patch voxels outside
-    the input's field of view get slab -1.
-    """
+def _source_voxels(affine: np.ndarray, source_shape: Sequence[int], size: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """(source array index (k, j, i) of each patch voxel's centre, three int32 [P, P, P]; inside the source)."""
     axes = np.arange(size, dtype=np.float32)
     m, b = affine[:3, :3].astype(np.float32), affine[:3, 3].astype(np.float32)
     # index = m @ (k, j, i) + b, built from three broadcast outer sums (no [3, P^3] coordinate array)
@@ -84,10 +77,27 @@ def observe(affine: np.ndarray, source_labels: np.ndarray, value: int, size: int
         ).astype(np.int32)
         for r in range(3)
     ]
-    shape = source_labels.shape
     valid = np.ones((size,) * 3, dtype=bool)
     for r in range(3):
-        valid &= (index[r] >= 0) & (index[r] < int(shape[r]))
+        valid &= (index[r] >= 0) & (index[r] < int(source_shape[r]))
+    return index, valid
+
+
+def field_of_view(affine: np.ndarray, source_shape: Sequence[int], size: int) -> np.ndarray:
+    """bool [P, P, P]: the patch voxels whose centre lies in a voxel of the input grid (its field of view)."""
+    return _source_voxels(affine, source_shape, size)[1]
+
+
+def observe(affine: np.ndarray, source_labels: np.ndarray, value: int, size: int) -> SlabObservation:
+    """The slabs of a [size]^3 patch and what the input shows in each: whether its voxel is ``value``.
+
+    ``affine`` maps patch voxels to array indices of the input grid (:func:`patch_to_input_index`); a patch
+    voxel's slab is the input voxel its centre falls in, and the slab shows this vertebra when that input
+    voxel holds ``value`` in ``source_labels`` (the input's labels, or its vertebra instances, on its own
+    grid: never an interpolation of them, which would blur exactly the boundary slabs). Patch voxels outside
+    the input's field of view get slab -1.
+    """
+    index, valid = _source_voxels(affine, source_labels.shape, size)
     if not valid.any():
         empty = np.zeros(0, np.float32)
         return SlabObservation(np.full((size,) * 3, -1, np.int32), empty, empty.astype(bool), empty.astype(bool))

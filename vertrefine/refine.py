@@ -17,7 +17,14 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
-from .guidance import DataConsistency, SlabObservation, observe, patch_to_input_index, slab_means
+from .guidance import (
+    DataConsistency,
+    SlabObservation,
+    field_of_view,
+    observe,
+    patch_to_input_index,
+    slab_means,
+)
 from .labels import level_name
 from .metrics import surface_distances
 from .plausibility import extent_mm, input_problem, result_problem, touches
@@ -83,6 +90,9 @@ class RefineOptions:
     min_agreement: float = MIN_AGREEMENT
     """A vertebra whose result, seen on the input grid, has a DSC below this against the input disagrees with it
     (:func:`agreement_with_input`)."""
+    min_fov_fraction: float = 0.5
+    """A vertebra of whose refined shape less than this fraction lies inside the input's field of view is
+    written as the input shows it (the rest would be the model's guess beyond the image)."""
     on_disagree: str = "keep-input"
     """'keep-input': a disagreeing vertebra is written as the input shows it; 'write': as refined (flagged)."""
 
@@ -91,6 +101,8 @@ class RefineOptions:
             raise ValueError("samples must be >= 1")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError("threshold must be in (0, 1)")
+        if not 0.0 <= self.min_fov_fraction <= 1.0:
+            raise ValueError(f"min_fov_fraction must be in [0, 1], got {self.min_fov_fraction}")
         if not 0.0 <= self.min_agreement <= 1.0:
             raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
         if self.on_disagree not in ON_DISAGREE:
@@ -146,6 +158,8 @@ class RefinedVertebra:
     """What was written: 'refined', 'kept input' (the input's voxels) or 'refined, flagged'."""
     reason: str = ""
     """Why the vertebra was kept as input or flagged ('' when refined without a problem)."""
+    fov_fraction: float | None = None
+    """Fraction of the refined shape inside the input's field of view."""
 
     @property
     def name(self) -> str:
@@ -210,6 +224,7 @@ class RefinedCase:
                 "dice_after_vs_before": round(2 * overlap / total, 4) if total else None,
                 "agreement_dsc": None if v.agreement_dsc is None else round(v.agreement_dsc, 4),
                 "agreement_hd95_mm": None if v.agreement_hd95_mm is None else round(v.agreement_hd95_mm, 2),
+                "fov_fraction": None if v.fov_fraction is None else round(v.fov_fraction, 3),
                 "decision": v.decision,
                 "reason": v.reason,
             }
@@ -470,6 +485,13 @@ def finish_case(
         problem = result_problem(v.instance.voxels, int(np.count_nonzero(after == v.instance.instance_id)))
         if problem is not None:
             v.decision, v.reason = "kept input", f"implausible result: {problem}"
+        v.fov_fraction = _inside_fraction(prepared, v)
+        if v.fov_fraction < options.min_fov_fraction:
+            v.decision = "kept input"
+            v.reason = (
+                f"only {v.fov_fraction:.0%} of the refined shape lies inside the field of view "
+                f"(< {options.min_fov_fraction:.0%})"
+            )
     for v in vertebrae:
         if v.decision == "kept input":  # the input's shape everywhere: labels, probability map, mesh
             instance_id = v.instance.instance_id
@@ -516,6 +538,17 @@ def _ids_on(prepared: PreparedCase, ids: np.ndarray, target: Geometry, method: s
     if prepared.working.same_grid(target, tol=1e-6):
         return ids
     return resample_labels(Volume(ids, prepared.working), target, method=method).array
+
+
+def _inside_fraction(prepared: PreparedCase, vertebra: RefinedVertebra) -> float:
+    """Fraction of the refined shape (probability >= 0.5 on its box) inside the input's field of view."""
+    size = vertebra.box.size
+    affine = patch_to_input_index(prepared.working, vertebra.box.start, np.eye(3), size, prepared.volume.geometry)
+    shape = vertebra.probability >= 0.5
+    total = int(shape.sum())
+    if not total:
+        return 1.0
+    return float(np.count_nonzero(shape & field_of_view(affine, prepared.volume.geometry.shape, size)) / total)
 
 
 def agreement_with_input(
