@@ -694,11 +694,19 @@ def export(
     guidance: Annotated[
         float | None, typer.Option(min=0.0, max=1.0, help="Bundle default of refine's --guidance.")
     ] = None,
+    guidance_steps: Annotated[
+        int | None, typer.Option(min=0, help="How many of the last reverse steps are guided (default: all).")
+    ] = None,
 ) -> None:
     """Export a run's last checkpoint as a model bundle: single-file ONNX models + manifest.json."""
     from .train.export import export_run
 
-    overrides = {"t_refine": t_refine, "langevin_steps": langevin_steps, "guidance": guidance}
+    overrides = {
+        "t_refine": t_refine,
+        "langevin_steps": langevin_steps,
+        "guidance": guidance,
+        "guidance_steps": guidance_steps,
+    }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     bundle = export_run(run_dir, output, as_kind=as_kind and as_kind.value, sampler_overrides=overrides)
     out.print(f"bundle written to {bundle}", highlight=False)
