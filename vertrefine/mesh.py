@@ -25,10 +25,11 @@ def vertebra_mesh(probability: np.ndarray, owned: np.ndarray, box: PatchBox, geo
     if not (field > level).any():
         return None
     padded = np.pad(field, 1)  # a vertebra touching the patch border still gets a closed surface
-    verts_kji, faces, _, _ = marching_cubes(padded, level=level)
+    verts_kji, faces, _, _ = marching_cubes(padded, level=level, allow_degenerate=False)
     verts_kji += np.asarray(box.start, dtype=np.float64) - 1.0
     verts_lps = geometry.index_to_physical(verts_kji[:, ::-1])
-    # process=False: merging vertices can turn the two degenerate faces of a saddle into a non-manifold edge
+    # no degenerate (zero-area) triangles, which a saddle produces and which break watertightness once a
+    # reader merges the STL's vertices; process=False keeps marching cubes' vertices as they are
     mesh = trimesh.Trimesh(vertices=verts_lps, faces=faces, process=False)
     trimesh.repair.fix_normals(mesh)  # the (k, j, i) -> LPS map may mirror, which flips the winding
     return mesh
