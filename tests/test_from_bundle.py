@@ -177,8 +177,8 @@ def test_model_config_that_does_not_fit_the_weights_is_refused(bundles, tmp_path
 def test_shipped_lsd_ebm_bundle_decoder_matches_onnx():
     folder = ROOT / "weights" / "lsd-ebm"
     model = model_from_bundle(folder)
-    assert model.energy is not None and model.config.latent == 100
-    z = np.random.default_rng(0).standard_normal((1, model.config.latent)).astype(np.float32)
+    assert model.energy is not None and model.config.latent_shape == (8, 16, 16, 16)
+    z = np.random.default_rng(0).standard_normal((1, *model.config.latent_shape)).astype(np.float32)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(folder / FILES["decoder"]), options, providers=["CPUExecutionProvider"])
