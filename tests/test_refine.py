@@ -306,6 +306,7 @@ def test_an_implausible_input_vertebra_passes_through_unchanged_with_a_warning(
     assert [v.instance.label for v in result.vertebrae] == [21, 22]  # the real ones are refined
     (row,) = [r for r in result.vertebra_rows() if r["label"] == label]
     assert row["decision"] == "passed through" and words in row["reason"]
+    assert set(row) == set(result.vertebra_rows()[0])  # every vertebra has the same sidecar keys
     assert any(line.startswith("T12:") and words in line for line in result.warnings)
 
 

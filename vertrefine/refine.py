@@ -241,6 +241,11 @@ class RefinedCase:
                     "instance": inst.instance_id,
                     "centroid_lps_mm": [round(c, 2) for c in inst.centroid_lps],
                     "volume_before_ml": round(inst.voxels * voxel_ml, 3),
+                    "volume_after_ml": round(inst.voxels * voxel_ml, 3),
+                    "dice_after_vs_before": 1.0,
+                    "agreement_dsc": None,
+                    "agreement_hd95_mm": None,
+                    "fov_fraction": None,
                     "decision": "passed through",
                     "reason": reason,
                 }
@@ -343,6 +348,8 @@ def _plausible(
         if problem is None:
             keep.append(inst)
         else:
+            if from_mask and problem.startswith("too"):
+                problem += "; touching vertebrae of a binary mask form one component: label each vertebra"
             dropped.append((inst, f"implausible input: {problem}"))
     return keep, dropped
 
