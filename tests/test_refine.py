@@ -366,3 +366,30 @@ def test_a_vertebra_cut_by_the_border_is_refined_only_inside_or_passed_through(t
     assert kept.decision == "kept input" and "field of view" in kept.reason
     np.testing.assert_array_equal(strict.labels.array == 22, cut.array == 22)  # passed through unchanged
     assert strict.vertebrae[0].decision in ("refined", "refined, flagged")  # the whole vertebra is not gated
+
+
+class ExtraPieces(WrongShape):
+    """Adds a speck (2^3 voxels) to the first vertebra's decoded patch and a second large piece to the second's."""
+
+    def decode_chunks(self, z):
+        for start, probability in self._sessions.decode_chunks(z):
+            probability = probability.copy()
+            for offset in range(len(probability)):
+                if (start + offset) % 2 == 0:
+                    probability[offset, 100:102, 40:42, 40:42] = 1.0  # above the vertebra: a speck
+                else:
+                    probability[offset, 28:40, 30:60, 30:60] = 1.0  # below the vertebra: a 10.8 mL block
+            yield start, probability
+
+
+def test_specks_are_dropped_and_a_result_in_large_pieces_is_flagged(two_vertebrae, vae):
+    result = refine_volume(two_vertebrae, ExtraPieces(vae, wrong_row=-1), RefineOptions(None, on_disagree="write"))
+    first, second = result.vertebrae
+    assert len(first.pieces_ml) == 1 and first.decision == "refined"  # the speck is gone
+    box_slices, patch_slices = first.box.slices(result.working_after.shape)
+    speck = np.zeros((128,) * 3, bool)
+    speck[100:102, 40:42, 40:42] = True
+    assert not (result.working_after[box_slices][speck[patch_slices]] == first.instance.instance_id).any()
+    assert len(second.pieces_ml) == 2 and second.pieces_ml[1] > 8.0
+    assert second.decision == "refined, flagged" and "2 pieces" in second.reason
+    assert any("2 pieces" in line for line in result.warnings)

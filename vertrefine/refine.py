@@ -59,6 +59,10 @@ segmentations of it (28 real vertebrae of training individuals, `degrade --nativ
 and lowest 0.83 / 0.70 / 0.57 at 3 / 5 / 7 mm, so a gate at 0.85 would reject correct refinements of most
 thick inputs; a gross error (another shape in the vertebra's place, tests) scores 0.24."""
 ON_DISAGREE = ("keep-input", "write")
+SPECK_FRACTION = 0.01
+"""Pieces of a refined vertebra smaller than this fraction of it are dropped (islands of the decoder)."""
+PIECE_FRACTION = 0.1
+"""A refined vertebra whose second piece holds at least this fraction of it is flagged (one bone, one piece)."""
 """What refine writes for a vertebra whose result disagrees with the input (RefineOptions.on_disagree)."""
 
 VERTEBRA_LABELS: frozenset[int] = frozenset(range(1, 26)) | {28}
@@ -160,6 +164,8 @@ class RefinedVertebra:
     """Why the vertebra was kept as input or flagged ('' when refined without a problem)."""
     fov_fraction: float | None = None
     """Fraction of the refined shape inside the input's field of view."""
+    pieces_ml: list[float] = field(default_factory=list)
+    """Volumes (mL) of the refined shape's connected pieces, largest first, after dropping specks."""
 
     @property
     def name(self) -> str:
@@ -225,6 +231,7 @@ class RefinedCase:
                 "agreement_dsc": None if v.agreement_dsc is None else round(v.agreement_dsc, 4),
                 "agreement_hd95_mm": None if v.agreement_hd95_mm is None else round(v.agreement_hd95_mm, 2),
                 "fov_fraction": None if v.fov_fraction is None else round(v.fov_fraction, 3),
+                "pieces_ml": v.pieces_ml,
                 "decision": v.decision,
                 "reason": v.reason,
             }
@@ -246,6 +253,7 @@ class RefinedCase:
                     "agreement_dsc": None,
                     "agreement_hd95_mm": None,
                     "fov_fraction": None,
+                    "pieces_ml": None,
                     "decision": "passed through",
                     "reason": reason,
                 }
@@ -480,6 +488,9 @@ def finish_case(
         [(v.instance.instance_id, v.box, v.probability) for v in vertebrae],
         threshold=options.threshold,
     )
+    voxel_ml = prepared.working.voxel_volume_mm3 / 1000.0
+    for v in vertebrae:  # specks of a result are dropped; a result in several large pieces is flagged below
+        v.pieces_ml = [round(n * voxel_ml, 2) for n in _drop_specks(after, v)]
     input_ids = _input_instance_ids(prepared)
     for v in vertebrae:
         v.agreement_dsc, v.agreement_hd95_mm = agreement_with_input(prepared, after, input_ids, v.instance)
@@ -489,6 +500,11 @@ def finish_case(
                 f"refinement disagrees with the input (DSC {v.agreement_dsc:.2f} < {options.min_agreement:g}): check it"
             )
     for v in vertebrae:
+        if not v.reason and len(v.pieces_ml) > 1 and v.pieces_ml[1] >= PIECE_FRACTION * sum(v.pieces_ml):
+            v.decision = "refined, flagged"
+            v.reason = (
+                f"refined shape in {len(v.pieces_ml)} pieces ({', '.join(f'{p:g}' for p in v.pieces_ml)} mL): check it"
+            )
         problem = result_problem(v.instance.voxels, int(np.count_nonzero(after == v.instance.instance_id)))
         if problem is not None:
             v.decision, v.reason = "kept input", f"implausible result: {problem}"
@@ -545,6 +561,21 @@ def _ids_on(prepared: PreparedCase, ids: np.ndarray, target: Geometry, method: s
     if prepared.working.same_grid(target, tol=1e-6):
         return ids
     return resample_labels(Volume(ids, prepared.working), target, method=method).array
+
+
+def _drop_specks(after: np.ndarray, vertebra: RefinedVertebra) -> list[int]:
+    """Remove, in place, the components of a refined vertebra smaller than SPECK_FRACTION of it (26-connected,
+    inside its box on the working grid ``after``); the voxel counts of the pieces left, largest first."""
+    inside, _ = vertebra.box.slices(after.shape)
+    region = after[inside]  # a view: changes reach ``after``
+    mask = region == vertebra.instance.instance_id
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return [int(mask.sum())] if count else []
+    sizes = np.bincount(components.ravel())[1:]
+    specks = np.flatnonzero(sizes < SPECK_FRACTION * sizes.sum()) + 1
+    region[np.isin(components, specks)] = 0
+    return sorted((int(n) for n in sizes if n >= SPECK_FRACTION * sizes.sum()), reverse=True)
 
 
 def _inside_fraction(prepared: PreparedCase, vertebra: RefinedVertebra) -> float:
