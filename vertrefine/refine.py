@@ -20,7 +20,6 @@ from .errors import InputError
 from .guidance import (
     DataConsistency,
     SlabObservation,
-    field_of_view,
     observe,
     patch_to_input_index,
     slab_means,
@@ -31,14 +30,12 @@ from .plausibility import extent_mm, input_problem, result_problem, touches
 from .runtime import BundleSessions
 from .sampler import SamplerSettings, refine_latents
 from .spatial import (
-    PATCH_SIZE,
     Instance,
     PatchBox,
     crop,
     crop_in_frame,
     find_instances,
     output_geometry,
-    patch_box,
     pose_rotations,
     resample_labels,
     resample_scalar,
@@ -492,14 +489,15 @@ def finish_case(
     for v in vertebrae:  # specks of a result are dropped; a result in several large pieces is flagged below
         v.pieces_ml = [round(n * voxel_ml, 2) for n in _drop_specks(after, v)]
     input_ids = _input_instance_ids(prepared)
-    for v in vertebrae:
-        v.agreement_dsc, v.agreement_hd95_mm = agreement_with_input(prepared, after, input_ids, v.instance)
+    observations = [_box_observation(prepared, input_ids, v) for v in vertebrae]  # the input's slabs per box
+    for v, observation in zip(vertebrae, observations, strict=True):
+        v.agreement_dsc, v.agreement_hd95_mm = agreement_with_input(prepared, after, observation, v)
         if v.agreement_dsc < options.min_agreement:
             v.decision = "kept input" if options.on_disagree == "keep-input" else "refined, flagged"
             v.reason = (
                 f"refinement disagrees with the input (DSC {v.agreement_dsc:.2f} < {options.min_agreement:g}): check it"
             )
-    for v in vertebrae:
+    for v, observation in zip(vertebrae, observations, strict=True):
         if not v.reason and len(v.pieces_ml) > 1 and v.pieces_ml[1] >= PIECE_FRACTION * sum(v.pieces_ml):
             v.decision = "refined, flagged"
             v.reason = (
@@ -508,7 +506,7 @@ def finish_case(
         problem = result_problem(v.instance.voxels, int(np.count_nonzero(after == v.instance.instance_id)))
         if problem is not None:
             v.decision, v.reason = "kept input", f"implausible result: {problem}"
-        v.fov_fraction = _inside_fraction(prepared, v)
+        v.fov_fraction = _inside_fraction(v, observation)
         if v.fov_fraction < options.min_fov_fraction:
             v.decision = "kept input"
             v.reason = (
@@ -578,74 +576,74 @@ def _drop_specks(after: np.ndarray, vertebra: RefinedVertebra) -> list[int]:
     return sorted((int(n) for n in sizes if n >= SPECK_FRACTION * sizes.sum()), reverse=True)
 
 
-def _inside_fraction(prepared: PreparedCase, vertebra: RefinedVertebra) -> float:
-    """Fraction of the refined shape (probability >= 0.5 on its box) inside the input's field of view."""
+def _box_observation(prepared: PreparedCase, input_ids: np.ndarray, vertebra: RefinedVertebra) -> SlabObservation:
+    """The input's slabs (and field of view) in a refined vertebra's axis-aligned box on the working grid."""
     size = vertebra.box.size
     affine = patch_to_input_index(prepared.working, vertebra.box.start, np.eye(3), size, prepared.volume.geometry)
+    return observe(affine, input_ids, vertebra.instance.instance_id, size)
+
+
+def _inside_fraction(vertebra: RefinedVertebra, observation: SlabObservation) -> float:
+    """Fraction of the refined shape (probability >= 0.5 on its box) inside the input's field of view."""
     shape = vertebra.probability >= 0.5
     total = int(shape.sum())
     if not total:
         return 1.0
-    return float(np.count_nonzero(shape & field_of_view(affine, prepared.volume.geometry.shape, size)) / total)
+    return float(np.count_nonzero(shape & (observation.slab >= 0)) / total)
 
 
 def agreement_with_input(
-    prepared: PreparedCase, after: np.ndarray, input_ids: np.ndarray, instance: Instance
+    prepared: PreparedCase, after: np.ndarray, observation: SlabObservation, vertebra: RefinedVertebra
 ) -> tuple[float, float | None]:
     """(DSC, HD95 mm) of a refined vertebra against the input, as the input's own grid can tell them.
 
-    DSC: the thick-slice forward model of :mod:`vertrefine.guidance`. Each input voxel (slab) around the
-    vertebra holds the result if at least half of the 1 mm working-grid voxels it covers do; the DSC of
-    those input voxels against the input's own voxels of this vertebra (``input_ids`` on the input grid).
-    On an input as fine as the working grid this is the voxel-wise DSC. Sampling the result at slab centres
-    instead would add the staircase's own error: the truth itself then disagrees with a 5 mm input.
-    HD95: between the result and the input as refine reads it (on the 1 mm working grid), inside the
-    vertebra's 128^3 box. ``after`` holds the result's instance ids on the working grid.
+    DSC: the thick-slice forward model of :mod:`vertrefine.guidance`. Each input voxel (slab) of the
+    vertebra's box (``observation``, from :func:`_box_observation`) holds the result if at least half of the
+    1 mm working-grid voxels it covers do; the DSC of those input voxels against the input's own voxels of
+    this vertebra. On an input as fine as the working grid this is the voxel-wise DSC. Sampling the result
+    at slab centres instead would add the staircase's own error: the truth itself then disagrees with a
+    5 mm input. HD95: between the result and the input as refine reads it (on the 1 mm working grid), inside
+    the vertebra's 128^3 box. ``after`` holds the result's instance ids on the working grid.
     """
-    size = prepared.boxes[0].size if prepared.boxes else PATCH_SIZE
-    box = patch_box(instance.centroid, size)
-    result = crop(after, box) == instance.instance_id
-    affine = patch_to_input_index(prepared.working, box.start, np.eye(3), size, prepared.volume.geometry)
-    observation = observe(affine, input_ids, instance.instance_id, size)
+    instance_id = vertebra.instance.instance_id
+    result = crop(after, vertebra.box) == instance_id
     held = slab_means(result.astype(np.float32), observation) >= 0.5
     shown = observation.inside
     total = int(held.sum() + shown.sum())
     dice = 2.0 * int((held & shown).sum()) / total if total else 1.0
-    reference = crop(prepared.instance_array, box) == instance.instance_id
+    reference = crop(prepared.instance_array, vertebra.box) == instance_id
     hd95 = surface_distances(result, reference, prepared.working.spacing[::-1])[0]
     return float(dice), hd95
 
 
 def _back_to_input(
-    prepared: PreparedCase,
-    after: np.ndarray,
-    target: Geometry,
-    kept: set[int] = frozenset(),
-    input_ids: np.ndarray | None = None,
+    prepared: PreparedCase, after: np.ndarray, target: Geometry, kept: set[int], input_ids: np.ndarray
 ) -> Volume:
     """The refined label map on the output grid ``target``.
 
     Structures that were not refined keep their input voxels, and so do the vertebrae in ``kept`` (the
-    input's own voxels on the input's grid, nearest neighbour on another grid).
+    input's own voxels on the input's grid, nearest neighbour on another grid). ``input_ids`` are the input's
+    instance ids on its own grid (:func:`_input_instance_ids`).
     """
     volume = prepared.volume
-    ids = _ids_on(prepared, after, target)
     same_grid = target.same_grid(volume.geometry, tol=1e-6)
+    source = volume.array if same_grid else resample_labels(volume, target, method="nearest").array
+    ids = _ids_on(prepared, after, target)
     if kept:
-        if input_ids is None:
-            input_ids = _input_instance_ids(prepared)
-        source_ids = (
-            input_ids
-            if same_grid
-            else resample_labels(Volume(input_ids, volume.geometry), target, method="nearest").array
-        )
+        if input_ids is volume.array:  # labelled maps: instance ids are the labels
+            source_ids = source
+        else:
+            source_ids = (
+                input_ids
+                if same_grid
+                else resample_labels(Volume(input_ids, volume.geometry), target, method="nearest").array
+            )
         ids = ids.copy()
         for instance_id in kept:
             ids[ids == instance_id] = 0
             ids[source_ids == instance_id] = instance_id
-    result = restore_labels(ids, [*prepared.instances, *(inst for inst, _ in prepared.passed_through)])
-    source = volume.array if same_grid else resample_labels(volume, target, method="nearest").array
     handled = [*prepared.instances, *(inst for inst, _ in prepared.passed_through)]
+    result = restore_labels(ids, handled)
     refined_labels = np.array(sorted({i.label for i in handled}))
     passthrough = (source != 0) & ~np.isin(source, refined_labels)
     out = np.where(np.isin(result, refined_labels), result, 0).astype(volume.array.dtype)
