@@ -297,3 +297,75 @@ def test_flagged_vertebrae_are_reported_in_single_and_folder_mode(cases, tmp_pat
     assert "2 done (2 with warnings)" in folder.output and "spine_21" in folder.output and "check it" in folder.output
     sidecar = json.loads((tmp_path / "all" / "spine_21.json").read_text())
     assert {v["decision"] for v in sidecar["vertebrae"]} == {"kept input"}
+
+
+def _seg_on_thick_series(tmp_path):
+    """One lumbar vertebra as a DICOM SEG on an axial 0.8 x 0.7 x 5 mm CT series; returns (series UID, SEG path)."""
+    from dicom_helpers import make_series
+
+    from vertrefine import io
+    from vertrefine.spatial import resample_labels
+
+    spine = synth_spine(23, levels=("L3",))
+    extent = np.array(spine.array.shape) * np.array(spine.geometry.spacing)[::-1]  # mm along k, j, i
+    shape = tuple(int(np.ceil(e / s)) for e, s in zip(extent, (5.0, 0.7, 0.8)))
+    ct_uid, _ = make_series(tmp_path / "ct", np.full(shape, 100, np.uint16), spacing=(0.8, 0.7, 5.0),
+                            origin=spine.geometry.origin)  # fmt: skip
+    thick = resample_labels(spine, io.dicom_series_geometry(tmp_path / "ct"))
+    io.write_dicom_seg(thick, tmp_path / "seg.dcm", source_images=tmp_path / "ct")
+    return ct_uid, thick
+
+
+@pytest.mark.parametrize("source_next_to_seg", [True, False])
+def test_a_seg_of_a_thick_series_is_written_on_a_1mm_grid_referencing_its_series(tmp_path, source_next_to_seg):
+    import highdicom as hd
+    import pydicom
+
+    from vertrefine.spatial import output_geometry, resample_labels
+    from vertrefine.volume import Volume
+
+    ct_uid, thick = _seg_on_thick_series(tmp_path)
+    if not source_next_to_seg:  # the references are carried over from the input SEG itself
+        (tmp_path / "elsewhere").mkdir()
+        shutil.move(tmp_path / "seg.dcm", tmp_path / "elsewhere" / "seg.dcm")
+        shutil.move(tmp_path / "ct", tmp_path / "archive_ct")
+    source = tmp_path / ("seg.dcm" if source_next_to_seg else "elsewhere/seg.dcm")
+    (tmp_path / "out").mkdir()
+    result = invoke("refine", source, "-o", tmp_path / "out" / "refined.dcm", "--model", "vae")
+    assert result.exit_code == 0, result.output
+    assert "written on a 1x1x1 mm grid" in result.output
+
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(tmp_path / "out" / "refined.dcm"))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct_uid
+    assert [float(v) for v in seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing] == [1, 1]
+    # Every frame lies on the 1 mm output grid (its own plane positions), within the input's extent.
+    grid = output_geometry(thick.geometry, "auto")
+    positions = np.array([f.PlanePositionSequence[0].ImagePositionPatient for f in seg.PerFrameFunctionalGroupsSequence],
+                         dtype=float)  # fmt: skip
+    index = grid.physical_to_index(positions)
+    np.testing.assert_allclose(index, np.round(index), atol=1e-3)
+    assert (index >= -1e-3).all() and (index <= np.array(grid.size_ijk) - 1 + 1e-3).all()
+    # highdicom's own reading places the vertebra where the input shows it.
+    volume = seg.get_volume(combine_segments=True)
+    read = Volume(volume.array.astype(np.uint8), _geometry_of(volume))
+    on_grid = resample_labels(read, grid, method="nearest").array > 0
+    expected = resample_labels(thick, grid).array == 22
+    dsc = 2 * np.count_nonzero(on_grid & expected) / (np.count_nonzero(on_grid) + np.count_nonzero(expected))
+    assert dsc > 0.75, dsc
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["L3"]
+
+
+def _geometry_of(volume):
+    """A vertrefine Geometry for a highdicom Volume (affine maps [i0, i1, i2] array indices to LPS mm)."""
+    from vertrefine.volume import Geometry
+
+    affine = volume.affine
+    # vertrefine arrays are [k, j, i] with the first sitk axis last: reverse the index order.
+    columns = affine[:3, :3][:, ::-1]
+    spacing = np.linalg.norm(columns, axis=0)
+    return Geometry(
+        shape=tuple(volume.spatial_shape),
+        spacing=tuple(float(s) for s in spacing),
+        origin=tuple(float(v) for v in affine[:3, 3]),
+        direction=tuple(float(v) for v in (columns / spacing).ravel()),
+    )

@@ -237,7 +237,8 @@ def refine(
             metavar="MM|input|auto",
             help="Output grid: auto = 1 mm isotropic when any input spacing is coarser than 1.5 mm (same "
             "orientation and extent), else the input's grid; 'input' keeps the input's grid; a number sets "
-            "the isotropic spacing in mm. DICOM SEG outputs stay on their source series' grid.",
+            "the isotropic spacing in mm. A DICOM SEG on a finer grid gets its own plane positions and still "
+            "references its source series.",
         ),
     ] = "auto",
     samples: Annotated[int, typer.Option(min=1, help="Chains per vertebra; the mean probability is kept.")] = 1,
@@ -303,10 +304,6 @@ def refine(
     extras = ExtraOutputs(probability=save_prob, uncertainty=uncertainty, mesh=mesh, qc=qc, batch=is_batch(input_path))
     extras.check()
     output_spacing = _output_spacing(spacing)
-    if str(output).lower().endswith((".dcm", ".dicom")):
-        if output_spacing not in ("auto", "input"):
-            raise fail(f"{output}: --spacing {spacing} needs a NIfTI output (a DICOM SEG keeps its source's grid)")
-        output_spacing = "input"
     options = RefineOptions(
         sampler=sampler,
         samples=samples,

@@ -545,8 +545,11 @@ def write_dicom_seg(
     (CID 7150 / 7151), algorithm type AUTOMATIC, algorithm 'vertrefine' with its version. The SEG
     references its source series: ``source_images`` (datasets, files, or a series folder) when given;
     else the series that ``like`` (default ``volume.source``) was read from; for a ``like`` read from a
-    SEG, the series that SEG referenced (see the module docstring). The label map should lie on the
-    source series' grid (:func:`dicom_series_geometry`); frames off its slices reference no instance.
+    SEG, the series that SEG referenced (see the module docstring). On the source series' grid
+    (:func:`dicom_series_geometry`) each frame references the source instance it lies on; on another
+    grid (refine's 1 mm output of a thick-slice series) highdicom writes the label map's own plane
+    positions, orientation and pixel measures, and the SEG references the source series as a whole
+    (Referenced Series Sequence) with no per-frame source instance, as the standard allows.
 
     Source series whose UIDs were emptied by de-identification: an empty SOPInstanceUID or SOPClassUID
     is taken from the file meta (MediaStorageSOPInstanceUID / ...ClassUID), so the SEG references every

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from .atomic import atomic_path
 from .bundle import MANIFEST_NAME, sha256_file
 from .cases import case_name
 from .errors import OutputError
-from .io import is_dicom_output, read_label_map, write_label_map
+from .io import read_label_map, write_label_map
 from .nifti import is_nifti_path, write_scalar_nifti
 from .refine import PreparedCase, RefinedCase, RefineOptions, finish_case, prepare_case, sample_latents
 from .runtime import BundleSessions
@@ -139,10 +139,7 @@ class RefineJob:
 
     def _finish(self, name: str, case: _Case, z: np.ndarray, status: Status) -> str:
         start = time.perf_counter()
-        options = self.options
-        if is_dicom_output(case.destination):  # a SEG stays on its source series' grid
-            options = replace(options, spacing="input")
-        refined = finish_case(case.prepared, z, self.sessions, options, status)
+        refined = finish_case(case.prepared, z, self.sessions, self.options, status)
         status("write")
         write_start = time.perf_counter()
         self._write_extras(name, case, refined)
