@@ -214,3 +214,20 @@ def test_native_degrade_is_the_fine_result_on_the_acquisition_grid(axis):
     back = sitk.Resample(native.to_sitk(), spine.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), fine.array)
     assert set(native.labels) == set(fine.labels)
+
+
+def test_slabs_of_an_input_finer_than_the_patch_are_its_voxels_at_the_patch_centres():
+    # 0.3 mm input: its box around the patch holds ~37 times more voxels than the patch, so every patch voxel
+    # is its own slab: the input voxel its centre falls in, read once, with a count of one.
+    working = Geometry((P, P, P), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    n = int(P / 0.3) - 10  # a little smaller than the patch: its border lies outside the field of view
+    source = Geometry((n, n, n), (0.3, 0.3, 0.3), (0.1, 0.2, 0.3))
+    labels = ball_on(source, 6.0)
+    obs = observe(patch_to_input_index(working, (0, 0, 0), np.eye(3), P, source), labels, 1, P)
+    centres = np.indices((P, P, P)).reshape(3, -1).T[:, ::-1].astype(float)  # patch voxel (i, j, k) = LPS mm
+    index = np.rint(source.physical_to_index(centres)).astype(int)  # (i, j, k) on the source
+    valid = np.all((index >= 0) & (index < n), axis=1)
+    np.testing.assert_array_equal(obs.slab.reshape(-1) >= 0, valid)
+    assert obs.slabs == valid.sum() and set(np.unique(obs.counts)) == {1.0}
+    shown = labels[index[valid, 2], index[valid, 1], index[valid, 0]] == 1
+    np.testing.assert_array_equal(obs.inside[obs.slab.reshape(-1)[valid]], shown)

@@ -393,3 +393,25 @@ def test_specks_are_dropped_and_a_result_in_large_pieces_is_flagged(two_vertebra
     assert len(second.pieces_ml) == 2 and second.pieces_ml[1] > 8.0
     assert second.decision == "refined, flagged" and "2 pieces" in second.reason
     assert any("2 pieces" in line for line in result.warnings)
+
+
+def test_a_fine_input_is_refined_on_its_own_grid_and_left_as_it_is_outside_the_vertebrae(two_vertebrae, vae):
+    # 0.4 mm: the input is sampled (not distance-mapped) onto the working grid, and only the vertebrae's region
+    # goes back onto the fine grid: every other voxel, near or far, is the input's.
+    g = two_vertebrae.geometry
+    fine_grid = Geometry(tuple(int(n * 2.5) for n in g.shape), (0.4, 0.4, 0.4), tuple(np.array(g.origin) - 0.3))
+    fine = resample_labels(two_vertebrae, fine_grid)
+    array = fine.array.copy()
+    array[:20, :20, :20] = 90  # another structure in a corner, far from the vertebrae
+    near = (fine.array == 0) & np.roll(fine.array == 21, 10, axis=2)  # another structure touching L2
+    array[near] = 91
+    volume = fine.with_array(array)
+    result = refine_volume(volume, vae, RefineOptions(None))
+    assert result.labels.geometry == fine_grid and result.labels.array.dtype == array.dtype
+    for label in (90, 91):
+        np.testing.assert_array_equal(result.labels.array == label, array == label)
+    for label in (21, 22):
+        assert _dice(result.labels.array == label, array == label) > 0.8
+    assert np.isin(result.labels.array, [21, 22])[array == 0].any()  # refined, not copied
+    on_working = resample_labels(volume, result.working, method="nearest").array
+    np.testing.assert_array_equal(np.isin(result.working_before, [21, 22]), np.isin(on_working, [21, 22]))

@@ -105,17 +105,23 @@ def observe(affine: np.ndarray, source_labels: np.ndarray, value: int, size: int
     extent = [int(index[r][valid].max()) - lo[r] + 1 for r in range(3)]
     flat = ((index[0] - lo[0]) * extent[1] + (index[1] - lo[1])) * extent[2] + (index[2] - lo[2])
     cells = extent[0] * extent[1] * extent[2]
-    flat = np.where(valid, flat, cells)  # one spare bin for outside
-    full = np.bincount(flat.ravel(), minlength=cells + 1)[:-1]
-    used = np.flatnonzero(full)
-    lut = np.full(cells + 1, -1, dtype=np.int32)
-    lut[used] = np.arange(used.size, dtype=np.int32)
-    ids = lut[flat]
+    if cells <= valid.size:  # thick slabs: count voxels per input voxel of the box
+        flat = np.where(valid, flat, cells)  # one spare bin for outside
+        full = np.bincount(flat.ravel(), minlength=cells + 1)[:-1]
+        used = np.flatnonzero(full)
+        counts = full[used]
+        lut = np.full(cells + 1, -1, dtype=np.int32)
+        lut[used] = np.arange(used.size, dtype=np.int32)
+        ids = lut[flat]
+    else:  # an input finer than the patch: its box holds more input voxels than the patch has voxels
+        used, inverse, counts = np.unique(flat[valid], return_inverse=True, return_counts=True)
+        ids = np.full(flat.shape, -1, dtype=np.int32)
+        ids[valid] = inverse
     # each used cell is one input voxel: read its label once
     local = np.unravel_index(used, extent)
     shows = source_labels[tuple(local[r] + lo[r] for r in range(3))] == value
     return SlabObservation(
-        slab=ids.reshape((size,) * 3), counts=full[used].astype(np.float32), inside=shows, outside=~shows
+        slab=ids.reshape((size,) * 3), counts=counts.astype(np.float32), inside=shows, outside=~shows
     )
 
 

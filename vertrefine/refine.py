@@ -41,6 +41,8 @@ from .spatial import (
     resample_scalar,
     restore_labels,
     stitch,
+    sub_geometry,
+    target_region,
     uncrop_from_frame,
     working_geometry,
 )
@@ -551,7 +553,9 @@ def _input_instance_ids(prepared: PreparedCase) -> np.ndarray:
     volume = prepared.volume
     if not prepared.from_binary_mask:
         return volume.array
-    return _ids_on(prepared, prepared.instance_array, volume.geometry, method="nearest")
+    ids = prepared.instance_array  # int32; a handful of instances fit a smaller type on a large fine grid
+    ids = ids.astype(np.min_scalar_type(max(1, int(ids.max()))), copy=False)
+    return _ids_on(prepared, ids, volume.geometry, method="nearest")
 
 
 def _ids_on(prepared: PreparedCase, ids: np.ndarray, target: Geometry, method: str = "label-aware") -> np.ndarray:
@@ -616,6 +620,29 @@ def agreement_with_input(
     return float(dice), hd95
 
 
+REGION_MARGIN = 3
+"""Working-grid voxels kept around the handled vertebrae when going back to the output grid (more than the
+label-aware resampling's own margin, so the region holds every voxel the vertebrae can reach)."""
+
+
+def _handled_region(prepared: PreparedCase, after: np.ndarray, target: Geometry) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """(slices of the working grid, slices of ``target``) of the box holding every handled vertebra, before and
+    after refinement, plus :data:`REGION_MARGIN`; None when there is none."""
+    handled = [i.instance_id for i in prepared.instances] + [i.instance_id for i, _ in prepared.passed_through]
+    mask = np.isin(after, handled) | np.isin(prepared.instance_array, handled)
+    box = ndimage.find_objects(mask.view(np.uint8))
+    if not box or box[0] is None:
+        return None
+    working = tuple(
+        slice(max(s.start - REGION_MARGIN, 0), min(s.stop + REGION_MARGIN, n))
+        for s, n in zip(box[0], after.shape, strict=True)
+    )
+    region = target_region(
+        sub_geometry(prepared.working, [s.start for s in working], [s.stop - s.start for s in working]), target
+    )
+    return None if region is None else (working, region)
+
+
 def _back_to_input(
     prepared: PreparedCase, after: np.ndarray, target: Geometry, kept: set[int], input_ids: np.ndarray
 ) -> Volume:
@@ -623,32 +650,52 @@ def _back_to_input(
 
     Structures that were not refined keep their input voxels, and so do the vertebrae in ``kept`` (the
     input's own voxels on the input's grid, nearest neighbour on another grid). ``input_ids`` are the input's
-    instance ids on its own grid (:func:`_input_instance_ids`).
+    instance ids on its own grid (:func:`_input_instance_ids`). Only the box of the handled vertebrae
+    (:func:`_handled_region`) is resampled; elsewhere the output is the input less its handled labels, so a
+    large fine input costs what its vertebrae's region costs.
     """
     volume = prepared.volume
     same_grid = target.same_grid(volume.geometry, tol=1e-6)
     source = volume.array if same_grid else resample_labels(volume, target, method="nearest").array
-    ids = _ids_on(prepared, after, target)
+    handled = [*prepared.instances, *(inst for inst, _ in prepared.passed_through)]
+    refined_labels = np.array(sorted({i.label for i in handled}))
+    out = np.where(_member(source, refined_labels), 0, source).astype(volume.array.dtype, copy=False)
+    regions = _handled_region(prepared, after, target)
+    if regions is None:
+        return Volume(out, target, volume.source)
+    working_box, region = regions
+    region_grid = sub_geometry(target, [s.start for s in region], [s.stop - s.start for s in region])
+    working_grid = sub_geometry(
+        prepared.working, [s.start for s in working_box], [s.stop - s.start for s in working_box]
+    )
+    source = source[region]
+    after = after[working_box]  # instance ids: int32, though they and their labels may fit a smaller type
+    after = after.astype(np.min_scalar_type(max(1, int(after.max()), *(i.label for i in handled))), copy=False)
+    ids = resample_labels(Volume(after, working_grid), region_grid).array
     if kept:
         if input_ids is volume.array:  # labelled maps: instance ids are the labels
             source_ids = source
+        elif same_grid:
+            source_ids = input_ids[region]
         else:
-            source_ids = (
-                input_ids
-                if same_grid
-                else resample_labels(Volume(input_ids, volume.geometry), target, method="nearest").array
-            )
-        ids = ids.copy()
+            source_ids = resample_labels(Volume(input_ids, volume.geometry), region_grid, method="nearest").array
         for instance_id in kept:
             ids[ids == instance_id] = 0
             ids[source_ids == instance_id] = instance_id
-    handled = [*prepared.instances, *(inst for inst, _ in prepared.passed_through)]
     result = restore_labels(ids, handled)
-    refined_labels = np.array(sorted({i.label for i in handled}))
-    passthrough = (source != 0) & ~np.isin(source, refined_labels)
-    out = np.where(np.isin(result, refined_labels), result, 0).astype(volume.array.dtype)
-    out[passthrough] = source[passthrough]
+    passthrough = out[region]  # the input's other structures keep their voxels
+    out[region] = np.where(passthrough != 0, passthrough, np.where(_member(result, refined_labels), result, 0))
     return Volume(out, target, volume.source)
+
+
+def _member(array: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """bool, shape of ``array``: whether each element is one of ``values`` (a lookup table for 8/16-bit
+    unsigned arrays, three times faster than ``np.isin`` on a 100 M voxel map)."""
+    if array.dtype.kind == "u" and array.dtype.itemsize <= 2:
+        table = np.zeros(1 << (8 * array.dtype.itemsize), dtype=bool)
+        table[values[(values >= 0) & (values < table.size)]] = True
+        return table[array]
+    return np.isin(array, values)
 
 
 def refine_volume(

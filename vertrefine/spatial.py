@@ -12,6 +12,10 @@ Label resampling (``resample_labels``):
   target voxel takes the label with the smallest negative distance (background if none). The zero level
   runs through the source voxel faces, so volumes are kept; upsampling gives smooth surfaces instead of
   staircases; only each label's box is touched, so it is fast. Labels that touch split along the middle.
+  A source at least :data:`FINE_FACTOR` times finer than the target along every axis is sampled at the
+  target's voxel centres (nearest neighbour) instead: its surface is then known to within half a source
+  voxel, and the distance maps would cost an EDT over every label's box at the fine spacing (seconds per
+  vertebra at 0.3 mm).
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ WORKING_SPACING_MM = 1.0
 PATCH_SIZE = 128
 
 LABEL_METHODS = ("label-aware", "nearest")
+FINE_FACTOR = 2.0
+"""Label-aware resampling samples (nearest neighbour) a source this many times finer than the target."""
 _SDF_MARGIN = 2  # source voxels of background kept around each label's box for its distance map
+_SLAB_VOXELS = 1 << 24  # target voxels filled at a time by label-aware resampling (64 MiB of distances)
 _FAR = np.float32(1e6)  # signed distance given to target voxels outside a label's box
 # Sources are sampled this far (LPS mm) off the target voxel centres. On grids whose spacings are
 # multiples of each other, target centres fall exactly on source voxel faces (signed distance 0, or a
@@ -110,7 +117,7 @@ def resample_labels(volume: Volume, target: Geometry, *, method: str = "label-aw
     array = volume.array
     if volume.geometry.same_grid(target, tol=1e-6):
         out = array.copy()
-    elif method == "nearest":
+    elif method == "nearest" or max(volume.geometry.spacing) * FINE_FACTOR <= min(target.spacing):
         out = _sitk_resample(array, volume.geometry, target, sitk.sitkNearestNeighbor, 0.0)
     else:
         out = _resample_labels_sdf(array, volume.geometry, target)
@@ -170,14 +177,15 @@ def _label_boxes(array: np.ndarray) -> list[tuple[int, tuple[slice, ...]]]:
     return [(int(v), s) for v, s in zip(values, boxes, strict=True) if v != 0 and s is not None]
 
 
-def _sub_geometry(geometry: Geometry, start_kji: Sequence[int], shape: Sequence[int]) -> Geometry:
-    """The grid of ``geometry``'s sub-array starting at array index ``start_kji``."""
+def sub_geometry(geometry: Geometry, start_kji: Sequence[int], shape: Sequence[int]) -> Geometry:
+    """The grid of ``geometry``'s sub-array of ``shape`` (k, j, i) starting at array index ``start_kji``."""
     origin = geometry.index_to_physical(np.asarray(start_kji, dtype=float)[::-1])
     return Geometry(tuple(shape), geometry.spacing, tuple(origin), geometry.direction)
 
 
-def _target_region(source: Geometry, target: Geometry) -> tuple[slice, ...] | None:
-    """Slices of ``target``'s array holding every voxel centre inside ``source``'s voxel box."""
+def target_region(source: Geometry, target: Geometry) -> tuple[slice, ...] | None:
+    """Slices (k, j, i) of ``target``'s array holding every voxel centre inside ``source``'s voxel box
+    (clipped to ``target``; None when they do not overlap)."""
     corners = target.physical_to_index(source.index_to_physical(_box_corners(source.size_ijk)))
     lo = np.maximum(np.floor(corners.min(axis=0)).astype(int), 0)[::-1]
     hi = np.minimum(np.ceil(corners.max(axis=0)).astype(int) + 1, target.size_ijk)[::-1]
@@ -205,25 +213,42 @@ def _signed_distance(mask: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
 
 
 def _resample_labels_sdf(array: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
-    """Label-aware resampling (see the module docstring)."""
+    """Label-aware resampling (see the module docstring).
+
+    Each label's signed distance is computed once on its box; the target is then filled in slabs of about
+    :data:`_SLAB_VOXELS` voxels along axis 0, so the running minimum distance never spans a whole large
+    target (a 0.3 mm output grid of 100 M voxels would need 400 MB for it).
+    """
     out = np.zeros(target.shape, dtype=array.dtype)
-    best = np.zeros(target.shape, dtype=np.float32)  # only negative (inside) distances can win
     sampling = source.spacing[::-1]
+    fields = []  # (label, its box's grid, signed distance on the box, target region it reaches)
     for value, box in _label_boxes(array):
         lo = [max(s.start - _SDF_MARGIN, 0) for s in box]
         hi = [min(s.stop + _SDF_MARGIN, n) for s, n in zip(box, array.shape, strict=True)]
         sub = array[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] == value
-        sub_geometry = _sub_geometry(source, lo, sub.shape)
-        region = _target_region(sub_geometry, target)
+        box_geometry = sub_geometry(source, lo, sub.shape)
+        region = target_region(box_geometry, target)
         if region is None:
             continue
         phi = np.full(sub.shape, -_FAR, dtype=np.float32) if sub.all() else _signed_distance(sub, sampling)
-        region_geometry = _sub_geometry(target, [s.start for s in region], [s.stop - s.start for s in region])
-        phi_t = _sitk_resample(phi, sub_geometry, region_geometry, sitk.sitkLinear, float(_FAR))
-        best_r, out_r = best[region], out[region]
-        wins = phi_t < best_r
-        best_r[wins] = phi_t[wins]
-        out_r[wins] = value
+        fields.append((value, box_geometry, phi, region))
+    step = max(1, _SLAB_VOXELS // max(1, target.shape[1] * target.shape[2]))
+    for k0 in range(0, target.shape[0], step):
+        k1 = min(k0 + step, target.shape[0])
+        best = np.zeros((k1 - k0, *target.shape[1:]), dtype=np.float32)  # only negative (inside) distances win
+        for value, box_geometry, phi, region in fields:
+            lo, hi = max(region[0].start, k0), min(region[0].stop, k1)
+            if lo >= hi:
+                continue
+            _, rows, columns = region
+            part_geometry = sub_geometry(
+                target, [lo, rows.start, columns.start], [hi - lo, rows.stop - rows.start, columns.stop - columns.start]
+            )
+            phi_t = _sitk_resample(phi, box_geometry, part_geometry, sitk.sitkLinear, float(_FAR))
+            best_r, out_r = best[lo - k0 : hi - k0, rows, columns], out[lo:hi, rows, columns]
+            wins = phi_t < best_r
+            best_r[wins] = phi_t[wins]
+            out_r[wins] = value
     return out
 
 
