@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 from vertrefine.errors import InputError, VertrefineError  # noqa: E402
 from vertrefine.synth import write_synth_dataset  # noqa: E402
 from vertrefine.train import loop  # noqa: E402
+from vertrefine.train.distributed import epoch_order  # noqa: E402
 from vertrefine.train.config import PRESETS, TrainConfig  # noqa: E402
 from vertrefine.train.data import build_patch_cache  # noqa: E402
 
@@ -124,17 +125,21 @@ def _free_port() -> int:
 
 
 def test_ddp_path_with_gloo_in_one_process_matches_the_plain_run(tmp_path, cache_dir, monkeypatch):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vertrefine.train import distributed
+
     plain = loop.train(micro_config(tmp_path, cache_dir, "plain", model="vae", export=False))
 
-    calls = []
-    average = loop._average_gradients
-    monkeypatch.setattr(loop, "_average_gradients", lambda p, w: (calls.append(w), average(p, w)))
+    wrapped = []
+    wrap = distributed.data_parallel
+    monkeypatch.setattr(loop, "data_parallel", lambda *a: wrapped.append(wrap(*a)) or wrapped[-1])
     torchrun_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
     for key, value in torchrun_env.items():
         monkeypatch.setenv(key, value)
     ddp = loop.train(micro_config(tmp_path, cache_dir, "ddp", model="vae", export=False))
 
-    assert calls == [1, 1]  # two steps, gradients all-reduced over a world of one
+    assert len(wrapped) == 1 and isinstance(wrapped[0], DistributedDataParallel)  # torch's own DDP did the steps
     assert not torch.distributed.is_initialized()  # the loop's own process group is torn down
     want, got = final_weights(plain), final_weights(ddp)
     assert all(torch.equal(want[k], got[k]) for k in want)
@@ -174,10 +179,10 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, cache_di
 
 
 def test_epoch_order_shards_partition_a_seeded_permutation():
-    whole = loop.epoch_order(10, seed=3, epoch=2)
-    assert sorted(whole) == list(range(10)) and whole == loop.epoch_order(10, seed=3, epoch=2)
-    assert whole != loop.epoch_order(10, seed=3, epoch=3)
-    shards = [loop.epoch_order(10, seed=3, epoch=2, rank=r, world_size=4) for r in range(4)]
+    whole = epoch_order(10, seed=3, epoch=2)
+    assert sorted(whole) == list(range(10)) and whole == epoch_order(10, seed=3, epoch=2)
+    assert whole != epoch_order(10, seed=3, epoch=3)
+    shards = [epoch_order(10, seed=3, epoch=2, rank=r, world_size=4) for r in range(4)]
     assert {len(s) for s in shards} == {3} and set(sum(shards, [])) == set(range(10))
 
 

@@ -1,4 +1,4 @@
-"""The training loop: data, model, objective and Adam; validation, CSV log, checkpoints, resume, DDP, export.
+"""The training loop: data, model, objective and Adam; validation, CSV log, resume and export.
 
 ``train(config, on_event=...)`` runs a whole training run in ``config.out`` (the run folder)::
 
@@ -16,13 +16,9 @@ seeded with ``(seed, epoch, step, rank)``. A checkpoint holds the weights, Adam'
 the CPU a resumed run reproduces the uninterrupted run bit for bit.
 
 Multi-GPU. Under ``torchrun`` (``WORLD_SIZE``/``RANK`` in the environment) every process trains on its own
-shard of each epoch's order with ``batch_size`` patches per step. Instead of wrapping modules in
-DistributedDataParallel, the loop averages every parameter's gradient across processes after
-``backward()`` (one flattened all-reduce), which is what DDP's reducer does: the objectives call the
-networks through several entry points (``forward_lowres``, ``logits_lowres``, ``energy_and_grad`` inside
-Langevin loops, autograd through the decoder), and a DDP wrapper only synchronises calls of its
-``forward``. Initial weights are broadcast from rank 0, only rank 0 writes files, validation is sharded
-and its sums all-reduced.
+shard of each epoch's order with ``batch_size`` patches per step, the model and objective wrapped in torch's
+DistributedDataParallel (see :mod:`.distributed`); only rank 0 writes files, validation is sharded and its
+sums all-reduced. Checkpoints: :mod:`.checkpoints`.
 
 Torch is imported here, but no CLI library (progress goes through ``on_event``) and, at module level, no
 reading of medical images (the patch cache is built by ``data`` and can be built beforehand on another
@@ -33,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import datetime
 import math
 import os
 import platform
@@ -45,38 +40,42 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..atomic import atomic_path
 from ..errors import InputError, VertrefineError
 from ..schedule import DiffusionSchedule
+from .checkpoints import CHECKPOINT_FORMAT, checkpoint_dir, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from .config import RESUME_OVERRIDABLE, TINY_SYNTH_SEED, TrainConfig
+from .distributed import (
+    ORDER,
+    STEP,
+    Processes,
+    TrainingStep,
+    all_reduce_sum,
+    data_parallel,
+    derive_seed,
+    epoch_order,
+    start_processes,
+)
 from .models import ModelConfig, VertebraModel, count_parameters
 from .objectives import LangevinConfig, make_objective
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
-CHECKPOINT_FORMAT = 1
 T_REFINE = 6
 """Default refinement depth t_refine written into the bundle (the paper: 6 of T = 20)."""
 GUIDANCE = 0.5
 """Default data-consistency weight written into the bundle (`vertrefine export --guidance` sets another)."""
-_ORDER, _STEP = 1, 2  # seed-sequence tags of the two random streams
 
 # Options whose change on resume cannot alter the numbers (paths may move with the run folder).
 _RESUME_FREE = RESUME_OVERRIDABLE | {"out", "resume"}
 
 
 # --------------------------------------------------------------------------------------------------
-# Seeds, devices, processes
+# Devices
 # --------------------------------------------------------------------------------------------------
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence hashing: nearby inputs give unrelated seeds)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -93,129 +92,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             "use --device cpu, or install a CUDA build of torch"
         )
     return torch.device("cpu")
-
-
-@dataclass
-class _Processes:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    active: bool = False
-    """A process group is in use: gradients and validation sums are all-reduced."""
-    owned: bool = False
-    """The process group was created here (and is destroyed at the end)."""
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
-
-def _launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "RANK" in os.environ
-
-
-def _start_processes(device_name: str) -> _Processes:
-    if dist.is_available() and dist.is_initialized():
-        return _Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True, False)
-    if not _launched_by_torchrun():
-        return _Processes()
-    if not dist.is_available():
-        raise VertrefineError("launched by torchrun, but this torch build has no torch.distributed")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    # Rank 0 may build the patch cache while the others wait at a barrier: allow hours, not minutes.
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=6))
-    return _Processes(dist.get_rank(), dist.get_world_size(), local_rank, True, True)
-
-
-def _average_gradients(parameters: Sequence[torch.nn.Parameter], world_size: int) -> None:
-    """All-reduce (mean) the gradients of ``parameters`` in one flat buffer, as DDP's reducer does."""
-    grads = []
-    for p in parameters:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def _broadcast_parameters(model: torch.nn.Module) -> None:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(tensor.data, src=0)
-
-
-def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
-    """This process's positions of the epoch: a (seed, epoch) permutation, padded to a multiple of the world
-    size by wrapping around (as DistributedSampler does), then every ``world_size``-th from ``rank``."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, _ORDER, epoch))
-    order = torch.randperm(n, generator=generator).tolist()
-    total = math.ceil(n / world_size) * world_size
-    order = (order * math.ceil(total / max(n, 1)))[:total]
-    return order[rank::world_size]
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write atomically (temporary file + rename): an interrupted save leaves the previous file intact."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint, loaded safely (``weights_only``: tensors and plain containers only) on the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(
-            path, "no checkpoint to resume from", "train without --resume to start the run, or check --out"
-        )
-    remedy = (
-        "the file is damaged: copy an intact checkpoints/epoch_NNNN.pt over it to resume from that epoch, "
-        "or train without --resume"
-    )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors, bad zip archives, truncated files
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise InputError(path, f"cannot be read as a checkpoint ({type(exc).__name__}: {first})", remedy) from None
-    required = ("model_config", "model_state", "optimizer_state", "epoch", "global_step", "config")
-    if not isinstance(state, dict) or any(k not in state for k in required):
-        raise InputError(path, "is not a vertrefine training checkpoint (keys missing)", remedy)
-    return state
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,15 +341,14 @@ def train(config: TrainConfig, *, on_event: EventCallback | None = None) -> Path
     Raises :class:`InputError` for unusable data, run folders and checkpoints, :class:`VertrefineError`
     when the loss diverges or a CUDA device is missing.
     """
-    procs = _start_processes(config.device)
+    procs = start_processes(config.device)
     try:
         return _train(config, procs, on_event)
     finally:
-        if procs.owned and dist.is_initialized():
-            dist.destroy_process_group()
+        procs.close()
 
 
-def _train(config: TrainConfig, procs: _Processes, on_event: EventCallback | None) -> Path:
+def _train(config: TrainConfig, procs: Processes, on_event: EventCallback | None) -> Path:
     def emit(kind: str, payload: dict[str, Any]) -> None:
         if on_event is not None and procs.main:
             on_event(kind, payload)
@@ -542,7 +417,7 @@ def _train(config: TrainConfig, procs: _Processes, on_event: EventCallback | Non
         global_step = int(checkpoint["global_step"])
         elapsed = float(checkpoint.get("elapsed", 0.0))
         history = [dict(h) for h in checkpoint.get("history", [])]
-        _restore_rng(dict(checkpoint.get("rng", {})))
+        restore_rng(dict(checkpoint.get("rng", {})))
         del checkpoint
     elif config.init_from:
         from .export import load_checkpoint_model  # weights-only loading and its checks, in one place
@@ -556,9 +431,6 @@ def _train(config: TrainConfig, procs: _Processes, on_event: EventCallback | Non
             )
         model.load_state_dict(start_model.state_dict())
         model.to(device)
-    if procs.active:
-        _broadcast_parameters(model)
-    parameters = [p for p in model.parameters() if p.requires_grad]
 
     langevin = LangevinConfig(
         steps=config.langevin_steps,
@@ -571,6 +443,7 @@ def _train(config: TrainConfig, procs: _Processes, on_event: EventCallback | Non
     objective = make_objective(
         model, schedule, langevin, kl_weight=config.kl_weight, energy_on_clean=config.energy_on_clean
     )
+    step_module = data_parallel(TrainingStep(model, objective), procs, device)  # DDP under torchrun
     dataset = data.PatchDataset(cache, train_idx, augment=True, degraded_prob=config.degraded_prob, seed=config.seed)
     val_shard = val_idx[procs.rank :: procs.world_size]
     steps_per_epoch = math.ceil(
@@ -613,7 +486,7 @@ def _train(config: TrainConfig, procs: _Processes, on_event: EventCallback | Non
             sampler=order,
             num_workers=config.num_workers,
             pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(derive_seed(config.seed, _ORDER, epoch, procs.rank)),
+            generator=torch.Generator().manual_seed(derive_seed(config.seed, ORDER, epoch, procs.rank)),
         )
         emit("epoch_start", {"epoch": epoch, "epochs": config.epochs, "steps": steps_per_epoch})
         sums: dict[str, float] = {}
@@ -622,17 +495,15 @@ def _train(config: TrainConfig, procs: _Processes, on_event: EventCallback | Non
             x = batch["x"].to(device, non_blocking=True)
             target = batch["target"].to(device, non_blocking=True)
             generator = torch.Generator(device=device)
-            generator.manual_seed(derive_seed(config.seed, _STEP, epoch, step, procs.rank))
-            loss, logs = objective(x, target, generator)
+            generator.manual_seed(derive_seed(config.seed, STEP, epoch, step, procs.rank))
+            loss, logs = step_module(x, target, generator)
             if not math.isfinite(logs["loss"] if "loss" in logs else loss.detach().item()):
                 raise VertrefineError(
                     f"training diverged at epoch {epoch}, step {step + 1} (loss {logs.get('loss')}); "
                     f"lower --lr (now {config.lr:g}) or resume from an earlier checkpoint"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if procs.active:
-                _average_gradients(parameters, procs.world_size)
+            loss.backward()  # under DDP, also averages the gradients over the processes
             optimizer.step()
             global_step += 1
             n = x.shape[0]
@@ -645,9 +516,8 @@ def _train(config: TrainConfig, procs: _Processes, on_event: EventCallback | Non
         totals = [count, *val]
         keys = list(sums)  # the objective's order, the same on every process
         if procs.active:  # losses averaged over all processes' patches, validation over the whole split
-            reduced = torch.tensor([*totals, *(sums[k] for k in keys)], dtype=torch.float64, device=device)
-            dist.all_reduce(reduced)
-            totals, sums = reduced[:4].tolist(), dict(zip(keys, reduced[4:].tolist(), strict=True))
+            reduced = all_reduce_sum([*totals, *(sums[k] for k in keys)], device)
+            totals, sums = reduced[:4], dict(zip(keys, reduced[4:], strict=True))
         count, dice_sum, recon_sum, val_count = totals
         losses = {k: sums[k] / max(count, 1) for k in sums}
         val_dice = dice_sum / val_count if val_count else float("nan")
@@ -682,7 +552,7 @@ def _train(config: TrainConfig, procs: _Processes, on_event: EventCallback | Non
                 "global_step": global_step,
                 "elapsed": elapsed,
                 "history": history,
-                "rng": _rng_state(),
+                "rng": rng_state(),
                 "config": config.as_dict(),
                 "cache_fingerprint": cache.fingerprint,
                 "sampler_defaults": _sampler_defaults(config),
@@ -776,13 +646,4 @@ def resume_config(run_dir: str | Path, **changes: Any) -> TrainConfig:
     return replace(saved, out=str(run_dir), resume=True, **changes)
 
 
-__all__ = [
-    "derive_seed",
-    "epoch_order",
-    "load_checkpoint",
-    "resolve_device",
-    "resume_config",
-    "save_checkpoint",
-    "train",
-    "validate",
-]
+__all__ = ["resolve_device", "resume_config", "train", "validate"]
