@@ -73,7 +73,7 @@ def test_plan_folder_mode_maps_names_and_dicom_to_seg(tmp_path):
     _dicom_file(series / "1.dcm")
     plan = plan_cases(folder, tmp_path / "out")
     assert [(c.name, d.name) for c, d in plan] == [("a", "a.nii.gz"), ("ct_series", "ct_series.dcm")]
-    assert (tmp_path / "out").is_dir()
+    assert not (tmp_path / "out").exists()  # planning checks the outputs and creates nothing
 
 
 def test_plan_missing_input_and_empty_folder(tmp_path):

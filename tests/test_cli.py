@@ -5,15 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-from vertrefine.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+from cli_helpers import error_line, invoke
 
 
 @pytest.fixture(scope="module")
@@ -95,26 +87,19 @@ def test_output_equal_to_input_is_refused(spines):
     assert source.read_bytes() == before
 
 
-def _error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
 def test_intensity_image_gives_one_line_and_no_output(tmp_path):
     ct = np.random.default_rng(0).normal(40, 300, (20, 20, 20)).astype(np.float32)
     nib.save(nib.Nifti1Image(ct, np.eye(4)), tmp_path / "ct.nii.gz")
     result = invoke("degrade", tmp_path / "ct.nii.gz", "-o", tmp_path / "o.nii.gz")
     assert result.exit_code == 2
-    line = _error_line(result)
+    line = error_line(result)
     assert "ct.nii.gz" in line and "segment it first" in line
     assert not (tmp_path / "o.nii.gz").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ct.nii.gz"]  # no partial or temporary file
 
 
 def test_bad_paths_and_grids_give_one_error_line(spines, tmp_path):
-    assert "does not exist" in _error_line(invoke("degrade", tmp_path / "nope.nii.gz", "-o", tmp_path / "o.nii.gz"))
+    assert "does not exist" in error_line(invoke("degrade", tmp_path / "nope.nii.gz", "-o", tmp_path / "o.nii.gz"))
     other_grid = tmp_path / "g"
     other_grid.mkdir()
     image = nib.load(spines / "spine_00123.nii.gz")
@@ -130,7 +115,7 @@ def test_bad_paths_and_grids_give_one_error_line(spines, tmp_path):
 def test_dicom_seg_output_without_a_dicom_source_is_refused_without_partial_file(spines, tmp_path):
     result = invoke("degrade", spines / "spine_00123.nii.gz", "-o", tmp_path / "seg.dcm")
     assert result.exit_code == 2
-    assert "DICOM" in _error_line(result)
+    assert "DICOM" in error_line(result)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,14 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import OutputError
-
-
-def _compound_suffix(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".tar.gz"):
-        if name.endswith(ext):
-            return ext
-    return path.suffix
+from .filetypes import compound_suffix
 
 
 def current_umask() -> int:
@@ -31,15 +24,15 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``destination``; rename it over ``destination`` on success.
 
     On any exception the temporary file is removed, so a failed write leaves no partial output.
-    The temporary name keeps the destination's extension so that writers choosing a format by
-    suffix (SimpleITK, nibabel) still work.
+    The temporary name keeps the destination's extension, lower-cased (``.part.nii.gz`` for
+    ``out.NII.GZ``), so that writers choosing a format by suffix (SimpleITK, nibabel) still work.
     """
     destination = Path(destination)
     folder = destination.parent if str(destination.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"{destination}: folder {folder} does not exist; create it first")
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=f".part{_compound_suffix(destination)}", dir=folder
+        prefix=f".{destination.name}.", suffix=f".part{compound_suffix(destination)}", dir=folder
     )
     os.close(fd)
     tmp = Path(tmp_name)

@@ -13,14 +13,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cases import Case, case_name, find_cases, is_nifti
+from .cases import Case, Plan, case_name, find_cases, is_nifti
 from .errors import InputError, OutputError, VertrefineError
+from .filetypes import UNSUPPORTED_OUTPUT, output_format
+from .outputs import check_writable_file, check_writable_folder
 
 Status = Callable[[str], None]
 """Shows what a case is doing now (e.g. "encode 5 vertebrae") next to the progress bar."""
-CaseFn = Callable[[int, Path, Path, Status], Any]
-"""(case index, input path, output path, status) -> a short note for the final table, or, with a
+CaseFn = Callable[[str, Path, Path, Status], Any]
+"""(case name, input path, output path, status) -> a short note for the final table, or, with a
 ``complete`` function, the case's intermediate state."""
+RESUME_HINT = "rerun the same command with --skip-existing to resume: finished cases are kept"
 CompleteFn = Callable[[list[tuple[str, Any]], Status], list["str | BaseException"]]
 """(group of (case name, state), status) -> per case, in order, its note or the exception it failed with."""
 
@@ -63,8 +66,14 @@ def is_batch(input_path: Path) -> bool:
     return not (len(cases) == 1 and cases[0].path == input_path)
 
 
-def plan_cases(input_path: Path, output: Path) -> list[tuple[Case, Path]]:
-    """Pair every input case with its output path; refuse outputs that would overwrite an input."""
+def plan_cases(input_path: Path, output: Path, *, option: str = "-o") -> Plan:
+    """Pair every input case with its output path, checking the outputs before any case runs.
+
+    Refused (OutputError, one line): an output that would overwrite an input; a single output whose name
+    is no known format (:func:`vertrefine.filetypes.output_format`) or that is a folder; a file given as
+    ``-o`` for a folder of cases; an output folder that cannot be created or written. Nothing is created
+    here: :func:`run_batch` creates the output folders once every check has passed.
+    """
     if not input_path.exists():
         raise InputError(input_path, "does not exist", "check the path")
     if input_path.is_dir():
@@ -77,19 +86,21 @@ def plan_cases(input_path: Path, output: Path) -> list[tuple[Case, Path]]:
     if single:
         destination = output_path_for(cases[0], output) if output.is_dir() else output
         if _same_path(input_path, destination):
-            raise OutputError(f"{output}: -o is the input; choose another name so the input is kept")
+            raise OutputError(f"{output}: {option} is the input; choose another name so the input is kept")
+        if output_format(destination) is None:
+            raise OutputError(f"{destination}: {UNSUPPORTED_OUTPUT}")
+        check_writable_file(destination, option)
         return [(cases[0], destination)]
     if output.exists() and not output.is_dir():
-        raise OutputError(f"{output}: the input is a folder, so -o must be a folder too")
+        raise OutputError(f"{output}: the input is a folder, so {option} must be a folder too")
     if _same_path(input_path, output):
-        raise OutputError(f"{output}: -o is the input folder; choose another folder so inputs are kept")
-    output.mkdir(parents=True, exist_ok=True)
+        raise OutputError(f"{output}: {option} is the input folder; choose another folder so inputs are kept")
+    check_writable_folder(output, option)
     return [(case, output_path_for(case, output)) for case in cases]
 
 
 def run_batch(
-    input_path: Path,
-    output: Path,
+    plan: Plan,
     one_case: CaseFn,
     *,
     label: str,
@@ -104,9 +115,10 @@ def run_batch(
     With ``complete``, a case runs in two stages: ``one_case`` returns a state, and once ``group_size``
     states are ready (or the cases run out) ``complete`` finishes the group together (refine samples the
     latents of a whole group at once). A single input is not a batch: its error propagates (one line,
-    exit code 2, from the CLI).
+    exit code 2, from the CLI). ``plan`` comes from :func:`plan_cases`; the output folders are created now.
     """
-    plan = plan_cases(input_path, output)
+    for _, destination in plan:
+        destination.parent.mkdir(parents=True, exist_ok=True)
     single = len(plan) == 1
     outcomes: list[CaseOutcome] = []
     pending: list[tuple[str, Any, float]] = []
@@ -143,7 +155,7 @@ def run_batch(
 
     with progress:
         task = progress.add_task(label, total=len(plan))
-        for index, (case, destination) in enumerate(plan):
+        for case, destination in plan:
             progress.update(task, description=f"{label} {case.name}")
 
             def status(text: str, name: str = case.name) -> None:
@@ -155,7 +167,7 @@ def run_batch(
                 progress.advance(task)
                 continue
             try:
-                result = one_case(index, case.path, destination, status)
+                result = one_case(case.name, case.path, destination, status)
             except Exception as exc:  # noqa: BLE001 - a batch goes on past any failed case
                 failed(case.name, exc, time.perf_counter() - start)
                 progress.advance(task)

@@ -2,46 +2,35 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-DICOM_SUFFIXES = (".dcm", ".dicom")
+from .filetypes import case_name, is_dicom_file
+from .filetypes import is_nifti_name as is_nifti
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
-    """File name without .nii.gz/.nii/.dcm, or the DICOM folder's name."""
+    """File name without .nii.gz/.nii/.dcm (any case), or the DICOM folder's name."""
     path: Path
 
 
-def case_name(path: str | Path) -> str:
-    """'spine_001' for spine_001.nii.gz, spine_001.nii, spine_001.dcm or a folder spine_001/."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES + DICOM_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+Plan = list[tuple[Case, Path]]
+"""Every case of a run with its output path, in order (:func:`vertrefine.batch.plan_cases`)."""
 
 
-def is_nifti(path: str | Path) -> bool:
-    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+def case_seed(seed: int, name: str) -> int:
+    """The seed of case ``name`` in a run with ``--seed seed``: a stable 32-bit hash of both.
 
-
-def is_dicom_file(path: str | Path) -> bool:
-    """A .dcm/.dicom file, or any file with the DICOM preamble ('DICM' at byte 128)."""
-    path = Path(path)
-    if path.name.lower().endswith(DICOM_SUFFIXES):
-        return True
-    try:
-        with path.open("rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
+    It depends on the case's name only, not on its position in a folder, so adding or removing other
+    files never changes a case's result, and a case gives the same result alone or in a folder.
+    SHA-256 (not Python's ``hash()``, which is salted per process) makes it the same on every machine.
+    """
+    digest = hashlib.sha256(f"vertrefine-case-seed:{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def _visible(path: Path) -> bool:
@@ -96,7 +85,11 @@ def find_cases(folder: str | Path) -> list[Case]:
     names = [c.name for c in cases]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
+        clash = ", ".join(c.path.name for c in cases if c.name == duplicates[0])
         raise InputError(
-            folder, f"several inputs share the case name(s) {', '.join(duplicates)}", "keep one file per case"
+            folder,
+            f"several inputs share the case name(s) {', '.join(duplicates)} ({clash}), so their outputs and "
+            "sidecars would have one name",
+            "keep one file per case name (rename or move the others)",
         )
     return cases

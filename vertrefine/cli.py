@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -24,6 +25,7 @@ from rich.table import Table
 from . import __version__
 from .batch import progress_bar as batch_progress_bar
 from .errors import VertrefineError
+from .filetypes import output_format
 
 app = typer.Typer(
     name="vertrefine",
@@ -44,27 +46,60 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's or container's stop), raised like Ctrl-C so that partial files are removed."""
+
+
+RESUME_HINTS = {
+    "refine": "rerun the same command with --skip-existing to resume (finished cases are kept)",
+    "degrade": "rerun the same command with --skip-existing to resume (finished cases are kept)",
+    "train": "rerun with --resume to continue from the last checkpoint",
+}
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def friendly_errors(command: F) -> F:
-    """Turn vertrefine's errors (and unexpected ones) into one line on stderr and exit code 2."""
+    """Turn vertrefine's errors (and unexpected ones) into one line on stderr and exit code 2.
+
+    SIGTERM is handled as SIGINT (Ctrl-C): the output being written is removed (atomic.py), and one line
+    says how to resume; exit code 130 (SIGINT) or 143 (SIGTERM).
+    """
+    hint = RESUME_HINTS.get(command.__name__, "rerun the same command")
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        installed, previous = _install_sigterm()
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
         except VertrefineError as exc:
             raise fail(str(exc)) from None
-        except KeyboardInterrupt:
-            raise fail("interrupted; rerun the same command to resume", 130) from None
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            raise fail(f"{what}; {hint}", 143 if isinstance(exc, Terminated) else 130) from None
         except Exception as exc:  # noqa: BLE001 - last resort: never a bare traceback for users
             if os.environ.get("VERTREFINE_DEBUG"):
                 raise
             raise fail(
                 f"unexpected {type(exc).__name__}: {exc} (rerun with VERTREFINE_DEBUG=1 for the traceback)"
             ) from None
+        finally:
+            if installed:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _install_sigterm() -> tuple[bool, Any]:
+    """Make SIGTERM raise :class:`Terminated`: ``(installed, previous handler)``."""
+    try:
+        return True, signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals stay as they are
+        return False, None
 
 
 def progress_bar() -> Progress:
@@ -167,9 +202,30 @@ def _label_set(text: str | None) -> frozenset[int] | None:
         raise typer.BadParameter(str(exc), param_hint="--labels") from None
 
 
+SEED_HELP = "Seed; a case's seed comes from this and its name, not from its place in a folder."
+ASSUME_ORIENTATION_HELP = (
+    "Orientation of NIfTI inputs whose qform_code and sform_code are both 0 (refused without it): the "
+    "patient directions the voxel axes i, j, k point to, e.g. RAS or LPS (nibabel's axis codes). Other "
+    "inputs ignore it."
+)
+
+
+def _orientation(text: str | None) -> str | None:
+    """--assume-orientation: a valid three-letter code (upper-case) or None."""
+    from .nifti import parse_orientation
+
+    if text is None:
+        return None
+    try:
+        return parse_orientation(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--assume-orientation") from None
+
+
 @app.command()
 @friendly_errors
 def refine(
+    ctx: typer.Context,
     input_path: Annotated[
         Path, typer.Argument(metavar="IN", help="Label map (NIfTI, DICOM series or SEG), or a folder of them.")
     ],
@@ -242,7 +298,7 @@ def refine(
         ),
     ] = "auto",
     samples: Annotated[int, typer.Option(min=1, help="Chains per vertebra; the mean probability is kept.")] = 1,
-    seed: Annotated[int, typer.Option(min=0, help="Seed; case i of a folder uses seed + i.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help=SEED_HELP)] = 0,
     threshold: Annotated[float, typer.Option(min=0.01, max=0.99, help="Probability threshold.")] = 0.5,
     labels: Annotated[
         str | None,
@@ -263,17 +319,27 @@ def refine(
         str | None, typer.Option(help="Which series to read when a DICOM folder holds several.")
     ] = None,
     skip_existing: Annotated[bool, typer.Option(help="In folder mode, skip cases whose output exists.")] = False,
+    source_series: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="The DICOM image series a DICOM SEG output (-o NAME.dcm) of a NIfTI input references; the "
+            "NIfTI must lie on its grid.",
+        ),
+    ] = None,
+    assume_orientation: Annotated[str | None, typer.Option(metavar="CODE", help=ASSUME_ORIENTATION_HELP)] = None,
 ) -> None:
     """Refine vertebra segmentations with the shape prior (1 mm output for thick-slice inputs) plus a JSON sidecar."""
-    from .batch import is_batch, run_batch
+    from .batch import is_batch, plan_cases, run_batch
     from .bundle import load_bundle
     from .info import default_bundle_dir
     from .refine import RefineOptions
-    from .refine_batch import ExtraOutputs, RefineJob
+    from .refine_batch import ExtraOutputs, RefineJob, check_refine_outputs
     from .runtime import open_sessions
     from .sampler import SamplerSettings
 
     label_set = _label_set(labels)
+    orientation = _orientation(assume_orientation)
     bundle = load_bundle(weights or default_bundle_dir((model or ModelKind.lsd_ebm).value))
     if model is not None and model.value != bundle.kind:
         raise fail(f"{bundle.dir}: holds a {bundle.kind} bundle, not {model.value}; pass --model {bundle.kind}")
@@ -301,8 +367,10 @@ def refine(
             raise fail(f"{bundle.dir}: {exc}") from None
         if sampler.t_refine > bundle.diffusion_schedule().timesteps:
             raise fail(f"--t-refine {sampler.t_refine} exceeds the bundle's {bundle.schedule['timesteps']} steps")
+    plan = plan_cases(input_path, output)  # every output is checked before any case runs
     extras = ExtraOutputs(probability=save_prob, uncertainty=uncertainty, mesh=mesh, qc=qc, batch=is_batch(input_path))
     extras.check()
+    check_refine_outputs(plan, source_series, assume_orientation=orientation)
     output_spacing = _output_spacing(spacing)
     options = RefineOptions(
         sampler=sampler,
@@ -319,10 +387,19 @@ def refine(
     sessions, note = open_sessions(bundle, device.value, threads)
     if note:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
-    job = RefineJob(sessions, options, extras, seed=seed, series_uid=series_uid, threads=threads)
+    job = RefineJob(
+        sessions,
+        options,
+        extras,
+        seed=seed,
+        series_uid=series_uid,
+        threads=threads,
+        source_series=source_series,
+        assume_orientation=orientation,
+        command=_command_line(ctx),
+    )
     code = run_batch(
-        input_path,
-        output,
+        plan,
         job.prepare,
         label="refine",
         skip_existing=skip_existing,
@@ -352,7 +429,7 @@ def degrade(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output file, or folder when IN is a folder.")],
     slice_mm: Annotated[float, typer.Option(min=0.5, help="Simulated slice thickness in mm.")] = 5.0,
     axis: Annotated[Axis, typer.Option(help="Slice direction of the simulated acquisition.")] = Axis.sagittal,
-    seed: Annotated[int, typer.Option(min=0, help="Seed; case i of a folder uses seed + i.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help=SEED_HELP)] = 0,
     in_plane_mm: Annotated[float, typer.Option(min=0.0, help="Simulated in-plane resolution in mm.")] = 1.0,
     native: Annotated[
         bool,
@@ -392,11 +469,16 @@ def degrade(
         str | None, typer.Option(help="Which series to read when a DICOM folder holds several.")
     ] = None,
     skip_existing: Annotated[bool, typer.Option(help="In folder mode, skip cases whose output exists.")] = False,
+    assume_orientation: Annotated[str | None, typer.Option(metavar="CODE", help=ASSUME_ORIENTATION_HELP)] = None,
 ) -> None:
     """Simulate a thick-slice MRI segmentation of a label map, on the input's grid (or --native)."""
-    from .batch import run_batch
+    from .batch import plan_cases, run_batch
+    from .cases import case_seed
     from .degrade import degrade as degrade_volume
     from .io import read_label_map, write_label_map
+    from .outputs import require_seg_sources
+
+    orientation = _orientation(assume_orientation)
 
     knobs = dict(
         slice_mm=slice_mm,
@@ -411,16 +493,18 @@ def degrade(
         island_radius_mm=island_radius_mm,
         native=native,
     )
-    if native and str(output).lower().endswith((".dcm", ".dicom")):
+    if native and output_format(output) == "dicom-seg":
         raise fail(f"{output}: --native writes NIfTI only (a DICOM SEG needs a source series on its grid)")
+    plan = plan_cases(input_path, output)  # every output is checked before any case runs
+    require_seg_sources(plan, None, None)
 
-    def one_case(index: int, source: Path, destination: Path, _status: Callable[[str], None]) -> str:
-        volume = read_label_map(source, series_uid=series_uid)
-        degraded = degrade_volume(volume, seed=seed + index, **knobs)
+    def one_case(name: str, source: Path, destination: Path, _status: Callable[[str], None]) -> str:
+        volume = read_label_map(source, series_uid=series_uid, assume_orientation=orientation)
+        degraded = degrade_volume(volume, seed=case_seed(seed, name), **knobs)
         write_label_map(degraded, destination, like=volume)
-        return f"seed {seed + index}"
+        return "\n".join([f"seed {case_seed(seed, name)}", *volume.source.warnings])
 
-    code = run_batch(input_path, output, one_case, label="degrade", skip_existing=skip_existing, console=err, out=out)
+    code = run_batch(plan, one_case, label="degrade", skip_existing=skip_existing, console=err, out=out)
     raise typer.Exit(code)
 
 
@@ -440,6 +524,7 @@ def score(
         typer.Option(help="Put predictions on the truth's grid when the grids differ (nearest neighbour)."),
     ] = False,
     per_case: Annotated[bool, typer.Option(help="Also print one row per case and vertebra.")] = False,
+    assume_orientation: Annotated[str | None, typer.Option(metavar="CODE", help=ASSUME_ORIENTATION_HELP)] = None,
 ) -> None:
     """DSC, VS, SEN, SPEC, NMI, Cohen's kappa (paper appendix D), HD95 and ASSD per vertebra."""
     from .score import pair_files, score_pairs, summarize, write_csv, write_json
@@ -454,7 +539,15 @@ def score(
 
     with progress_bar() as progress:
         task = progress.add_task("score", total=len(pairs))
-        result = score_pairs(pairs, region=region.value, resample=resample, on_case=lambda *_: progress.advance(task))
+        result = score_pairs(
+            pairs,
+            region=region.value,
+            resample=resample,
+            on_case=lambda *_: progress.advance(task),
+            assume_orientation=_orientation(assume_orientation),
+        )
+    for case, message in result.warnings:
+        err.print(f"[yellow]warning:[/] {case}: {message}", highlight=False, soft_wrap=True)
     for case, message in result.errors:
         err.print(f"[red]failed[/] {case}: {message}", highlight=False, soft_wrap=True)
 

@@ -115,16 +115,6 @@ class DicomSeries:
         return f"{self.uid} ({modality}, '{description}', {len(self.files)} files)"
 
 
-def looks_like_dicom(path: str | Path) -> bool:
-    """True when ``path`` is a file carrying the DICOM preamble ('DICM' at byte 128), whatever its name."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def is_no_series_uid(uid: str) -> bool:
     """True for the stand-in name of a series whose files have no SeriesInstanceUID."""
     return uid.startswith(NO_SERIES_UID)
@@ -666,6 +656,20 @@ def _source_datasets(source_images: str | Path | Sequence[Dataset | str | Path],
     if not datasets:
         raise InputError(path, "no source images were given", "pass the source series folder")
     return datasets
+
+
+def seg_source_geometry(source_images: str | Path) -> Geometry:
+    """Grid of the image series that a SEG written with ``source_images`` (a folder, or one of its files)
+    would reference, after checking that a SEG can reference it (what :func:`write_dicom_seg` needs).
+
+    For checking a ``--source-series`` before any case runs. Raises InputError naming the path: missing,
+    not a DICOM image series, several series, no FrameOfReferenceUID or SOPInstanceUID.
+    """
+    path = Path(source_images)
+    if not path.exists():
+        raise InputError(path, "does not exist", "pass the folder of the DICOM image series the SEG references")
+    _prepared_sources(_source_datasets(path, path), path)
+    return dicom_series_geometry(path)
 
 
 def _prepared_sources(datasets: Sequence[Dataset], where: Path) -> list[Dataset]:

@@ -22,12 +22,12 @@ from pydicom.dataset import Dataset
 from .dicom_seg import (
     NO_SERIES_UID,
     dicom_series_geometry,
-    looks_like_dicom,
     read_dicom_file,
     read_dicom_folder,
     write_dicom_seg,
 )
 from .errors import InputError, OutputError
+from .filetypes import UNSUPPORTED_OUTPUT, compound_suffix, is_dicom_file, output_format
 from .nifti import is_nifti_path, read_nifti, write_nifti
 from .volume import Volume
 
@@ -46,14 +46,18 @@ __all__ = [
 ]
 
 MAX_LABELS = 100
-"""A label map with more distinct non-zero values than this is taken for an intensity image."""
-DICOM_FILE_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
+"""More distinct non-zero values than this, varying from voxel to voxel, make an intensity image."""
+MIN_REGION_FRACTION = 0.5
+"""A map with more than MAX_LABELS values is a label map when at least this fraction of neighbouring
+labelled voxel pairs share their value (labels form regions; intensities vary voxel to voxel)."""
+INTEGER_TOLERANCE = 1e-3
+"""Float voxels this close to an integer are that integer (scl_slope 1.0000001 makes 22 into 22.0000022)."""
 _SEGMENT_FIRST = "segment it first: vertrefine takes a vertebra label map (one integer id per vertebra)"
 
 
 def is_dicom_output(path: str | Path) -> bool:
-    """True when ``path`` names a DICOM SEG output (``.dcm``)."""
-    return Path(path).suffix.lower() == ".dcm"
+    """True when ``path`` names a DICOM SEG output (``.dcm``/``.dicom``, any case)."""
+    return output_format(path) == "dicom-seg"
 
 
 def is_supported_input(path: str | Path) -> bool:
@@ -63,11 +67,17 @@ def is_supported_input(path: str | Path) -> bool:
 
 
 def _is_dicom_file_path(path: Path) -> bool:
-    """A DICOM suffix (or none), or the DICOM preamble: names like 'CT.1.2.840...' have a numeric 'suffix'."""
-    return path.suffix.lower() in DICOM_FILE_SUFFIXES or looks_like_dicom(path)
+    """A DICOM name, none, or the DICOM preamble: names like 'CT.1.2.840...' have a numeric 'suffix'."""
+    return compound_suffix(path) == "" or is_dicom_file(path)
 
 
-def read_label_map(path: str | Path, *, series_uid: str | None = None, allow_empty: bool = False) -> Volume:
+def read_label_map(
+    path: str | Path,
+    *,
+    series_uid: str | None = None,
+    allow_empty: bool = False,
+    assume_orientation: str | None = None,
+) -> Volume:
     """Read and validate a label map.
 
     ``path`` is a ``.nii``/``.nii.gz`` file, a DICOM SEG file (``.dcm``, no suffix, or any name with
@@ -78,6 +88,9 @@ def read_label_map(path: str | Path, *, series_uid: str | None = None, allow_emp
     ``allow_empty`` accepts a label map without any labelled voxel (e.g. a prediction being
     scored). Segments of a SEG become label ids: a segment naming or coding a vertebra level ('L1',
     'T12', 'L1 vertebra', SCT 66794005) gets its VerSe id, any other keeps its segment number.
+    ``assume_orientation`` ('RAS', 'LPS', ...) is used only for a NIfTI file whose qform_code and
+    sform_code are both 0, which is refused without it (see :func:`vertrefine.nifti.header_geometry`).
+    What the reader decided (qform or sform, an assumed orientation) is in ``volume.source.warnings``.
     """
     path = Path(path)
     if not path.exists():
@@ -85,13 +98,13 @@ def read_label_map(path: str | Path, *, series_uid: str | None = None, allow_emp
     if path.is_dir():
         volume = read_dicom_folder(path, series_uid=series_uid)
     elif is_nifti_path(path):
-        volume = read_nifti(path)
+        volume = read_nifti(path, assume_orientation=assume_orientation)
     elif _is_dicom_file_path(path):
         volume = read_dicom_file(path, series_uid=series_uid)
     else:
         raise InputError(
             path,
-            f"unsupported file type '{path.suffix}'",
+            f"unsupported file type '{compound_suffix(path)}'",
             "pass a .nii/.nii.gz file, a DICOM SEG (.dcm) file or a DICOM series folder",
         )
     try:
@@ -112,9 +125,11 @@ def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = 
     """Refuse what is not a usable 3D label map; return it with a compact unsigned integer array.
 
     Refused: single-slice (2D) data, a sheared (non-orthonormal) direction matrix, non-numeric voxels,
-    an intensity image (non-integer or negative values, or more than :data:`MAX_LABELS` labels) and,
-    unless ``allow_empty``, a map without any labelled voxel. Float arrays holding only integers are
-    cast. The array becomes uint8 (max < 256), uint16 (max < 65536) or int32.
+    an intensity image (really fractional or negative values, or more than :data:`MAX_LABELS` values
+    that vary from voxel to voxel) and, unless ``allow_empty``, a map without any labelled voxel. Float
+    voxels within :data:`INTEGER_TOLERANCE` of an integer (NIfTI scl_slope/scl_inter or DICOM rescale
+    rounding) are rounded. Many labels are fine when they form regions (a TotalSegmentator map has 117).
+    The array becomes uint8 (max < 256), uint16 (max < 65536) or int32.
     """
     array, geometry = volume.array, volume.geometry
     if min(geometry.shape) < 2:
@@ -132,10 +147,16 @@ def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = 
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)):
             raise InputError(path, "holds NaN or infinite values: looks like an intensity image", _SEGMENT_FIRST)
-        if not np.array_equal(array, np.round(array)):
+        rounded = np.round(array)
+        off = float(np.max(np.abs(array - rounded))) if array.size else 0.0
+        if off > INTEGER_TOLERANCE:
             raise InputError(
-                path, "holds non-integer values: looks like an intensity image, not a label map", _SEGMENT_FIRST
+                path,
+                f"holds fractional values (up to {off:.3g} from an integer): looks like an intensity image or a "
+                "probability map, not a label map",
+                _SEGMENT_FIRST,
             )
+        array = rounded
     low, high = (array.min(), array.max()) if array.size else (0, 0)
     if low < 0:
         raise InputError(
@@ -146,11 +167,14 @@ def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = 
     if high > MAX_LABELS:  # only then can there be more than MAX_LABELS distinct labels
         count = int(np.count_nonzero(np.unique(array)))
         if count > MAX_LABELS:
-            raise InputError(
-                path,
-                f"holds {count} distinct values: looks like an intensity image, not a label map",
-                _SEGMENT_FIRST,
-            )
+            fraction = region_fraction(array)
+            if fraction < MIN_REGION_FRACTION:
+                raise InputError(
+                    path,
+                    f"holds {count} distinct values that vary from voxel to voxel (only {fraction:.0%} of "
+                    "neighbouring labelled voxels share their value): looks like an intensity image, not a label map",
+                    _SEGMENT_FIRST,
+                )
     if high == 0 and not allow_empty:
         raise InputError(
             path, "is an empty mask (no labelled voxel)", "check that the segmentation worked, or pass another file"
@@ -159,6 +183,22 @@ def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = 
     if array.dtype != dtype:
         array = array.astype(dtype)
     return volume.with_array(array) if array is not volume.array else volume
+
+
+def region_fraction(array: np.ndarray) -> float:
+    """Fraction of face-neighbouring voxel pairs, both non-zero, that hold the same value (1.0 if none).
+
+    Near 1 for a label map (values form regions and differ only where two structures touch); low for an
+    intensity image, whose values change from voxel to voxel. ``array`` is 3D, any axis order.
+    """
+    same = pairs = 0
+    for axis in range(array.ndim):
+        a = np.moveaxis(array, axis, 0)
+        first, second = a[1:], a[:-1]
+        both = (first != 0) & (second != 0)
+        pairs += int(np.count_nonzero(both))
+        same += int(np.count_nonzero(both & (first == second)))
+    return same / pairs if pairs else 1.0
 
 
 def write_label_map(
@@ -170,14 +210,16 @@ def write_label_map(
 ) -> Path:
     """Write ``volume`` in the format its destination names, atomically; return the path.
 
-    ``.nii``/``.nii.gz`` -> NIfTI (:func:`write_nifti`), ``.dcm`` -> DICOM SEG (:func:`write_dicom_seg`).
+    ``.nii``/``.nii.gz`` -> NIfTI (:func:`write_nifti`), ``.dcm``/``.dicom`` -> DICOM SEG
+    (:func:`write_dicom_seg`), in any case (:func:`vertrefine.filetypes.output_format`).
     ``like`` is the input this output corresponds to (default: ``volume.source``); its NIfTI header or
     DICOM references are reused. ``source_images`` (a series folder, files or datasets) names the
     series a SEG references when ``like`` did not come from DICOM; NIfTI output ignores it.
     """
     path = Path(path)
-    if is_nifti_path(path):
+    kind = output_format(path)
+    if kind == "nifti":
         return write_nifti(volume, path, like=like)
-    if is_dicom_output(path):
+    if kind == "dicom-seg":
         return write_dicom_seg(volume, path, like=like, source_images=source_images)
-    raise OutputError(f"{path}: unsupported output type; name it .nii, .nii.gz (NIfTI) or .dcm (DICOM SEG)")
+    raise OutputError(f"{path}: {UNSUPPORTED_OUTPUT}")

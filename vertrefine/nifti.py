@@ -9,7 +9,7 @@ Use :func:`vertrefine.io.read_label_map` / :func:`vertrefine.io.write_label_map`
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,50 @@ from nibabel.spatialimages import HeaderDataError
 
 from .atomic import atomic_path
 from .errors import InputError
+from .filetypes import is_nifti_name as is_nifti_path
 from .volume import Geometry, Source, Volume
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 # What nibabel, gzip and zlib raise on damaged files (gzip.BadGzipFile is an OSError).
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
+XFORM_CODES = {0: "unknown", 1: "scanner", 2: "aligned", 3: "Talairach", 4: "MNI", 5: "template"}
+"""NIfTI-1 qform_code / sform_code values (NIFTI_XFORM_*)."""
+DISAGREE_MM = 1.0
+DISAGREE_DEGREES = 1.0
+"""qform and sform further apart than this (at any corner of the image, or in rotation) are reported."""
+_SHEAR_TOL = 1e-4
 
 
-def is_nifti_path(path: str | Path) -> bool:
-    """True for ``.nii`` and ``.nii.gz`` names (case-insensitive)."""
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
+def parse_orientation(code: str) -> str:
+    """Validate a stated orientation: three letters, one of L/R, one of A/P, one of S/I, in any order.
+
+    Each letter is the patient direction that the voxel index ``i``, ``j``, ``k`` (the file's first,
+    second, third array axis) increases towards, as nibabel's axis codes (``aff2axcodes``) and
+    ``mri_info`` write it: 'RAS' means i towards the patient's right, j anterior, k superior.
+    (ITK-SNAP's and ITK's 'RAI'-style codes name where the axes come *from*: ITK 'LPI' is 'RAS' here.)
+    Returns the upper-case code; raises ValueError naming what is wrong.
+    """
+    text = str(code).strip().upper()
+    pairs = ("LR", "AP", "SI")
+    used = [next((i for i, pair in enumerate(pairs) if letter in pair), None) for letter in text]
+    if len(text) != 3 or None in used or sorted(used) != [0, 1, 2]:  # type: ignore[type-var]
+        raise ValueError(
+            f"orientation {code!r} is not three letters with one of L/R, one of A/P and one of S/I (e.g. RAS, LPS)"
+        )
+    return text
+
+
+def orientation_affine(code: str, zooms: Sequence[float]) -> np.ndarray:
+    """RAS voxel-to-mm affine of a stated orientation (:func:`parse_orientation`) and voxel sizes (mm).
+
+    Voxel ``(0, 0, 0)`` lies at the origin, as in NIfTI's method 1 for files without qform and sform.
+    """
+    ornt = nib.orientations.axcodes2ornt(tuple(parse_orientation(code)))
+    affine = np.eye(4)
+    affine[:3, :3] = 0.0
+    for axis, (ras_axis, flip) in enumerate(ornt):
+        affine[int(ras_axis), axis] = flip * float(zooms[axis])
+    return affine
 
 
 def geometry_from_affine(affine: np.ndarray, shape_ijk: tuple[int, int, int]) -> Geometry:
@@ -52,12 +85,46 @@ def affine_from_geometry(geometry: Geometry) -> np.ndarray:
     return affine
 
 
-def read_nifti(path: Path) -> Volume:
+def read_nifti(path: Path, *, assume_orientation: str | None = None) -> Volume:
     """Read a NIfTI file as a (not yet validated) Volume; ``source.meta`` keeps the header.
 
+    The voxel-to-mm transform comes from :func:`header_geometry` (``assume_orientation`` is used only
+    for a file whose qform_code and sform_code are both 0; its outputs then carry that orientation).
     ``meta``: ``header`` (a copy of the nibabel header), ``image_class``, ``shape`` (the file's array
-    shape, e.g. ``(x, y, z, 1)``), ``dtype`` (the on-disk dtype) and ``geometry``.
+    shape, e.g. ``(x, y, z, 1)``), ``dtype`` (the on-disk dtype) and ``geometry``. Header warnings
+    (qform and sform disagreeing, an orientation assumed) are in ``source.warnings``.
+    Raises InputError (one line naming the file) for unreadable, non-3D, RGB or unoriented files.
     """
+    image, shape = _load(path)
+    geometry, warnings, header = header_geometry(image, path, assume_orientation=assume_orientation)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except _READ_ERRORS as exc:
+        raise InputError(
+            path, f"cannot read the voxel data: truncated or corrupt ({_reason(exc)})", _REMEDY_UNREADABLE
+        ) from exc
+    if data.dtype.fields is not None:
+        raise InputError(path, f"holds {data.dtype} (RGB) voxels, not a label map", "pass a label map")
+    data = data.reshape(shape[:3])
+    meta: dict[str, Any] = {
+        "header": header,
+        "image_class": type(image),
+        "shape": shape,
+        "dtype": image.get_data_dtype(),
+        "geometry": geometry,
+    }
+    source = Source(Path(path), "nifti", meta, warnings=tuple(warnings))
+    return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), geometry, source)
+
+
+def read_nifti_geometry(path: Path, *, assume_orientation: str | None = None) -> Geometry:
+    """The grid of a NIfTI file from its header alone (as :func:`read_nifti` would give it)."""
+    image, _ = _load(path)
+    return header_geometry(image, path, assume_orientation=assume_orientation)[0]
+
+
+def _load(path: Path) -> tuple[nib.Nifti1Image | nib.Nifti2Image, tuple[int, ...]]:
+    """The nibabel image (voxels not yet read) and its shape; refuse what is not one 3D NIfTI volume."""
     try:
         image = nib.load(str(path))
     except _READ_ERRORS as exc:
@@ -73,27 +140,91 @@ def read_nifti(path: Path) -> Volume:
             f"is {len(shape)}D (shape {shape}), a series of volumes, not one label map",
             "split it and pass one 3D volume",
         )
+    return image, shape
+
+
+def header_geometry(
+    image: nib.Nifti1Image | nib.Nifti2Image, path: Path, *, assume_orientation: str | None = None
+) -> tuple[Geometry, list[str], Any]:
+    """``(geometry, warnings, header)``: the file's grid, decided once for every reader.
+
+    * sform_code > 0: the sform, as nibabel and ITK (SimpleITK, 3D Slicer, ANTs) read it; unless the
+      sform is sheared and a qform exists, then the qform (as ITK does; a sheared grid is refused later).
+    * else qform_code > 0: the qform.
+    * both 0: the orientation is unknown and nibabel and ITK would guess differently (nibabel: 'LAS'
+      centred on the image; ITK: 'LPS' from the origin), so it is refused with one line, unless
+      ``assume_orientation`` states it (:func:`parse_orientation`): voxel sizes from pixdim, voxel
+      (0, 0, 0) at the origin. The returned header copy then carries that orientation in its qform and
+      sform (code 1), so outputs written on it are no longer ambiguous.
+
+    When both forms are set and their voxel centres at the image's corners differ by more than
+    :data:`DISAGREE_MM` or their rotations by more than :data:`DISAGREE_DEGREES`, a warning says which is
+    used. Raises InputError for an unoriented file without ``assume_orientation`` and for a degenerate
+    transform.
+    """
+    header = image.header.copy()
+    shape = tuple(int(n) for n in image.shape[:3])
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    warnings: list[str] = []
+    if qcode == 0 and scode == 0:
+        if assume_orientation is None:
+            raise InputError(
+                path,
+                "has no orientation (qform_code and sform_code are both 0): left/right, anterior/posterior "
+                "and superior/inferior are unknown, and tools guess them differently",
+                "fix the header (e.g. convert the DICOM again with dcm2niix), or state the voxel axes' "
+                "directions with --assume-orientation (e.g. RAS)",
+            )
+        code = parse_orientation(assume_orientation)
+        affine = orientation_affine(code, header.get_zooms()[:3])
+        header.set_qform(affine, code=1)
+        header.set_sform(affine, code=1)
+        warnings.append(f"orientation assumed {code} as stated (the file's qform_code and sform_code are 0)")
+    elif scode > 0 and (qcode == 0 or not _is_sheared(header.get_sform())):
+        affine = header.get_sform()
+        if qcode > 0:
+            warnings += _disagreement(header.get_qform(), affine, shape, f"sform (code {_code(scode)})")
+    else:
+        affine = header.get_qform()
+        if scode > 0:
+            warnings.append(
+                f"the sform (code {_code(scode)}) is sheared; the qform (code {_code(qcode)}) is used, as ITK does"
+            )
     try:
-        data = np.asanyarray(image.dataobj)
-    except _READ_ERRORS as exc:
-        raise InputError(
-            path, f"cannot read the voxel data: truncated or corrupt ({_reason(exc)})", _REMEDY_UNREADABLE
-        ) from exc
-    if data.dtype.fields is not None:
-        raise InputError(path, f"holds {data.dtype} (RGB) voxels, not a label map", "pass a label map")
-    data = data.reshape(shape[:3])
-    try:
-        geometry = geometry_from_affine(image.affine, shape[:3])
+        geometry = geometry_from_affine(affine, shape)
     except ValueError as exc:
         raise InputError(path, f"has an unusable affine: {exc}", "fix the file's sform/qform") from exc
-    meta: dict[str, Any] = {
-        "header": image.header.copy(),
-        "image_class": type(image),
-        "shape": shape,
-        "dtype": image.get_data_dtype(),
-        "geometry": geometry,
-    }
-    return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), geometry, Source(Path(path), "nifti", meta))
+    return geometry, warnings, header
+
+
+def _code(code: int) -> str:
+    return f"{code}, {XFORM_CODES.get(code, 'non-standard')}"
+
+
+def _is_sheared(affine: np.ndarray) -> bool:
+    """True when the affine's columns are not orthogonal (a shear, not a rotation with voxel sizes)."""
+    linear = np.asarray(affine, dtype=float)[:3, :3]
+    norms = np.linalg.norm(linear, axis=0)
+    if np.any(norms <= 0) or not np.all(np.isfinite(linear)):
+        return False  # degenerate: refused as such by geometry_from_affine
+    unit = linear / norms
+    return not np.allclose(unit.T @ unit, np.eye(3), atol=_SHEAR_TOL)
+
+
+def _disagreement(qform: np.ndarray, sform: np.ndarray, shape: tuple[int, int, int], used: str) -> list[str]:
+    """One warning when qform and sform place the image differently (corner distance, rotation angle)."""
+    ends = [(0, n - 1) for n in shape]
+    corners = np.array([[i, j, k, 1.0] for i in ends[0] for j in ends[1] for k in ends[2]])
+    distance = float(np.max(np.linalg.norm((corners @ qform.T - corners @ sform.T)[:, :3], axis=1)))
+    rotations = [m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0) for m in (qform, sform)]
+    cosine = (np.trace(rotations[0].T @ rotations[1]) - 1.0) / 2.0
+    angle = float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+    if distance <= DISAGREE_MM and angle <= DISAGREE_DEGREES:
+        return []
+    return [
+        f"the qform and sform disagree (up to {distance:.1f} mm apart, {angle:.1f} degrees); the {used} is used, "
+        "as nibabel and ITK do"
+    ]
 
 
 def write_nifti(volume: Volume, path: str | Path, *, like: Volume | None = None) -> Path:

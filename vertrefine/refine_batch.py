@@ -8,9 +8,13 @@ exists is finished, which is what ``--skip-existing`` relies on to resume an int
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +23,16 @@ import numpy as np
 from . import __version__
 from .atomic import atomic_path
 from .bundle import MANIFEST_NAME, sha256_file
-from .cases import case_name
-from .errors import OutputError
-from .io import read_label_map, write_label_map
-from .nifti import is_nifti_path, write_scalar_nifti
+from .cases import Plan, case_name, case_seed
+from .dicom_seg import seg_source_geometry
+from .errors import InputError, OutputError
+from .filetypes import NIFTI_SUFFIXES, SEG_SUFFIXES, is_nifti_name
+from .io import is_dicom_output, read_label_map, write_label_map
+from .nifti import read_nifti_geometry, write_scalar_nifti
+from .outputs import check_writable_file, check_writable_folder, require_seg_sources
 from .refine import PreparedCase, RefinedCase, RefineOptions, finish_case, prepare_case, sample_latents
 from .runtime import BundleSessions
+from .volume import Volume
 
 Status = Any  # batch.Status; kept loose to avoid importing rich here
 
@@ -40,31 +48,43 @@ class ExtraOutputs:
     batch: bool = False
 
     def check(self) -> None:
-        """Refuse file names that cannot be written (before any case runs)."""
+        """Refuse outputs that cannot be written (before any case runs): names, folders, permissions."""
+        options = {"probability": "--save-prob", "uncertainty": "--uncertainty", "mesh": "--mesh", "qc": "--qc"}
         if self.batch:
-            for folder in (self.probability, self.uncertainty, self.qc, self.mesh):
+            for kind, option in options.items():
+                folder = getattr(self, kind)
                 if folder is not None and folder.exists() and not folder.is_dir():
-                    raise OutputError(f"{folder}: the input is a folder, so this output must be a folder too")
+                    raise OutputError(f"{folder}: the input is a folder, so {option} must be a folder too")
+                if folder is not None:
+                    check_writable_folder(folder, option)
             return
         for option, path in (("--save-prob", self.probability), ("--uncertainty", self.uncertainty)):
-            if path is not None and not is_nifti_path(path):
+            if path is not None and not is_nifti_name(path):
                 raise OutputError(f"{path}: {option} writes NIfTI; name it .nii.gz or .nii")
         if self.qc is not None and self.qc.suffix.lower() != ".png":
             raise OutputError(f"{self.qc}: --qc writes a PNG image; name it .png")
+        for kind in ("probability", "uncertainty", "qc"):
+            if getattr(self, kind) is not None:
+                check_writable_file(getattr(self, kind), options[kind])
+        if self.mesh is not None:
+            check_writable_folder(self.mesh, "--mesh")
 
-    def path(self, kind: str, case: str) -> Path | None:
-        """Where ``kind`` (probability, uncertainty, qc, mesh) of ``case`` goes, creating folders."""
+    def path(self, kind: str, case: str, created: list[Path] | None = None) -> Path | None:
+        """Where ``kind`` (probability, uncertainty, qc, mesh) of ``case`` goes, creating folders.
+
+        Every folder made here is appended to ``created`` (parents first).
+        """
         base: Path | None = getattr(self, kind)
         if base is None:
             return None
         if kind == "mesh":
             folder = base / case if self.batch else base
-            folder.mkdir(parents=True, exist_ok=True)
+            _make_folder(folder, created)
             return folder
         if not self.batch:
-            base.parent.mkdir(parents=True, exist_ok=True)
+            _make_folder(base.parent, created)
             return base
-        base.mkdir(parents=True, exist_ok=True)
+        _make_folder(base, created)
         return base / (f"{case}.png" if kind == "qc" else f"{case}.nii.gz")
 
     @property
@@ -72,9 +92,62 @@ class ExtraOutputs:
         return self.probability is not None or self.uncertainty is not None
 
 
+def _make_folder(folder: Path, created: list[Path] | None) -> None:
+    missing = [folder, *folder.parents]
+    missing = [f for f in missing if not f.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    if created is not None:
+        created += missing
+
+
 def sidecar_path(destination: Path) -> Path:
     """``case.json`` beside the output ``case.nii.gz`` / ``case.dcm``."""
     return destination.with_name(f"{case_name(destination)}.json")
+
+
+def check_sidecars(plan: Plan) -> None:
+    """Refuse, before any case runs, an output whose sidecar would also be another output's.
+
+    ``out.nii.gz`` and ``out.dcm`` in one folder would share ``out.json``: an existing output of the same
+    case name in another format (or two outputs of one run) makes the run stop with one line naming both.
+    """
+    seen: dict[Path, Path] = {}
+    for _, destination in plan:
+        sidecar = sidecar_path(destination)
+        other = seen.get(sidecar)
+        if other is None:
+            name = case_name(destination)
+            others = [
+                destination.with_name(name + suffix)
+                for suffix in NIFTI_SUFFIXES + SEG_SUFFIXES
+                if (name + suffix).lower() != destination.name.lower()
+            ]
+            other = next((p for p in others if p.exists()), None)
+        if other is not None:
+            raise OutputError(
+                f"{destination}: its sidecar {sidecar.name} would also be the sidecar of {other}; "
+                "give this output another name (or folder), or remove the other"
+            )
+        seen[sidecar] = destination
+
+
+def input_sha256(volume: Volume) -> dict[str, Any]:
+    """SHA-256 of the files a label map was read from: ``{"sha256": hex, "files": n}``.
+
+    A NIfTI or SEG file: its own digest. A DICOM image series: the digest of the text ``sha256sum``
+    prints for its files ('<hex>  <name>' lines sorted by name, names relative to the series' folder),
+    i.e. ``sha256sum * | sha256sum`` in a folder that holds only that series.
+    """
+    source = volume.source
+    if source.kind == "dicom-series":
+        files = [Path(f) for f in source.meta["series"].files]
+        root = Path(os.path.commonpath([f.parent for f in files]))
+        lines = sorted((f.relative_to(root).as_posix(), sha256_file(f)) for f in files)
+        text = "".join(f"{digest}  {name}\n" for name, digest in lines)
+        return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "files": len(files)}
+    if source.path is None or not Path(source.path).is_file():
+        return {"sha256": None, "files": 0}
+    return {"sha256": sha256_file(Path(source.path)), "files": 1}
 
 
 def bundle_digests(sessions: BundleSessions) -> dict[str, Any]:
@@ -87,9 +160,42 @@ def bundle_digests(sessions: BundleSessions) -> dict[str, Any]:
     }
 
 
+def check_refine_outputs(
+    plan: Plan, source_series: Path | None = None, *, assume_orientation: str | None = None
+) -> None:
+    """What can fail about refine's outputs, checked before any case runs (OutputError / InputError).
+
+    Refused: two outputs sharing a sidecar (:func:`check_sidecars`); a DICOM SEG output of a NIfTI input
+    without ``source_series`` (``--source-series``); ``source_series`` with a folder of cases or a NIfTI
+    output; a series that a SEG cannot reference (:func:`vertrefine.dicom_seg.seg_source_geometry`); a
+    NIfTI input whose grid (``assume_orientation`` as for reading) is not that series' grid.
+    """
+    check_sidecars(plan)
+    require_seg_sources(plan, source_series, "--source-series")
+    if source_series is None:
+        return
+    (case, destination), *more = plan
+    if more or not is_dicom_output(destination):
+        raise OutputError(
+            f"{source_series}: --source-series names the images that a DICOM SEG output (-o NAME.dcm) of one "
+            "input references; use it with a single input and a .dcm output"
+        )
+    series = seg_source_geometry(source_series)
+    if not is_nifti_name(case.path):
+        return
+    grid = read_nifti_geometry(case.path, assume_orientation=assume_orientation)
+    if not grid.same_grid(series, tol=1e-3):
+        raise InputError(
+            case.path,
+            f"is not on the grid of the --source-series {source_series} ({grid.describe()}, the series "
+            f"{series.describe()}), so a DICOM SEG of it cannot reference those images",
+            "pass the series this label map was made on, or write NIfTI (.nii.gz)",
+        )
+
+
 @dataclass
 class _Case:
-    index: int
+    name: str
     source: Path
     destination: Path
     prepared: PreparedCase
@@ -107,6 +213,9 @@ class RefineJob:
         seed: int = 0,
         series_uid: str | None = None,
         threads: int = 0,
+        source_series: Path | None = None,
+        assume_orientation: str | None = None,
+        command: str = "",
     ) -> None:
         self.sessions = sessions
         self.options = options
@@ -114,20 +223,27 @@ class RefineJob:
         self.seed = seed
         self.series_uid = series_uid
         self.threads = threads
+        self.source_series = source_series
+        self.assume_orientation = assume_orientation
+        self.command = command
         self.digests = bundle_digests(sessions)
 
-    def prepare(self, index: int, source: Path, destination: Path, status: Status) -> _Case:
+    def prepare(self, name: str, source: Path, destination: Path, status: Status) -> _Case:
         start = time.perf_counter()
         status("read")
-        volume = read_label_map(source, series_uid=self.series_uid)
+        volume = read_label_map(source, series_uid=self.series_uid, assume_orientation=self.assume_orientation)
         read_seconds = time.perf_counter() - start
         prepared = prepare_case(volume, self.sessions, self.options, status)
         prepared.seconds = {"read": read_seconds, **prepared.seconds}
-        return _Case(index, source, destination, prepared)
+        return _Case(name, source, destination, prepared)
+
+    def case_seed(self, case: _Case) -> int:
+        """The case's seed: from its name and ``--seed`` (:func:`vertrefine.cases.case_seed`)."""
+        return case_seed(self.seed, case.name)
 
     def complete(self, group: list[tuple[str, _Case]], status: Status) -> list[str | BaseException]:
         cases = [case for _, case in group]
-        generators = [np.random.default_rng(self.seed + case.index) for case in cases]
+        generators = [np.random.default_rng(self.case_seed(case)) for case in cases]
         latents = sample_latents(self.sessions, [c.prepared for c in cases], self.options, generators, status)
         results: list[str | BaseException] = []
         for (name, case), z in zip(group, latents, strict=True):
@@ -141,29 +257,47 @@ class RefineJob:
         start = time.perf_counter()
         refined = finish_case(case.prepared, z, self.sessions, self.options, status)
         status("write")
-        write_start = time.perf_counter()
-        self._write_extras(name, case, refined)
-        refined.seconds["write_extras"] = time.perf_counter() - write_start
-        refined.seconds["total"] = sum(case.prepared.seconds.values()) + time.perf_counter() - start
-        self._write_sidecar(case, refined)
-        write_label_map(refined.labels, case.destination, like=case.prepared.volume)
+        warnings = [*case.prepared.volume.source.warnings, *refined.warnings]
+        written: list[Path] = []
+        try:  # a case that fails while writing leaves none of its files (no stale sidecar)
+            write_start = time.perf_counter()
+            extras = self._write_extras(name, case, refined, written)
+            refined.seconds["write_extras"] = time.perf_counter() - write_start
+            refined.seconds["total"] = sum(case.prepared.seconds.values()) + time.perf_counter() - start
+            written.append(sidecar_path(case.destination))
+            self._write_sidecar(case, refined, extras, warnings)
+            write_label_map(
+                refined.labels, case.destination, like=case.prepared.volume, source_images=self.source_series
+            )
+        except BaseException:
+            for path in reversed(written):  # files, then the folders made for them (when left empty)
+                with contextlib.suppress(OSError):
+                    path.rmdir() if path.is_dir() else path.unlink()
+            raise
         n = len(refined.vertebrae)
-        message = f"{n} vertebra{'e' if n != 1 else ''} refined, seed {self.seed + case.index}"
+        message = f"{n} vertebra{'e' if n != 1 else ''} refined, seed {self.case_seed(case)}"
         if not refined.labels.geometry.same_grid(case.prepared.volume.geometry, tol=1e-6):
             spacing = "x".join(f"{v:g}" for v in refined.labels.geometry.spacing)
             coarse = "x".join(f"{v:g}" for v in case.prepared.volume.geometry.spacing)
             message += f", written on a {spacing} mm grid (input {coarse} mm; --spacing input keeps it)"
-        return "\n".join([message, *refined.warnings])
+        return "\n".join([message, *warnings])
 
-    def _write_extras(self, name: str, case: _Case, refined: RefinedCase) -> None:
+    def _write_extras(self, name: str, case: _Case, refined: RefinedCase, written: list[Path]) -> dict[str, Any]:
+        """Write the asked-for extra outputs; return their paths by kind.
+
+        Each file, and each folder made for one, is appended to ``written`` before it is written.
+        """
+        paths: dict[str, Any] = {}
         like = case.prepared.volume
-        prob_path = self.extras.path("probability", name)
+        prob_path = self.extras.path("probability", name, written)
         if prob_path is not None and refined.probability is not None:
-            write_scalar_nifti(refined.probability, prob_path, like=like)
-        std_path = self.extras.path("uncertainty", name)
+            written.append(prob_path)
+            paths["probability"] = write_scalar_nifti(refined.probability, prob_path, like=like)
+        std_path = self.extras.path("uncertainty", name, written)
         if std_path is not None and refined.uncertainty is not None:
-            write_scalar_nifti(refined.uncertainty, std_path, like=like)
-        qc_path = self.extras.path("qc", name)
+            written.append(std_path)
+            paths["uncertainty"] = write_scalar_nifti(refined.uncertainty, std_path, like=like)
+        qc_path = self.extras.path("qc", name, written)
         if qc_path is not None:
             from .qc import QcVertebra, write_qc_png
 
@@ -175,11 +309,14 @@ class RefineJob:
                 QcVertebra(inst.instance_id, refined.name_of(inst), inst.centroid, "passed through")
                 for inst, _ in refined.passed_through
             ]
+            written.append(qc_path)
             write_qc_png(refined.working_before, refined.working_after, qc_path, title=name, vertebrae=shown)
-        mesh_dir = self.extras.path("mesh", name)
+            paths["qc"] = qc_path
+        mesh_dir = self.extras.path("mesh", name, written)
         if mesh_dir is not None:
             from .mesh import vertebra_mesh, write_stl
 
+            meshes = []
             for vertebra in refined.vertebrae:
                 inside, part = vertebra.box.slices(refined.working_after.shape)
                 owned = np.zeros(vertebra.probability.shape, dtype=bool)
@@ -187,21 +324,32 @@ class RefineJob:
                 owned[part] = (ids == 0) | (ids == vertebra.instance.instance_id)
                 mesh = vertebra_mesh(vertebra.probability, owned, vertebra.box, refined.working, self.options.threshold)
                 if mesh is not None:
-                    write_stl(mesh, mesh_dir / f"{vertebra.name}.stl")
+                    stl = mesh_dir / f"{vertebra.name}.stl"
+                    written.append(stl)
+                    write_stl(mesh, stl)
+                    meshes.append(stl)
+            paths["meshes"] = meshes
+        return paths
 
-    def _write_sidecar(self, case: _Case, refined: RefinedCase) -> None:
+    def _write_sidecar(self, case: _Case, refined: RefinedCase, extras: dict[str, Any], warnings: list[str]) -> None:
         sampler = self.options.sampler
         volume = case.prepared.volume
         refined_labels = {v.instance.label for v in refined.vertebrae}
         record = {
             "vertrefine": __version__,
+            "command": self.command,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "input": str(case.source),
+            "input_sha256": input_sha256(volume),
             "output": str(case.destination),
+            "extra_outputs": {kind: value for kind, value in extras.items()},
+            "source_series": None if self.source_series is None else str(self.source_series),
             "model": self.digests,
             "device": self.sessions.device,
             "providers": self.sessions.providers,
             "threads": self.threads or "all",
-            "seed": self.seed + case.index,
+            "seed": self.seed,
+            "case_seed": self.case_seed(case),
             "settings": {
                 "samples": self.options.samples,
                 "threshold": self.options.threshold,
@@ -209,11 +357,12 @@ class RefineJob:
                 "on_disagree": self.options.on_disagree,
                 "sampler": None if sampler is None else asdict(sampler),
             },
-            "input_grid": volume.geometry.describe(),
-            "working_grid": refined.working.describe(),
-            "output_grid": refined.labels.geometry.describe(),
+            "input_grid": volume.geometry.to_record(),
+            "working_grid": refined.working.to_record(),
+            "output_grid": refined.labels.geometry.to_record(),
             "pose_frames": self.options.pose,
             "passed_through_labels": sorted(set(volume.labels) - refined_labels),
+            "warnings": warnings,
             "seconds": {k: round(v, 3) for k, v in refined.seconds.items()},
             "vertebrae": refined.vertebra_rows(),
         }

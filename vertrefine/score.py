@@ -195,6 +195,8 @@ class ScoreResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     """``(case, message)`` of every case that could not be scored."""
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    """``(case, message)`` of what reading an input had to decide (e.g. which of qform and sform is used)."""
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.rows)
@@ -207,17 +209,21 @@ def score_pairs(
     resample: bool = False,
     on_error: Callable[[str, str], None] | None = None,
     on_case: Callable[[str], None] | None = None,
+    assume_orientation: str | None = None,
 ) -> ScoreResult:
     """Score every ``(case, pred_path, gt_path)``; a failing case is recorded and the others go on.
 
     ``on_error(case, message)`` is called when a case fails, ``on_case(case)`` after every case (for
     progress). Set ``VERTREFINE_DEBUG=1`` to let unexpected exceptions through with their traceback.
+    ``assume_orientation`` is passed to :func:`vertrefine.io.read_label_map` for both files.
     """
     result = ScoreResult()
     for case, pred_path, gt_path in pairs:
         try:
-            gt = vio.read_label_map(gt_path)
-            pred = vio.read_label_map(pred_path, allow_empty=True)
+            gt = vio.read_label_map(gt_path, assume_orientation=assume_orientation)
+            pred = vio.read_label_map(pred_path, allow_empty=True, assume_orientation=assume_orientation)
+            for path, volume in ((pred_path, pred), (gt_path, gt)):
+                result.warnings += [(case, f"{path}: {line}") for line in volume.source.warnings]
             result.rows.extend(score_case(case, pred, gt, region=region, resample=resample))
         except Exception as exc:  # noqa: BLE001 - a batch goes on past any failed case
             if not isinstance(exc, VertrefineError) and os.environ.get("VERTREFINE_DEBUG"):

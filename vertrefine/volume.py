@@ -90,10 +90,25 @@ class Geometry:
         )
 
     def describe(self) -> str:
+        """One line, every per-axis value in ITK order ``(i, j, k)``: size, spacing (mm), LPS origin (mm)."""
         return (
-            f"shape {self.shape} spacing {tuple(round(s, 4) for s in self.spacing)} "
-            f"origin {tuple(round(o, 3) for o in self.origin)}"
+            f"size (i, j, k) {self.size_ijk} spacing (i, j, k) {tuple(round(s, 4) for s in self.spacing)} mm "
+            f"origin LPS {tuple(round(o, 3) for o in self.origin)} mm"
         )
+
+    def to_record(self) -> dict[str, Any]:
+        """The grid as a JSON-ready dict with explicit keys, every per-axis list in ITK order ``(i, j, k)``.
+
+        ``size_ijk`` (voxels), ``spacing_ijk_mm``, ``origin_lps_mm`` (centre of voxel (0, 0, 0)) and
+        ``direction_lps`` (row-major 3x3; column c is the LPS direction of index axis c), as DICOM and ITK
+        give them. (Arrays are indexed ``[k, j, i]``: ``array.shape`` is ``size_ijk`` reversed.)
+        """
+        return {
+            "size_ijk": list(self.size_ijk),
+            "spacing_ijk_mm": [round(s, 6) for s in self.spacing],
+            "origin_lps_mm": [round(o, 4) for o in self.origin],
+            "direction_lps": [round(d, 6) for d in self.direction],
+        }
 
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> Geometry:
@@ -122,6 +137,8 @@ class Source:
     kind: SourceKind = "memory"
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Format-specific: e.g. the NIfTI header, or the DICOM datasets / references of a series."""
+    warnings: tuple[str, ...] = field(default=(), compare=False, hash=False)
+    """What the reader had to decide about this input (e.g. which of a NIfTI's qform and sform is used)."""
 
 
 @dataclass
