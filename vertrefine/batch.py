@@ -23,7 +23,6 @@ Status = Callable[[str], None]
 CaseFn = Callable[[str, Path, Path, Status], Any]
 """(case name, input path, output path, status) -> a short note for the final table, or, with a
 ``complete`` function, the case's intermediate state."""
-RESUME_HINT = "rerun the same command with --skip-existing to resume: finished cases are kept"
 CompleteFn = Callable[[list[tuple[str, Any]], Status], list["str | BaseException"]]
 """(group of (case name, state), status) -> per case, in order, its note or the exception it failed with."""
 
@@ -66,7 +65,7 @@ def is_batch(input_path: Path) -> bool:
     return not (len(cases) == 1 and cases[0].path == input_path)
 
 
-def plan_cases(input_path: Path, output: Path, *, option: str = "-o") -> Plan:
+def plan_cases(input_path: Path, output: Path) -> Plan:
     """Pair every input case with its output path, checking the outputs before any case runs.
 
     Refused (OutputError, one line): an output that would overwrite an input; a single output whose name
@@ -86,16 +85,16 @@ def plan_cases(input_path: Path, output: Path, *, option: str = "-o") -> Plan:
     if single:
         destination = output_path_for(cases[0], output) if output.is_dir() else output
         if _same_path(input_path, destination):
-            raise OutputError(f"{output}: {option} is the input; choose another name so the input is kept")
+            raise OutputError(f"{output}: -o is the input; choose another name so the input is kept")
         if output_format(destination) is None:
             raise OutputError(f"{destination}: {UNSUPPORTED_OUTPUT}")
-        check_writable_file(destination, option)
+        check_writable_file(destination, "-o")
         return [(cases[0], destination)]
     if output.exists() and not output.is_dir():
-        raise OutputError(f"{output}: the input is a folder, so {option} must be a folder too")
+        raise OutputError(f"{output}: the input is a folder, so -o must be a folder too")
     if _same_path(input_path, output):
-        raise OutputError(f"{output}: {option} is the input folder; choose another folder so inputs are kept")
-    check_writable_folder(output, option)
+        raise OutputError(f"{output}: -o is the input folder; choose another folder so inputs are kept")
+    check_writable_folder(output, "-o")
     return [(case, output_path_for(case, output)) for case in cases]
 
 
