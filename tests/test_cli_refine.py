@@ -296,7 +296,7 @@ def _seg_on_thick_series(tmp_path):
 
     spine = synth_spine(23, levels=("L3",))
     extent = np.array(spine.array.shape) * np.array(spine.geometry.spacing)[::-1]  # mm along k, j, i
-    shape = tuple(int(np.ceil(e / s)) for e, s in zip(extent, (5.0, 0.7, 0.8)))
+    shape = tuple(int(np.ceil(e / s)) for e, s in zip(extent, (5.0, 0.7, 0.8), strict=True))
     ct_uid, _ = make_series(tmp_path / "ct", np.full(shape, 100, np.uint16), spacing=(0.8, 0.7, 5.0),
                             origin=spine.geometry.origin)  # fmt: skip
     thick = resample_labels(spine, io.dicom_series_geometry(tmp_path / "ct"))
@@ -328,8 +328,8 @@ def test_a_seg_of_a_thick_series_is_written_on_a_1mm_grid_referencing_its_series
     assert [float(v) for v in seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing] == [1, 1]
     # Every frame lies on the 1 mm output grid (its own plane positions), within the input's extent.
     grid = output_geometry(thick.geometry, "auto")
-    positions = np.array([f.PlanePositionSequence[0].ImagePositionPatient for f in seg.PerFrameFunctionalGroupsSequence],
-                         dtype=float)  # fmt: skip
+    frames = seg.PerFrameFunctionalGroupsSequence
+    positions = np.array([f.PlanePositionSequence[0].ImagePositionPatient for f in frames], dtype=float)
     index = grid.physical_to_index(positions)
     np.testing.assert_allclose(index, np.round(index), atol=1e-3)
     assert (index >= -1e-3).all() and (index <= np.array(grid.size_ijk) - 1 + 1e-3).all()

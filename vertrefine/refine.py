@@ -625,7 +625,9 @@ REGION_MARGIN = 3
 label-aware resampling's own margin, so the region holds every voxel the vertebrae can reach)."""
 
 
-def _handled_region(prepared: PreparedCase, after: np.ndarray, target: Geometry) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+def _handled_region(
+    prepared: PreparedCase, after: np.ndarray, target: Geometry
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
     """(slices of the working grid, slices of ``target``) of the box holding every handled vertebra, before and
     after refinement, plus :data:`REGION_MARGIN`; None when there is none."""
     handled = [i.instance_id for i in prepared.instances] + [i.instance_id for i, _ in prepared.passed_through]
