@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -107,7 +108,9 @@ class RefineJob:
         seed: int = 0,
         series_uid: str | None = None,
         threads: int = 0,
+        note: Callable[[str], None] | None = None,
     ) -> None:
+        """``note``: prints a line to the user (which label numbering was used: once per numbering)."""
         self.sessions = sessions
         self.options = options
         self.extras = extras
@@ -115,6 +118,8 @@ class RefineJob:
         self.series_uid = series_uid
         self.threads = threads
         self.digests = bundle_digests(sessions)
+        self.note = note
+        self._schemes_said: set[str] = set()
 
     def prepare(self, index: int, source: Path, destination: Path, status: Status) -> _Case:
         start = time.perf_counter()
@@ -123,6 +128,9 @@ class RefineJob:
         read_seconds = time.perf_counter() - start
         prepared = prepare_case(volume, self.sessions, self.options, status)
         prepared.seconds = {"read": read_seconds, **prepared.seconds}
+        if self.note is not None and prepared.scheme.key not in self._schemes_said:
+            self._schemes_said.add(prepared.scheme.key)
+            self.note(f"{case_name(source)}: {prepared.scheme_note}")
         return _Case(index, source, destination, prepared)
 
     def complete(self, group: list[tuple[str, _Case]], status: Status) -> list[str | BaseException]:
@@ -149,7 +157,10 @@ class RefineJob:
         refined.seconds["write_extras"] = time.perf_counter() - write_start
         refined.seconds["total"] = sum(case.prepared.seconds.values()) + time.perf_counter() - start
         self._write_sidecar(case, refined)
-        write_label_map(refined.labels, case.destination, like=case.prepared.volume)
+        made = {v.instance.label for v in refined.vertebrae if v.decision != "kept input"}
+        write_label_map(
+            refined.labels, case.destination, like=case.prepared.volume, scheme=refined.scheme, refined=made
+        )
         n = len(refined.vertebrae)
         message = f"{n} vertebra{'e' if n != 1 else ''} refined, seed {self.seed + case.index}"
         if not refined.labels.geometry.same_grid(case.prepared.volume.geometry, tol=1e-6):
@@ -216,6 +227,7 @@ class RefineJob:
             "working_grid": refined.working.describe(),
             "output_grid": refined.labels.geometry.describe(),
             "pose_frames": self.options.pose,
+            "label_scheme": refined.scheme.key,
             "passed_through_labels": sorted(set(volume.labels) - refined_labels),
             "seconds": {k: round(v, 3) for k, v in refined.seconds.items()},
             "vertebrae": refined.vertebra_rows(),
