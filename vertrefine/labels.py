@@ -276,7 +276,7 @@ def choose_scheme(
     if requested != "auto" and requested not in SCHEMES:
         raise ValueError(f"unknown label scheme {requested!r}; use one of {', '.join(SCHEME_CHOICES)}")
     if coded is not None:
-        return coded, f"labels read from the DICOM SEG's segment codes and names ({coded.title})"
+        return coded, "labels read from the DICOM SEG's segment codes and names"
     ids = {int(label) for label in labels if int(label) != 0}
     if requested == "auto":
         scheme, why = recognise_scheme(ids)

@@ -33,7 +33,7 @@ from .labels import (
     level_order_problem,
 )
 from .metrics import surface_distances
-from .plausibility import extent_mm, input_problem, result_problem, touches
+from .plausibility import extent_mm, input_problem, result_problem, touches, volume_range
 from .runtime import BundleSessions
 from .sampler import SamplerSettings, refine_latents
 from .spatial import (
@@ -312,11 +312,13 @@ def prepare_case(
     if not chosen:
         raise InputError(volume.source.path, *_nothing_to_refine(instances, scheme, scheme_note, options.labels))
     from_mask = scheme.binary
-    chosen, passed_through = _plausible(chosen, instance_array, working_grid, scheme)
-    if problem := level_order_problem(scheme, [(i.label, i.centroid_lps[2]) for i in chosen]):
+    voxel_ml = working_grid.voxel_volume_mm3 / 1000.0
+    sizeable = [i for i in chosen if i.voxels * voxel_ml >= volume_range(scheme.verse_label(i.label)).min_ml]
+    if problem := level_order_problem(scheme, [(i.label, i.centroid_lps[2]) for i in sizeable]):  # not specks
         raise InputError(
             volume.source.path, problem, "pass --label-scheme with the file's numbering, or correct its orientation"
         )
+    chosen, passed_through = _plausible(chosen, instance_array, working_grid, scheme)
     seconds["resample"] = time.perf_counter() - start
     start = time.perf_counter()
     status(f"encode {len(chosen)} vertebrae")
