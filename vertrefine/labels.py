@@ -15,7 +15,10 @@ Sources of the tables (as published by their authors):
   27 coccyx, 28 T13 (the transitional vertebra).
 * TotalSegmentator: ``class_map["total"]`` (v2, 117 classes), ``class_map["total_v1"]`` (v1, 104 classes)
   and ``class_map["vertebrae_mr"]`` (25 classes) of ``totalsegmentator/map_to_binary.py`` in
-  github.com/wasserth/TotalSegmentator (read at commit 0275d3046117a9615a9876e6e4eefd5156843f1c).
+  github.com/wasserth/TotalSegmentator (read at commit 0275d3046117a9615a9876e6e4eefd5156843f1c; early v2
+  releases, e.g. commit 4cb664c1507782a7e503a203cd619406fbb06abe, ordered the ribs 92-115 differently:
+  the vertebra ids are the same, only the names of pass-through ribs differ). The ``total_mr`` task (one
+  class for all vertebrae, numbering changed between releases) is not a scheme here.
 """
 
 from __future__ import annotations
