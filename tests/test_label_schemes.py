@@ -195,7 +195,9 @@ def test_labels_by_level_choose_in_the_map_s_own_numbering(ts_map, vae):
 
 def test_a_map_numbered_from_the_feet_up_is_refused_under_auto_and_read_when_named(vae):
     spine = synth_spine(5, levels=("L3", "L4", "L5"))
-    mr = spine.with_array(np.select([spine.array == 22, spine.array == 23, spine.array == 24], [4, 3, 2], 0).astype(np.uint8))
+    mr = spine.with_array(
+        np.select([spine.array == 22, spine.array == 23, spine.array == 24], [4, 3, 2], 0).astype(np.uint8)
+    )
     with pytest.raises(InputError, match="--label-scheme"):
         prepare_case(mr, vae, RefineOptions(None))
     result = refine_volume(mr, vae, RefineOptions(None, label_scheme="totalsegmentator-vertebrae-mr"))
@@ -251,9 +253,7 @@ def ts_seg(tmp_path_factory):
     volume = _with_organs(spine, {22: 3, 23: 4}, organs)
     make_series(root / "ct", np.full(volume.array.shape, 100, np.uint16), spacing=(1.0, 1.0, 1.0),
                 origin=volume.geometry.origin)  # fmt: skip
-    ct = sorted(
-        (pydicom.dcmread(f) for f in (root / "ct").iterdir()), key=lambda ds: float(ds.ImagePositionPatient[2])
-    )
+    ct = sorted((pydicom.dcmread(f) for f in (root / "ct").iterdir()), key=lambda ds: float(ds.ImagePositionPatient[2]))
     algorithm = hd.AlgorithmIdentificationSequence(
         name="TotalSegmentator", family=codes.cid7162.ArtificialIntelligence, version="2.4"
     )
@@ -313,7 +313,9 @@ def test_a_segment_coded_vertebra_without_a_level_is_a_vertebra_of_unknown_level
         _description(1, "bone 1", codes.SCT.Vertebra, algorithm),
         _description(2, "C3", codes.SCT.Spleen, algorithm),  # the label names a level: it wins
     ]
-    seg = hd.seg.Segmentation(ct, labels, "BINARY", descriptions, generate_uid(), 8, generate_uid(), 1, "x", "x", "1", "1")
+    seg = hd.seg.Segmentation(
+        ct, labels, "BINARY", descriptions, generate_uid(), 8, generate_uid(), 1, "x", "x", "1", "1"
+    )
     seg.save_as(tmp_path / "generic.dcm")
     volume = io.read_label_map(tmp_path / "generic.dcm")
     scheme, _ = label_scheme_of(volume)
@@ -333,3 +335,31 @@ def test_a_seg_written_from_a_totalsegmentator_nifti_names_organs_and_codes_vert
     seg = pydicom.dcmread(tmp_path / "out.dcm")
     described = [(s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in seg.SegmentSequence]
     assert described == [("spleen", codes.SCT.AnatomicalStructure.value), ("L3", codes.SCT.L3Vertebra.value)]
+
+
+def test_an_empty_segment_of_a_seg_keeps_its_place_so_later_segments_keep_their_numbers(tmp_path):
+    make_series(tmp_path / "ct", np.zeros((4, 16, 16), np.uint16))
+    ct = sorted(
+        (pydicom.dcmread(f) for f in (tmp_path / "ct").iterdir()), key=lambda ds: float(ds.ImagePositionPatient[2])
+    )
+    algorithm = hd.AlgorithmIdentificationSequence(name="x", family=codes.cid7162.ArtificialIntelligence, version="1")
+    descriptions = [
+        _description(1, "spleen", codes.SCT.Spleen, algorithm),
+        _description(2, "liver", codes.SCT.Liver, algorithm),  # empty in this SEG
+        _description(3, "kidney", codes.SCT.Kidney, algorithm),
+    ]
+    array = np.zeros((4, 16, 16), np.uint8)
+    array[1, 2:5, 2:5], array[2, 6:9, 6:9] = 1, 3
+    seg = hd.seg.Segmentation(
+        ct, array, "BINARY", descriptions, generate_uid(), 9, generate_uid(), 1, "x", "x", "1", "1"
+    )
+    (tmp_path / "seg").mkdir()
+    seg.save_as(tmp_path / "seg" / "in.dcm")
+    volume = io.read_label_map(tmp_path / "seg" / "in.dcm")
+    assert volume.labels == [1, 3]
+    io.write_label_map(volume, tmp_path / "seg" / "out.dcm")
+    written = pydicom.dcmread(tmp_path / "seg" / "out.dcm")
+    assert [(int(s.SegmentNumber), s.SegmentLabel) for s in written.SegmentSequence] == [
+        (1, "spleen"), (2, "liver"), (3, "kidney"),
+    ]  # fmt: skip
+    np.testing.assert_array_equal(io.read_label_map(tmp_path / "seg" / "out.dcm").array, volume.array)

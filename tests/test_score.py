@@ -343,7 +343,10 @@ def test_only_vertebrae_enter_the_means_discs_and_subregions_are_listed_apart(tm
     pred_path = _write_nifti(truth, tmp_path / "pred" / "c.nii.gz")
     result = score_pairs([("c", pred_path, gt_path)], region="image")
     assert [row["label"] for row in result.rows] == [20, 21, 22]
-    assert result.ignored == [{"case": "c", "label": 26, "name": "sacrum"}, {"case": "c", "label": 121, "name": "label 121"}]
+    assert result.ignored == [
+        {"case": "c", "label": 26, "name": "sacrum"},
+        {"case": "c", "label": 121, "name": "label 121"},
+    ]
     assert any("VerSe" in note for note in result.notes)
     chosen = score_pairs([("c", pred_path, gt_path)], region="image", labels=parse_label_selection("L2,sacrum"))
     assert [row["level"] for row in chosen.rows] == ["L2", "sacrum"]
@@ -356,7 +359,11 @@ def test_a_totalsegmentator_prediction_is_scored_against_a_verse_truth_by_level(
     pred_array = _spine(labels=(31, 30, 29))  # TotalSegmentator v2 L1-L3 ...
     pred_array[:6, :6, :6] = 5  # ... with a liver
     rows = score_case("c", _volume(pred_array), gt, region="image")
-    assert [(row["label"], row["level"], row["dsc"]) for row in rows] == [(20, "L1", 1.0), (21, "L2", 1.0), (22, "L3", 1.0)]
+    assert [(row["label"], row["level"], row["dsc"]) for row in rows] == [
+        (20, "L1", 1.0),
+        (21, "L2", 1.0),
+        (22, "L3", 1.0),
+    ]
     plan = plan_labels(_volume(pred_array), gt)
     assert plan.extra == [] and any("TotalSegmentator" in note for note in plan.notes)
 

@@ -693,14 +693,18 @@ def _segment_descriptions(
     refined: Collection[int] | None,
     algorithm: hd.AlgorithmIdentificationSequence,
 ) -> list[tuple[int, hd.seg.SegmentDescription]]:
-    """(label id, its segment's description) for every label of a SEG being written, in segment order."""
+    """(label id, its segment's description) for every label of a SEG being written, in segment order.
+
+    Segments of the source SEG that hold no voxel are described too (empty), so that every segment keeps
+    its number."""
     original: dict[int, tuple[int, Dataset]] = {}
     if source.kind == "dicom-seg":
         seg = source.meta["dataset"]
         for number, label in source.meta["segment_labels"].items():
             original[label] = (number, seg.get_segment_description(number))
     made = set(scheme.vertebrae(labels) if refined is None else refined)
-    ordered = sorted(labels, key=lambda label: (original[label][0] if label in original else 1 << 20, label))
+    empty = [label for label in original if label not in labels and label not in made]  # kept, still empty
+    ordered = sorted([*labels, *empty], key=lambda label: (original[label][0] if label in original else 1 << 20, label))
     out: list[tuple[int, hd.seg.SegmentDescription]] = []
     for number, label in enumerate(ordered, start=1):
         if label in original and label not in made:  # passes through as the input SEG described it

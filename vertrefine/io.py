@@ -185,7 +185,5 @@ def write_label_map(
     if is_nifti_path(path):
         return write_nifti(volume, path, like=like)
     if is_dicom_output(path):
-        return write_dicom_seg(
-            volume, path, like=like, source_images=source_images, scheme=scheme, refined=refined
-        )
+        return write_dicom_seg(volume, path, like=like, source_images=source_images, scheme=scheme, refined=refined)
     raise OutputError(f"{path}: unsupported output type; name it .nii, .nii.gz (NIfTI) or .dcm (DICOM SEG)")

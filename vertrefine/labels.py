@@ -266,9 +266,7 @@ def _id_summary(ids: Sequence[int], most: int = 8) -> str:
     return ", ".join(parts[:most]) + (", ..." if len(parts) > most else "")
 
 
-def choose_scheme(
-    requested: str, labels: Collection[int], coded: LabelScheme | None = None
-) -> tuple[LabelScheme, str]:
+def choose_scheme(requested: str, labels: Collection[int], coded: LabelScheme | None = None) -> tuple[LabelScheme, str]:
     """(scheme, one line saying which and why) for a label map with the non-zero ids ``labels``.
 
     ``requested``: 'auto' or a key of :data:`SCHEMES`. ``coded``: the scheme a DICOM SEG's segment codes

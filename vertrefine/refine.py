@@ -69,8 +69,6 @@ PIECE_FRACTION = 0.1
 """A refined vertebra whose second piece holds at least this fraction of it is flagged (one bone, one piece)."""
 """What refine writes for a vertebra whose result disagrees with the input (RefineOptions.on_disagree)."""
 
-VERTEBRA_LABELS: frozenset[int] = VERSE.vertebrae(VERSE.levels)
-"""VerSe ids refined by default: C1..C7, T1..T12, L1..L6 and T13 (sacrum 26 and coccyx 27 pass through)."""
 
 Status = Callable[[str], None]
 

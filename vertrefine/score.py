@@ -354,7 +354,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     def order(level: str) -> tuple[int, int]:
         return (LEVELS.index(level) if level in LEVELS else len(LEVELS), int(groups[level][0]["label"]))
 
-    per_level = {level: {"label": int(groups[level][0]["label"]), **_block(groups[level])} for level in sorted(groups, key=order)}
+    per_level = {
+        level: {"label": int(groups[level][0]["label"]), **_block(groups[level])} for level in sorted(groups, key=order)
+    }
     return {
         "n_cases": len({r["case"] for r in rows}),
         "n_vertebrae": len(truth_rows),
