@@ -695,15 +695,15 @@ def _segment_descriptions(
 ) -> list[tuple[int, hd.seg.SegmentDescription]]:
     """(label id, its segment's description) for every label of a SEG being written, in segment order.
 
-    Segments of the source SEG that hold no voxel are described too (empty), so that every segment keeps
-    its number."""
+    Segments of the source SEG that are not vertebrae and hold no voxel are described too (empty), so that
+    the other segments keep their numbers; a vertebra missing from ``labels`` is left out."""
     original: dict[int, tuple[int, Dataset]] = {}
     if source.kind == "dicom-seg":
         seg = source.meta["dataset"]
         for number, label in source.meta["segment_labels"].items():
             original[label] = (number, seg.get_segment_description(number))
     made = set(scheme.vertebrae(labels) if refined is None else refined)
-    empty = [label for label in original if label not in labels and label not in made]  # kept, still empty
+    empty = [label for label in original if label not in labels and not scheme.is_vertebra(label)]
     ordered = sorted([*labels, *empty], key=lambda label: (original[label][0] if label in original else 1 << 20, label))
     out: list[tuple[int, hd.seg.SegmentDescription]] = []
     for number, label in enumerate(ordered, start=1):
