@@ -50,12 +50,24 @@ def test_score_reports_paper_metrics_and_writes_json_and_csv(spines, tmp_path):
     pred = tmp_path / "pred"
     pred.mkdir()
     assert invoke("degrade", source, "-o", pred / source.name, "--seed", "1").exit_code == 0
+    # spine_00124 has no prediction: listed, scored as an empty prediction (in the means), exit code 1
+    result = invoke("score", pred, spines, "--json", tmp_path / "m.json")
+    assert result.exit_code == 1, result.output
+    assert "missing prediction" in result.output and "spine_00124" in result.output
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["summary"]["missing_predictions"] == ["spine_00124"]
+    missing = [row for row in report["cases"] if row["case"] == "spine_00124"]
+    assert len(missing) == 5 and all(row["prediction_missing"] and row["dsc"] == 0.0 for row in missing)
+    assert report["summary"]["overall"]["n"] == 10
+
+    other = spines / "spine_00124.nii.gz"
+    assert invoke("degrade", other, "-o", pred / other.name, "--seed", "1").exit_code == 0
     result = invoke("score", pred, spines, "--json", tmp_path / "s.json", "--csv", tmp_path / "s.csv")
     assert result.exit_code == 0, result.output
-    assert "unpaired ground truth" in result.output and "spine_00124" in result.output
+    assert "missing prediction" not in result.output
     assert "DSC" in result.output and "HD95" in result.output
     report = json.loads((tmp_path / "s.json").read_text())
-    assert [row["level"] for row in report["cases"]] == ["L1", "L2", "L3", "L4", "L5"]
+    assert [row["level"] for row in report["cases"]] == ["L1", "L2", "L3", "L4", "L5"] * 2
     assert {"case", "label", "dsc", "vs", "sen", "spec", "nmi", "ck", "hd95_mm", "assd_mm"} <= set(report["cases"][0])
     assert all(0.6 < row["dsc"] < 0.95 for row in report["cases"])
     assert report["cases"][0]["case"] == "spine_00123"

@@ -99,15 +99,18 @@ def test_vae_decodes_the_mean_whatever_the_seed(two_vertebrae, vae):
 
 def test_structures_that_are_not_vertebrae_pass_through_unchanged(two_vertebrae, vae):
     array = two_vertebrae.array.copy()
-    array[-8:, :10, :10] = 26  # sacrum: not refined by default
-    array[:6, -6:, -6:] = 90  # some other structure
+    array[:8, :10, :10] = 26  # sacrum (below the lumbar vertebrae): not refined by default
+    array[-6:, -6:, -6:] = 120  # another structure (a disc, as SPINEPS numbers them)
+    array[-12:-6, -6:, -6:] = 90  # an id VerSe does not use: --label-scheme verse says how to read it
     volume = two_vertebrae.with_array(array)
-    result = refine_volume(volume, vae, RefineOptions(None))
-    for label in (26, 90):
+    result = refine_volume(volume, vae, RefineOptions(None, label_scheme="verse"))
+    for label in (26, 90, 120):
         np.testing.assert_array_equal(result.labels.array == label, array == label)
     assert [v.instance.label for v in result.vertebrae] == [21, 22]
-    only_l2 = refine_volume(volume, vae, RefineOptions(None, labels=frozenset({21})))
+    only_l2 = refine_volume(volume, vae, RefineOptions(None, labels=frozenset({21}), label_scheme="verse"))
     np.testing.assert_array_equal(only_l2.labels.array == 22, array == 22)
+    without_90 = two_vertebrae.with_array(np.where(array == 90, 0, array))  # VerSe ids and 100+: auto reads VerSe
+    assert [v.instance.label for v in refine_volume(without_90, vae, RefineOptions(None)).vertebrae] == [21, 22]
 
 
 def test_binary_mask_components_are_refined_and_written_back_with_the_mask_value(two_vertebrae, vae):

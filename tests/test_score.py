@@ -13,11 +13,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from vertrefine.errors import InputError
+from vertrefine.labels import parse_label_selection
 from vertrefine.metrics import METRIC_KEYS, confusion_counts, surface_distances
 from vertrefine.score import (
     ROW_KEYS,
     ScoreResult,
     pair_files,
+    plan_labels,
     score_case,
     score_pairs,
     summarize,
@@ -328,3 +330,49 @@ def test_json_maps_nan_and_numpy_values_to_plain_json(tmp_path: Path) -> None:
     write_json(rows, summarize(rows), tmp_path / "s.json")
     document = json.loads((tmp_path / "s.json").read_text())
     assert document["cases"][0]["dsc"] is None and document["cases"][0]["hd95_mm"] == 1.5
+
+
+# ------------------------------------------------------------------------------------------ which labels
+
+
+def test_only_vertebrae_enter_the_means_discs_and_subregions_are_listed_apart(tmp_path: Path) -> None:
+    truth = _spine(labels=(20, 21, 22))
+    truth[:4, :4, :4] = 121  # a disc, as SPINEPS numbers them (100 + the vertebra above)
+    truth[-4:, -4:, -4:] = 26  # sacrum: not a vertebra the means are about
+    gt_path = _write_nifti(truth, tmp_path / "gt" / "c.nii.gz")
+    pred_path = _write_nifti(truth, tmp_path / "pred" / "c.nii.gz")
+    result = score_pairs([("c", pred_path, gt_path)], region="image")
+    assert [row["label"] for row in result.rows] == [20, 21, 22]
+    assert result.ignored == [
+        {"case": "c", "label": 26, "name": "sacrum"},
+        {"case": "c", "label": 121, "name": "label 121"},
+    ]
+    assert any("VerSe" in note for note in result.notes)
+    chosen = score_pairs([("c", pred_path, gt_path)], region="image", labels=parse_label_selection("L2,sacrum"))
+    assert [row["level"] for row in chosen.rows] == ["L2", "sacrum"]
+    write_json(result.rows, summarize(result.rows), tmp_path / "s.json", ignored=result.ignored)
+    assert json.loads((tmp_path / "s.json").read_text())["summary"]["ignored_labels"][1]["label"] == 121
+
+
+def test_a_totalsegmentator_prediction_is_scored_against_a_verse_truth_by_level() -> None:
+    gt = _volume(_spine(labels=(20, 21, 22)))  # VerSe L1-L3
+    pred_array = _spine(labels=(31, 30, 29))  # TotalSegmentator v2 L1-L3 ...
+    pred_array[:6, :6, :6] = 5  # ... with a liver
+    rows = score_case("c", _volume(pred_array), gt, region="image")
+    assert [(row["label"], row["level"], row["dsc"]) for row in rows] == [
+        (20, "L1", 1.0),
+        (21, "L2", 1.0),
+        (22, "L3", 1.0),
+    ]
+    plan = plan_labels(_volume(pred_array), gt)
+    assert plan.extra == [] and any("TotalSegmentator" in note for note in plan.notes)
+
+
+def test_a_missing_prediction_is_scored_as_empty_and_listed(tmp_path: Path) -> None:
+    truth = _spine(labels=(20, 21))
+    gt_path = _write_nifti(truth, tmp_path / "gt" / "gone.nii.gz")
+    result = score_pairs([("gone", None, gt_path)], region="image")
+    assert result.missing == ["gone"] and not result.errors
+    assert [(row["dsc"], row["prediction_missing"]) for row in result.rows] == [(0.0, True), (0.0, True)]
+    summary = summarize(result.rows)
+    assert summary["missing_predictions"] == ["gone"] and summary["overall"]["dsc"]["mean"] == 0.0

@@ -297,7 +297,7 @@ def test_find_instances_splits_a_binary_mask_superior_to_inferior_and_drops_isla
 
 
 def test_find_instances_orders_by_physical_superior_on_a_flipped_z_grid():
-    volume, centres = blobs_volume(direction=FLIP_Z, value=7)
+    volume, centres = blobs_volume(direction=FLIP_Z, value=255)
     instance_array, instances = find_instances(volume)
     # array axis 0 now points inferior: the smallest k is the most superior
     assert [round(i.centroid[0]) for i in instances] == [10, 30, 50]
@@ -306,7 +306,20 @@ def test_find_instances_orders_by_physical_superior_on_a_flipped_z_grid():
     z = [i.centroid_lps[2] for i in instances]
     assert z == sorted(z, reverse=True)
     restored = restore_labels(instance_array, instances)
-    assert set(np.unique(restored)) == {0, 7}
+    assert set(np.unique(restored)) == {0, 255}
+
+
+@pytest.mark.parametrize("value", [7, 22, 29])
+def test_a_label_in_several_pieces_is_one_vertebra(value):
+    """A pedicle break splits a vertebra in two: its label is still one instance (components are used for
+    binary masks only, value 1 or 255), unless the caller says the map is a binary mask."""
+    volume, _ = blobs_volume(value=value)
+    instance_array, instances = find_instances(volume)
+    assert [(i.instance_id, i.label) for i in instances] == [(value, value)]
+    assert instances[0].voxels == np.count_nonzero(volume.array)
+    np.testing.assert_array_equal(instance_array, volume.array)
+    assert len(find_instances(volume, split=True)[1]) == 3
+    assert len(find_instances(blobs_volume(value=1)[0], split=False)[1]) == 1
 
 
 def test_find_instances_with_6_connectivity_splits_diagonal_touches():

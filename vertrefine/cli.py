@@ -26,6 +26,7 @@ from . import __version__
 from .batch import progress_bar as batch_progress_bar
 from .errors import VertrefineError
 from .filetypes import output_format
+from .labels import SCHEME_CHOICES
 
 app = typer.Typer(
     name="vertrefine",
@@ -191,13 +192,28 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-def _label_set(text: str | None) -> frozenset[int] | None:
-    from .labels import parse_label_list
+LabelSchemeName = Enum("LabelSchemeName", {key.replace("-", "_"): key for key in SCHEME_CHOICES}, type=str)  # type: ignore[misc]
+"""--label-scheme: auto, verse, totalsegmentator, ... (vertrefine.labels.SCHEMES)."""
+LABEL_SCHEME_HELP = (
+    "Numbering of the label ids: auto (recognised from the ids and said in one line), verse (1-7 C1-C7, "
+    "8-19 T1-T12, 20-25 L1-L6, 28 T13), totalsegmentator (v2 'total', 117 classes), totalsegmentator-v1, "
+    "totalsegmentator-vertebrae-mr. Only vertebrae are refined; every other structure passes through. "
+    "A DICOM SEG's segment codes always decide."
+)
+LABELS_HELP = (
+    "Labels to refine: ids of the file's own numbering and/or levels in any spelling, e.g. '20-24', "
+    "'L1-L5,T12', 'vertebrae_L3' (default: every vertebra but sacrum and coccyx)."
+)
+
+
+def _label_set(text: str | None) -> Any:
+    """--labels as a :class:`vertrefine.labels.LabelSelection` (None when not given)."""
+    from .labels import parse_label_selection
 
     if text is None:
         return None
     try:
-        return parse_label_list(text)
+        return parse_label_selection(text)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--labels") from None
 
@@ -300,10 +316,10 @@ def refine(
     samples: Annotated[int, typer.Option(min=1, help="Chains per vertebra; the mean probability is kept.")] = 1,
     seed: Annotated[int, typer.Option(min=0, help=SEED_HELP)] = 0,
     threshold: Annotated[float, typer.Option(min=0.01, max=0.99, help="Probability threshold.")] = 0.5,
-    labels: Annotated[
-        str | None,
-        typer.Option(help="Labels to refine, e.g. '20-24' or 'L1-L5,T12' (default: every vertebra label)."),
-    ] = None,
+    labels: Annotated[str | None, typer.Option(help=LABELS_HELP)] = None,
+    label_scheme: Annotated[
+        LabelSchemeName, typer.Option("--label-scheme", help=LABEL_SCHEME_HELP)
+    ] = LabelSchemeName.auto,  # type: ignore[attr-defined]
     save_prob: Annotated[
         Path | None, typer.Option("--save-prob", help="Write the mean probability map (NIfTI; a folder in batch).")
     ] = None,
@@ -377,6 +393,7 @@ def refine(
         samples=samples,
         threshold=threshold,
         labels=label_set,
+        label_scheme=label_scheme.value,
         keep_maps=extras.wants_maps,
         pose=pose,
         spacing=output_spacing,
@@ -397,6 +414,7 @@ def refine(
         source_series=source_series,
         assume_orientation=orientation,
         command=_command_line(ctx),
+        note=lambda line: err.print(f"[dim]note:[/] {line}", highlight=False, soft_wrap=True),
     )
     code = run_batch(
         plan,
@@ -525,17 +543,34 @@ def score(
     ] = False,
     per_case: Annotated[bool, typer.Option(help="Also print one row per case and vertebra.")] = False,
     assume_orientation: Annotated[str | None, typer.Option(metavar="CODE", help=ASSUME_ORIENTATION_HELP)] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            help="Labels to score: ids and/or levels, e.g. '20-24' or 'L1-L5' (default: every vertebra of the "
+            "numbering but sacrum and coccyx; discs, organs and subregions are listed apart)."
+        ),
+    ] = None,
+    label_scheme: Annotated[
+        LabelSchemeName, typer.Option("--label-scheme", help=LABEL_SCHEME_HELP)
+    ] = LabelSchemeName.auto,  # type: ignore[attr-defined]
 ) -> None:
-    """DSC, VS, SEN, SPEC, NMI, Cohen's kappa (paper appendix D), HD95 and ASSD per vertebra."""
+    """DSC, VS, SEN, SPEC, NMI, Cohen's kappa (paper appendix D), HD95 and ASSD per vertebra.
+
+    A ground truth without its prediction is scored as an empty prediction (DSC 0), listed, and makes
+    the exit code 1.
+    """
+    from .cases import case_name
     from .score import pair_files, score_pairs, summarize, write_csv, write_json
 
+    selection = _label_set(labels)
     pairs, only_pred, only_gt = pair_files(pred, gt)
     for path in only_pred:
-        err.print(f"[yellow]unpaired prediction:[/] {path}", highlight=False)
+        err.print(f"[yellow]unpaired prediction (no ground truth, not scored):[/] {path}", highlight=False)
     for path in only_gt:
-        err.print(f"[yellow]unpaired ground truth:[/] {path}", highlight=False)
+        err.print(f"[red]missing prediction:[/] {path} has none; scored as an empty prediction", highlight=False)
     if not pairs:
         raise fail(f"no pairs of files with the same name in {pred} and {gt}")
+    pairs = sorted([*pairs, *((case_name(path), None, path) for path in only_gt)], key=lambda p: p[0])
 
     with progress_bar() as progress:
         task = progress.add_task("score", total=len(pairs))
@@ -543,11 +578,21 @@ def score(
             pairs,
             region=region.value,
             resample=resample,
+            label_scheme=label_scheme.value,
+            labels=selection,
             on_case=lambda *_: progress.advance(task),
             assume_orientation=_orientation(assume_orientation),
         )
     for case, message in result.warnings:
         err.print(f"[yellow]warning:[/] {case}: {message}", highlight=False, soft_wrap=True)
+    for note in result.notes:
+        err.print(f"[dim]note:[/] {note}", highlight=False, soft_wrap=True)
+    if result.ignored:
+        names = sorted({f"{item['label']} ({item['name']})" for item in result.ignored})
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        err.print(
+            f"[dim]note:[/] not scored (not vertebrae; --labels chooses): {shown}", highlight=False, soft_wrap=True
+        )
     for case, message in result.errors:
         err.print(f"[red]failed[/] {case}: {message}", highlight=False, soft_wrap=True)
 
@@ -560,9 +605,16 @@ def score(
         write_csv(result.rows, csv)
         out.print(f"rows written to {csv}")
     if json_path:
-        write_json(result.rows, summary, json_path)
+        write_json(result.rows, summary, json_path, ignored=result.ignored)
         out.print(f"rows and summary written to {json_path}")
-    if result.errors:
+    if result.missing:
+        err.print(
+            f"[red]{len(result.missing)} missing prediction{'s' if len(result.missing) > 1 else ''}[/] "
+            f"(scored as empty, DSC 0): {', '.join(result.missing)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if result.errors or result.missing:
         raise typer.Exit(1)
 
 

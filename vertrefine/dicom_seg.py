@@ -39,7 +39,7 @@ from pydicom.uid import generate_uid
 from . import __version__
 from .atomic import atomic_path
 from .errors import InputError, OutputError
-from .labels import label_for_level, level_name
+from .labels import LEVELS, LabelScheme, canonical_level, label_for_level, label_scheme_of, level_name
 from .volume import Geometry, Source, Volume
 
 NO_SERIES_UID = "(no SeriesInstanceUID)"
@@ -67,26 +67,35 @@ _TYPE2_IMAGE_KEYWORDS = (*_PATIENT_STUDY_KEYWORDS, "SliceThickness")
 
 SEGMENT_CATEGORY = codes.SCT.AnatomicalStructure  # SCT 91723000, CID 7150
 GENERIC_VERTEBRA = codes.SCT.Vertebra  # SCT 51282000
+OTHER_STRUCTURE = codes.SCT.AnatomicalStructure
+"""Property type of a structure vertrefine names but has no code for (an organ of a NIfTI label map)."""
+S1_VERTEBRA = pydicom.sr.coding.Code("65985001", "SCT", "S1 vertebra")  # CID 7151; not in pydicom's dictionary
 
 
-def property_type_for_label(label: int) -> pydicom.sr.coding.Code:
-    """SNOMED CT code (CID 7151) of a VerSe label: 'L1 vertebra' (66794005) for 20, 'Sacrum' for 26, ...
+def property_type_for_level(level: str | None) -> pydicom.sr.coding.Code:
+    """SNOMED CT code (CID 7151) of a vertebra level: 'L1 vertebra' (66794005) for 'L1', 'Sacrum' ...
 
-    Levels without a code of their own (L6, T13, non-VerSe ids) get the generic 'Vertebra' (51282000);
-    the segment label still names the level.
+    Levels without a code of their own (L6, T13) and None get the generic 'Vertebra' (51282000); the
+    segment label still names the level.
     """
-    name = level_name(label)
-    keyword = {"sacrum": "Sacrum", "coccyx": "Coccyx"}.get(name, f"{name}Vertebra")
+    if level == "S1":
+        return S1_VERTEBRA
+    keyword = {"sacrum": "Sacrum", "coccyx": "Coccyx"}.get(level or "", f"{level}Vertebra")
     try:
         return getattr(codes.SCT, keyword)
     except AttributeError:
         return GENERIC_VERTEBRA
 
 
-_LABEL_OF_CODE: dict[str, int] = {
-    code.value: label
-    for label in range(1, 29)
-    if (code := property_type_for_label(label)).value != GENERIC_VERTEBRA.value
+def property_type_for_label(label: int) -> pydicom.sr.coding.Code:
+    """SNOMED CT code (CID 7151) of a VerSe label: 'L1 vertebra' (66794005) for 20, 'Sacrum' for 26, ...
+    (:func:`property_type_for_level` of its level; ids that are no VerSe level get 'Vertebra')."""
+    name = level_name(label)
+    return property_type_for_level(name if name in LEVELS else None)
+
+
+_LEVEL_OF_CODE: dict[str, str] = {
+    code.value: level for level in LEVELS if (code := property_type_for_level(level)).value != GENERIC_VERTEBRA.value
 }
 
 
@@ -361,16 +370,31 @@ def _hd_affine_from_geometry(geometry: Geometry) -> np.ndarray:
     return affine
 
 
+def segment_level(description: Dataset) -> str | None:
+    """The vertebra level a SEG segment stands for: from its SegmentLabel ('L3', 'vertebrae_L3',
+    'L3 vertebra'), else from its SegmentedPropertyTypeCodeSequence (SNOMED CT, CID 7151: 'L3 vertebra'
+    36470004, 'Sacrum', 'S1 vertebra' ...); None for other anatomy and for a vertebra of unknown level."""
+    level = canonical_level(str(description.get("SegmentLabel", "") or ""))
+    if level is None:
+        for item in description.get("SegmentedPropertyTypeCodeSequence", []) or []:
+            level = _LEVEL_OF_CODE.get(str(item.get("CodeValue", "")))
+    return level
+
+
+def _is_vertebra_code(description: Dataset) -> bool:
+    """The segment is coded as a vertebra ('Vertebra', 51282000) without saying which."""
+    items = description.get("SegmentedPropertyTypeCodeSequence", []) or []
+    return any(str(item.get("CodeValue", "")) == GENERIC_VERTEBRA.value for item in items)
+
+
 def segment_labels(seg: hd.seg.Segmentation) -> dict[int, int]:
     """Label id for each segment number: a named or coded vertebra level gets its VerSe id; any other
-    segment keeps its segment number, or the next free id when that number is taken."""
+    segment keeps its segment number, or the next free id when that number is taken. Which segments are
+    vertebrae is told by their codes and labels (:func:`segment_scheme`), never by these ids."""
     levels: dict[int, int | None] = {}
     for number in seg.segment_numbers:
-        description = seg.get_segment_description(number)
-        label = label_for_level(str(description.segment_label or ""))
-        if label is None:
-            label = _LABEL_OF_CODE.get(str(description.segmented_property_type.value))
-        levels[number] = label
+        level = segment_level(seg.get_segment_description(number))
+        levels[number] = None if level is None else label_for_level(level)
     used = {label for label in levels.values() if label is not None}
     result: dict[int, int] = {}
     for number, label in levels.items():
@@ -381,6 +405,24 @@ def segment_labels(seg: hd.seg.Segmentation) -> dict[int, int]:
             used.add(label)
         result[number] = label
     return result
+
+
+def segment_scheme(seg: hd.seg.Segmentation, labels: dict[int, int]) -> LabelScheme:
+    """The numbering of a SEG read as a label map with ``labels`` (segment number -> label id): each
+    label's name is its segment's SegmentLabel; it is a vertebra of a level when :func:`segment_level`
+    says so, a vertebra of unknown level when coded 'Vertebra' alone, else another structure."""
+    names: dict[int, str] = {}
+    levels: dict[int, str] = {}
+    unlevelled: set[int] = set()
+    for number, label in labels.items():
+        description = seg.get_segment_description(number)
+        names[label] = str(description.get("SegmentLabel", "") or f"segment {number}")
+        level = segment_level(description)
+        if level is not None:
+            levels[label] = level
+        elif _is_vertebra_code(description):
+            unlevelled.add(label)
+    return LabelScheme("dicom-seg", "the DICOM SEG's segment codes", names, levels, frozenset(unlevelled))
 
 
 def read_seg(file: Path, *, nearby: Sequence[DicomSeries] = ()) -> Volume:
@@ -436,6 +478,7 @@ def read_seg(file: Path, *, nearby: Sequence[DicomSeries] = ()) -> Volume:
     meta: dict[str, Any] = {
         "dataset": seg,
         "segment_labels": labels,
+        "label_scheme": segment_scheme(seg, labels),
         "referenced_series_uids": referenced,
         "source_series": source_series,
         "geometry": geometry,
@@ -528,11 +571,21 @@ def write_dicom_seg(
     *,
     source_images: str | Path | Sequence[Dataset | str | Path] | None = None,
     like: Volume | None = None,
+    scheme: LabelScheme | None = None,
+    refined: Collection[int] | None = None,
 ) -> Path:
     """Write ``volume`` as a BINARY DICOM SEG, one segment per label present, atomically; return the path.
 
-    Segments are named by level ('L1'), coded as SCT 'Anatomical Structure' / '<level> vertebra'
-    (CID 7150 / 7151), algorithm type AUTOMATIC, algorithm 'vertrefine' with its version. The SEG
+    Segments (:func:`_segment_descriptions`): a label that came from a segment of the SEG ``like`` was
+    read from, and that vertrefine did not refine, keeps that segment's description (number, label,
+    codes, algorithm) as it was. A refined vertebra, and any label of a NIfTI or image-series input, is
+    described by vertrefine: its level ('L1', coded SCT 'Anatomical Structure' / '<level> vertebra', CID
+    7150 / 7151), or its name in ``scheme`` ('spleen', coded 'Anatomical Structure') for other anatomy,
+    algorithm type AUTOMATIC, algorithm 'vertrefine' with its version. ``scheme``: the numbering of the
+    label ids (default: :func:`vertrefine.labels.label_scheme_of` ``like``, auto). ``refined``: the labels
+    vertrefine refined (default: every vertebra of ``scheme``). Segment numbers run 1..n (a BINARY SEG
+    needs them so): the input SEG's segments first, in their order, so that they keep their numbers
+    when all are present. The SEG
     references its source series: ``source_images`` (datasets, files, or a series folder) when given;
     else the series that ``like`` (default ``volume.source``) was read from; for a ``like`` read from a
     SEG, the series that SEG referenced (see the module docstring). On the source series' grid
@@ -555,8 +608,7 @@ def write_dicom_seg(
     FrameOfReferenceUID, or without a SOPInstanceUID even in their file meta.
     """
     path = Path(path)
-    labels = volume.labels
-    if not labels:
+    if not volume.labels:
         raise OutputError(f"{path}: nothing to write: the label map has no labelled voxel")
     source = like.source if like is not None else volume.source
     restore_from: Dataset | None = None
@@ -579,6 +631,13 @@ def write_dicom_seg(
             "pass the source DICOM series folder (source_images / --source-series), or write NIfTI",
         )
     datasets = _prepared_sources(datasets, where)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="vertrefine", family=codes.cid7162.ArtificialIntelligence, version=__version__
+    )
+    if scheme is None:
+        scheme = label_scheme_of(like if like is not None else volume)[0]
+    segments = _segment_descriptions(volume.labels, source, scheme, refined, algorithm)
+    labels = [label for label, _ in segments]
     lookup = np.zeros(max(labels) + 1, dtype=np.uint16 if len(labels) > 255 else np.uint8)
     lookup[labels] = np.arange(1, len(labels) + 1)
     pixels = hd.Volume(
@@ -587,22 +646,7 @@ def write_dicom_seg(
         coordinate_system="PATIENT",
         frame_of_reference_uid=datasets[0].FrameOfReferenceUID,
     )
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="vertrefine", family=codes.cid7162.ArtificialIntelligence, version=__version__
-    )
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=level_name(label),
-            segmented_property_category=SEGMENT_CATEGORY,
-            segmented_property_type=property_type_for_label(label),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_id=level_name(label),
-            tracking_uid=hd.UID(),
-        )
-        for number, label in enumerate(labels, start=1)
-    ]
+    descriptions = [description for _, description in segments]
     try:
         seg = hd.seg.Segmentation(
             source_images=datasets,
@@ -633,6 +677,59 @@ def write_dicom_seg(
     with atomic_path(path) as tmp:
         seg.save_as(tmp)
     return path
+
+
+def _segment_descriptions(
+    labels: Sequence[int],
+    source: Source,
+    scheme: LabelScheme,
+    refined: Collection[int] | None,
+    algorithm: hd.AlgorithmIdentificationSequence,
+) -> list[tuple[int, hd.seg.SegmentDescription]]:
+    """(label id, its segment's description) for every label of a SEG being written, in segment order.
+
+    Segments of the source SEG that are not vertebrae and hold no voxel are described too (empty), so that
+    the other segments keep their numbers; a vertebra missing from ``labels`` is left out."""
+    original: dict[int, tuple[int, Dataset]] = {}
+    if source.kind == "dicom-seg":
+        seg = source.meta["dataset"]
+        for number, label in source.meta["segment_labels"].items():
+            original[label] = (number, seg.get_segment_description(number))
+    made = set(scheme.vertebrae(labels) if refined is None else refined)
+    empty = [label for label in original if label not in labels and not scheme.is_vertebra(label)]
+    ordered = sorted([*labels, *empty], key=lambda label: (original[label][0] if label in original else 1 << 20, label))
+    out: list[tuple[int, hd.seg.SegmentDescription]] = []
+    for number, label in enumerate(ordered, start=1):
+        if label in original and label not in made:  # passes through as the input SEG described it
+            description = hd.seg.SegmentDescription.from_dataset(original[label][1], copy=True)
+            description.SegmentNumber = number
+        else:
+            description = _vertrefine_description(number, label, scheme, algorithm)
+        out.append((label, description))
+    return out
+
+
+def _vertrefine_description(
+    number: int, label: int, scheme: LabelScheme, algorithm: hd.AlgorithmIdentificationSequence
+) -> hd.seg.SegmentDescription:
+    """vertrefine's description of segment ``number`` holding ``label``: a vertebra coded by its level
+    (CID 7151; 'Vertebra' when unknown), any other structure named as ``scheme`` names it."""
+    level = scheme.level(label)
+    if level is not None or scheme.is_vertebra(label):
+        name = level or ("vertebrae" if scheme.binary else scheme.name(label))
+        code = property_type_for_level(level)
+    else:
+        name, code = scheme.name(label), OTHER_STRUCTURE
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=name,
+        segmented_property_category=SEGMENT_CATEGORY,
+        segmented_property_type=code,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        tracking_id=name,
+        tracking_uid=hd.UID(),
+    )
 
 
 def _source_datasets(source_images: str | Path | Sequence[Dataset | str | Path], path: Path) -> list[Dataset]:

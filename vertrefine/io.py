@@ -13,7 +13,7 @@ Bad input raises :class:`~vertrefine.errors.InputError` with one line naming the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from .dicom_seg import (
 )
 from .errors import InputError, OutputError
 from .filetypes import UNSUPPORTED_OUTPUT, compound_suffix, is_dicom_file, output_format
+from .labels import LabelScheme
 from .nifti import is_nifti_path, read_nifti, write_nifti
 from .volume import Volume
 
@@ -87,7 +88,8 @@ def read_label_map(
     SeriesInstanceUID). An image series of intensities (CT, MR) is refused: "segment it first".
     ``allow_empty`` accepts a label map without any labelled voxel (e.g. a prediction being
     scored). Segments of a SEG become label ids: a segment naming or coding a vertebra level ('L1',
-    'T12', 'L1 vertebra', SCT 66794005) gets its VerSe id, any other keeps its segment number.
+    'T12', 'L1 vertebra', SCT 66794005) gets its VerSe id, any other keeps its segment number; which
+    segments are vertebrae is recorded from their codes in ``source.meta["label_scheme"]``.
     ``assume_orientation`` ('RAS', 'LPS', ...) is used only for a NIfTI file whose qform_code and
     sform_code are both 0, which is refused without it (see :func:`vertrefine.nifti.header_geometry`).
     What the reader decided (qform or sform, an assumed orientation) is in ``volume.source.warnings``.
@@ -207,6 +209,8 @@ def write_label_map(
     *,
     like: Volume | None = None,
     source_images: str | Path | Sequence[Dataset | str | Path] | None = None,
+    scheme: LabelScheme | None = None,
+    refined: Collection[int] | None = None,
 ) -> Path:
     """Write ``volume`` in the format its destination names, atomically; return the path.
 
@@ -215,11 +219,13 @@ def write_label_map(
     ``like`` is the input this output corresponds to (default: ``volume.source``); its NIfTI header or
     DICOM references are reused. ``source_images`` (a series folder, files or datasets) names the
     series a SEG references when ``like`` did not come from DICOM; NIfTI output ignores it.
+    ``scheme`` (the numbering of the label ids) and ``refined`` (the labels vertrefine refined) name and
+    code a SEG's segments (:func:`write_dicom_seg`); NIfTI keeps ids only.
     """
     path = Path(path)
     kind = output_format(path)
     if kind == "nifti":
         return write_nifti(volume, path, like=like)
     if kind == "dicom-seg":
-        return write_dicom_seg(volume, path, like=like, source_images=source_images)
+        return write_dicom_seg(volume, path, like=like, source_images=source_images, scheme=scheme, refined=refined)
     raise OutputError(f"{path}: {UNSUPPORTED_OUTPUT}")

@@ -24,9 +24,16 @@ from .guidance import (
     patch_to_input_index,
     slab_means,
 )
-from .labels import level_name
+from .labels import (
+    SCHEME_CHOICES,
+    VERSE,
+    LabelScheme,
+    LabelSelection,
+    label_scheme_of,
+    level_order_problem,
+)
 from .metrics import surface_distances
-from .plausibility import extent_mm, input_problem, result_problem, touches
+from .plausibility import extent_mm, input_problem, result_problem, touches, volume_range
 from .runtime import BundleSessions
 from .sampler import SamplerSettings, refine_latents
 from .spatial import (
@@ -64,8 +71,6 @@ PIECE_FRACTION = 0.1
 """A refined vertebra whose second piece holds at least this fraction of it is flagged (one bone, one piece)."""
 """What refine writes for a vertebra whose result disagrees with the input (RefineOptions.on_disagree)."""
 
-VERTEBRA_LABELS: frozenset[int] = frozenset(range(1, 26)) | {28}
-"""VerSe ids refined by default: C1..C7, T1..T12, L1..L6 and T13 (sacrum 26 and coccyx 27 pass through)."""
 
 Status = Callable[[str], None]
 
@@ -81,8 +86,12 @@ class RefineOptions:
     sampler: SamplerSettings | None
     samples: int = 1
     threshold: float = 0.5
-    labels: frozenset[int] | None = None
-    """Label ids to refine; None: the vertebra labels, or every value of a single-valued (binary) mask."""
+    labels: LabelSelection | frozenset[int] | None = None
+    """Labels to refine (ids in the map's own numbering, or levels: ``--labels``); None: the vertebrae of
+    the label scheme (:meth:`vertrefine.labels.LabelScheme.vertebrae`), or the components of a binary mask."""
+    label_scheme: str = "auto"
+    """The numbering of the input's label ids: 'auto' or a key of :data:`vertrefine.labels.SCHEMES`
+    (:func:`vertrefine.labels.choose_scheme`; a DICOM SEG's segment codes always win)."""
     keep_maps: bool = False
     """Also build the mean-probability and standard-deviation maps (for --save-prob/--uncertainty)."""
     pose: bool = True
@@ -108,6 +117,8 @@ class RefineOptions:
             raise ValueError(f"min_fov_fraction must be in [0, 1], got {self.min_fov_fraction}")
         if not 0.0 <= self.min_agreement <= 1.0:
             raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
+        if self.label_scheme not in SCHEME_CHOICES:
+            raise ValueError(f"label_scheme must be one of {', '.join(SCHEME_CHOICES)}, got {self.label_scheme!r}")
         if self.on_disagree not in ON_DISAGREE:
             raise ValueError(f"on_disagree must be one of {', '.join(ON_DISAGREE)}, got {self.on_disagree!r}")
         if isinstance(self.spacing, str) and self.spacing not in ("auto", "input"):
@@ -138,6 +149,10 @@ class PreparedCase:
     from_binary_mask: bool = False
     """The vertebrae are connected components of a single-valued mask."""
     seconds: dict[str, float] = field(default_factory=dict)
+    scheme: LabelScheme = VERSE
+    """The numbering the input's label ids were read in (which are vertebrae, of which level)."""
+    scheme_note: str = ""
+    """One line saying which numbering was used and why (:func:`vertrefine.labels.choose_scheme`)."""
 
 
 @dataclass
@@ -165,13 +180,16 @@ class RefinedVertebra:
     """Fraction of the refined shape inside the input's field of view."""
     pieces_ml: list[float] = field(default_factory=list)
     """Volumes (mL) of the refined shape's connected pieces, largest first, after dropping specks."""
+    scheme: LabelScheme = VERSE
+    """The numbering of the input's label ids (the level of this vertebra's id)."""
 
     @property
     def name(self) -> str:
-        """'L3' for a labelled vertebra; 'vertebra_2' for the second component (superior first) of a mask."""
+        """'L3' for a labelled vertebra (in any scheme); 'vertebra_2' for the second component (superior
+        first) of a mask; the scheme's name or 'label N' for a vertebra of unknown level."""
         if self.from_binary_mask:
             return f"vertebra_{self.instance.instance_id}"
-        return level_name(self.instance.label)
+        return self.scheme.name(self.instance.label)
 
 
 @dataclass
@@ -192,6 +210,8 @@ class RefinedCase:
     passed_through: list[tuple[Instance, str]] = field(default_factory=list)
     """Input vertebrae not refined because they are implausible as one vertebra, with the reason."""
     from_binary_mask: bool = False
+    scheme: LabelScheme = VERSE
+    """The numbering the input's label ids were read in."""
 
     @property
     def warnings(self) -> list[str]:
@@ -202,7 +222,7 @@ class RefinedCase:
 
     def name_of(self, instance: Instance) -> str:
         """'L3', or 'vertebra_2' for a component of a binary mask."""
-        return f"vertebra_{instance.instance_id}" if self.from_binary_mask else level_name(instance.label)
+        return f"vertebra_{instance.instance_id}" if self.from_binary_mask else self.scheme.name(instance.label)
 
     @property
     def working_labels(self) -> Volume:
@@ -221,7 +241,7 @@ class RefinedCase:
             row = {
                 "name": v.name,
                 "label": v.instance.label,
-                "level": None if v.from_binary_mask else level_name(v.instance.label),
+                "level": None if v.from_binary_mask else self.scheme.level(v.instance.label),
                 "instance": v.instance.instance_id,
                 "centroid_lps_mm": [round(c, 2) for c in v.instance.centroid_lps],
                 "volume_before_ml": round(v.instance.voxels * voxel_ml, 3),
@@ -243,7 +263,7 @@ class RefinedCase:
                 {
                     "name": self.name_of(inst),
                     "label": inst.label,
-                    "level": None if self.from_binary_mask else level_name(inst.label),
+                    "level": None if self.from_binary_mask else self.scheme.level(inst.label),
                     "instance": inst.instance_id,
                     "centroid_lps_mm": [round(c, 2) for c in inst.centroid_lps],
                     "volume_before_ml": round(inst.voxels * voxel_ml, 3),
@@ -260,12 +280,20 @@ class RefinedCase:
         return rows
 
 
-def refined_instances(instances: Sequence[Instance], labels: frozenset[int] | None) -> list[Instance]:
-    """The instances to refine: of ``labels``, or by default vertebra labels and components of a binary mask."""
+def refined_instances(
+    instances: Sequence[Instance],
+    labels: LabelSelection | frozenset[int] | None,
+    scheme: LabelScheme = VERSE,
+) -> list[Instance]:
+    """The instances to refine: those ``labels`` names (ids, or levels in ``scheme``), or by default the
+    vertebrae of ``scheme`` (every component of a binary mask)."""
     if labels is not None:
-        return [i for i in instances if i.label in labels]
-    split_mask = any(i.instance_id != i.label for i in instances)
-    return [i for i in instances if split_mask or i.label in VERTEBRA_LABELS or len(instances) == 1]
+        wanted = LabelSelection.of(labels).resolve(scheme)
+        return [i for i in instances if i.label in wanted]
+    if scheme.binary or any(i.instance_id != i.label for i in instances):
+        return list(instances)
+    vertebrae = scheme.vertebrae(i.label for i in instances)
+    return [i for i in instances if i.label in vertebrae]
 
 
 def prepare_case(
@@ -278,17 +306,19 @@ def prepare_case(
     bundle = sessions.bundle
     working_grid = working_geometry(volume.geometry, bundle.spacing)
     working = resample_labels(volume, working_grid)
-    instance_array, instances = find_instances(working)
-    chosen = refined_instances(instances, options.labels)
+    scheme, scheme_note = label_scheme_of(volume, options.label_scheme)
+    instance_array, instances = find_instances(working, split=scheme.binary)
+    chosen = refined_instances(instances, options.labels, scheme)
     if not chosen:
-        found = ", ".join(str(i.label) for i in instances) or "none"
+        raise InputError(volume.source.path, *_nothing_to_refine(instances, scheme, scheme_note, options.labels))
+    from_mask = scheme.binary
+    voxel_ml = working_grid.voxel_volume_mm3 / 1000.0
+    sizeable = [i for i in chosen if i.voxels * voxel_ml >= volume_range(scheme.verse_label(i.label)).min_ml]
+    if problem := level_order_problem(scheme, [(i.label, i.centroid_lps[2]) for i in sizeable]):  # not specks
         raise InputError(
-            volume.source.path,
-            f"no vertebra labels to refine (labels found: {found})",
-            "pass --labels with the ids to refine (VerSe numbering: 20..24 = L1..L5)",
+            volume.source.path, problem, "pass --label-scheme with the file's numbering, or correct its orientation"
         )
-    from_mask = _is_binary_mask(instances)
-    chosen, passed_through = _plausible(chosen, instance_array, working_grid, from_mask)
+    chosen, passed_through = _plausible(chosen, instance_array, working_grid, scheme)
     seconds["resample"] = time.perf_counter() - start
     start = time.perf_counter()
     status(f"encode {len(chosen)} vertebrae")
@@ -323,30 +353,37 @@ def prepare_case(
         passed_through=passed_through,
         from_binary_mask=from_mask,
         seconds=seconds,
+        scheme=scheme,
+        scheme_note=scheme_note,
     )
 
 
-BINARY_VALUES = frozenset({1, 255})
-"""The value of a binary mask: a single-valued map of 1 or 255 names no vertebra level."""
-
-
-def _is_binary_mask(instances: Sequence[Instance]) -> bool:
-    """Components of one mask value, or a single structure whose value is a mask value (1, 255), not a level."""
-    values = {i.label for i in instances}
-    return any(i.instance_id != i.label for i in instances) or (len(values) == 1 and values <= BINARY_VALUES)
+def _nothing_to_refine(
+    instances: Sequence[Instance], scheme: LabelScheme, note: str, labels: LabelSelection | frozenset[int] | None
+) -> tuple[str, str]:
+    """(problem, remedy) when no label of the input is one to refine."""
+    found = ", ".join(f"{i.label} ({scheme.name(i.label)})" for i in instances[:12]) or "none"
+    if labels is not None:
+        asked = LabelSelection.of(labels).text
+        return f"--labels {asked} names none of its labels ({note}; labels found: {found})", "check --labels"
+    return (
+        f"no vertebra to refine ({note}; labels found: {found})",
+        "pass --label-scheme with the file's numbering, or --labels with the ids or levels to refine",
+    )
 
 
 def _plausible(
-    chosen: list[Instance], instance_array: np.ndarray, working: Geometry, from_mask: bool
+    chosen: list[Instance], instance_array: np.ndarray, working: Geometry, scheme: LabelScheme
 ) -> tuple[list[Instance], list[tuple[Instance, str]]]:
     """(the instances plausible as one vertebra, [(instance, reason)] for the others): :mod:`plausibility`."""
     boxes = ndimage.find_objects(instance_array)
     voxel_ml = working.voxel_volume_mm3 / 1000.0
     keep, dropped = [], []
+    from_mask = scheme.binary
     for inst in chosen:
         box = boxes[inst.instance_id - 1]
         problem = input_problem(
-            None if from_mask else inst.label,
+            None if from_mask else scheme.verse_label(inst.label),
             inst.voxels,
             voxel_ml,
             extent_mm(box, max(working.spacing)),
@@ -475,7 +512,12 @@ def finish_case(
             std[k] = uncrop_from_frame(std[k], rotation)
     vertebrae = [
         RefinedVertebra(
-            instance, box, mean[k], None if std is None else std[k], from_binary_mask=prepared.from_binary_mask
+            instance,
+            box,
+            mean[k],
+            None if std is None else std[k],
+            from_binary_mask=prepared.from_binary_mask,
+            scheme=prepared.scheme,
         )
         for k, (instance, box) in enumerate(zip(prepared.instances, prepared.boxes, strict=True))
     ]
@@ -544,6 +586,7 @@ def finish_case(
         seconds=seconds,
         passed_through=list(prepared.passed_through),
         from_binary_mask=prepared.from_binary_mask,
+        scheme=prepared.scheme,
     )
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -216,7 +217,9 @@ class RefineJob:
         source_series: Path | None = None,
         assume_orientation: str | None = None,
         command: str = "",
+        note: Callable[[str], None] | None = None,
     ) -> None:
+        """``note``: prints a line to the user (which label numbering was used: once per numbering)."""
         self.sessions = sessions
         self.options = options
         self.extras = extras
@@ -227,6 +230,8 @@ class RefineJob:
         self.assume_orientation = assume_orientation
         self.command = command
         self.digests = bundle_digests(sessions)
+        self.note = note
+        self._schemes_said: set[str] = set()
 
     def prepare(self, name: str, source: Path, destination: Path, status: Status) -> _Case:
         start = time.perf_counter()
@@ -235,6 +240,9 @@ class RefineJob:
         read_seconds = time.perf_counter() - start
         prepared = prepare_case(volume, self.sessions, self.options, status)
         prepared.seconds = {"read": read_seconds, **prepared.seconds}
+        if self.note is not None and prepared.scheme.key not in self._schemes_said:
+            self._schemes_said.add(prepared.scheme.key)
+            self.note(f"{name}: {prepared.scheme_note}")
         return _Case(name, source, destination, prepared)
 
     def case_seed(self, case: _Case) -> int:
@@ -266,8 +274,14 @@ class RefineJob:
             refined.seconds["total"] = sum(case.prepared.seconds.values()) + time.perf_counter() - start
             written.append(sidecar_path(case.destination))
             self._write_sidecar(case, refined, extras, warnings)
+            made = {v.instance.label for v in refined.vertebrae if v.decision != "kept input"}
             write_label_map(
-                refined.labels, case.destination, like=case.prepared.volume, source_images=self.source_series
+                refined.labels,
+                case.destination,
+                like=case.prepared.volume,
+                source_images=self.source_series,
+                scheme=refined.scheme,
+                refined=made,
             )
         except BaseException:
             for path in reversed(written):  # files, then the folders made for them (when left empty)
@@ -361,6 +375,7 @@ class RefineJob:
             "working_grid": refined.working.to_record(),
             "output_grid": refined.labels.geometry.to_record(),
             "pose_frames": self.options.pose,
+            "label_scheme": refined.scheme.key,
             "passed_through_labels": sorted(set(volume.labels) - refined_labels),
             "warnings": warnings,
             "seconds": {k: round(v, 3) for k, v in refined.seconds.items()},

@@ -6,10 +6,19 @@ centre of mass, with 1 mm spacing. ``region="image"`` scores on the whole ground
 spacing. SPEC, NMI and CK count true negatives, so they depend on the region; DSC, VS, SEN and the
 surface distances do not (as long as the vertebra fits in the patch).
 
-Rows: one per vertebra label of the ground truth, plus one per label found only in the prediction,
+Which labels are scored (:func:`plan_labels`): the vertebrae of each file's label numbering
+(:mod:`vertrefine.labels`; VerSe, TotalSegmentator ..., recognised from its ids, or a DICOM SEG's segment
+codes), not sacrum or coccyx; ``--labels`` chooses others. A ground-truth vertebra is compared with the
+prediction's label of the same level, so a TotalSegmentator prediction can be scored against a VerSe
+truth. Other structures (organs, SPINEPS's discs at 100+, subregions) are not scored: they are listed
+apart (``ignored_labels`` of the summary).
+
+Rows: one per scored vertebra of the ground truth, plus one per vertebra found only in the prediction,
 flagged ``"extra": True`` (scored on a patch centred on the predicted label: DSC 0, VS 0, NMI 0, CK 0,
 SEN null since there are no true voxels to find, null distances). Extra rows are listed in the summary
-but not averaged with the ground-truth vertebrae.
+but not averaged with the ground-truth vertebrae. A case whose prediction is missing is scored as an
+empty prediction (DSC 0 for each of its vertebrae, rows flagged ``"prediction_missing": True``) and
+listed in the summary's ``missing_predictions``: it stays in the means.
 """
 
 from __future__ import annotations
@@ -31,16 +40,17 @@ from . import spatial
 from .atomic import atomic_path
 from .cases import Case, case_name, find_cases
 from .errors import InputError, VertrefineError
-from .labels import level_name
+from .labels import LEVELS, LabelScheme, LabelSelection, label_scheme_of
 from .metrics import METRIC_KEYS, vertebra_metrics
 from .volume import Geometry, Volume
 
 REGIONS: tuple[str, ...] = ("patch", "image")
-ROW_KEYS: tuple[str, ...] = ("case", "label", "level", *METRIC_KEYS, "extra")
+ROW_KEYS: tuple[str, ...] = ("case", "label", "level", *METRIC_KEYS, "extra", "prediction_missing")
 PATCH_SIZE = spatial.PATCH_SIZE
 WORKING_SPACING_MM = spatial.WORKING_SPACING_MM
 
-Pair = tuple[str, Path, Path]
+Pair = tuple[str, Path | None, Path]
+"""(case, prediction or None when it is missing, ground truth)."""
 
 
 # --------------------------------------------------------------------------------------------- pairing
@@ -100,12 +110,62 @@ def _array_spacing(geometry: Geometry) -> tuple[float, float, float]:
     return (sz, sy, sx)
 
 
-def _row(case: str, label: int, metrics: dict[str, float | None], *, extra: bool) -> dict[str, Any]:
-    row: dict[str, Any] = {"case": case, "label": int(label), "level": level_name(label)}
+@dataclass
+class LabelPlan:
+    """Which labels of one case are scored, and how the prediction's ids match the truth's."""
+
+    pairs: list[tuple[int, int, str]]
+    """(ground-truth id, prediction id, level or name) of every scored vertebra of the truth."""
+    extra: list[tuple[int, str]]
+    """(prediction id, level or name) of predicted vertebrae the truth does not have."""
+    ignored: list[tuple[int, str]]
+    """(ground-truth id, name) of the truth's labels that are not scored (not vertebrae, or not chosen)."""
+    notes: list[str]
+    """Which numbering each file was read in (one line each)."""
+
+
+def plan_labels(
+    pred: Volume, gt: Volume, *, label_scheme: str = "auto", labels: LabelSelection | Sequence[int] | None = None
+) -> LabelPlan:
+    """The labels of a case to score (see the module docstring); each file is read in its own numbering
+    (``label_scheme``: 'auto' or a key of :data:`vertrefine.labels.SCHEMES`, a SEG's codes always win)."""
+    gt_scheme, gt_note = label_scheme_of(gt, label_scheme)
+    pred_scheme, pred_note = label_scheme_of(pred, label_scheme) if pred.labels else (gt_scheme, "")
+    selection = None if labels is None else LabelSelection.of(labels)
+
+    def chosen(scheme: LabelScheme, present: Sequence[int]) -> list[int]:
+        if selection is None:
+            return sorted(scheme.vertebrae(present))
+        return sorted(set(present) & selection.resolve(scheme))
+
+    def key(scheme: LabelScheme, label: int) -> tuple[int, int]:  # head to feet, then id
+        level = scheme.level(label)
+        return (LEVELS.index(level) if level else len(LEVELS), label)
+
+    by_level = bool(gt_scheme.levels) and bool(pred_scheme.levels) and pred_scheme is not gt_scheme
+    pred_ids = chosen(pred_scheme, pred.labels)
+    pairs = []
+    for label in sorted(chosen(gt_scheme, gt.labels), key=lambda lab: key(gt_scheme, lab)):
+        level = gt_scheme.level(label)
+        match = label
+        if by_level and level is not None:
+            match = min(pred_scheme.ids_of_levels({level}), default=-1)
+        pairs.append((label, match, gt_scheme.name(label)))
+    matched = {match for _, match, _ in pairs}
+    extra = [(label, pred_scheme.name(label)) for label in pred_ids if label not in matched]
+    scored = {label for label, _, _ in pairs}
+    ignored = [(label, gt_scheme.name(label)) for label in gt.labels if label not in scored]
+    notes = [f"ground truth: {gt_note}"] + ([f"prediction: {pred_note}"] if pred_note else [])
+    return LabelPlan(pairs, extra, ignored, notes)
+
+
+def _row(case: str, label: int, level: str, metrics: dict[str, float | None], *, extra: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {"case": case, "label": int(label), "level": level}
     row.update({key: metrics[key] for key in METRIC_KEYS})
     if extra:
         row["sen"] = None  # no true voxels: sensitivity is undefined
     row["extra"] = extra
+    row["prediction_missing"] = False
     return row
 
 
@@ -128,46 +188,58 @@ def _native_centroid_on(volume: Volume, label: int, target: Geometry) -> tuple[f
     return (float(k), float(j), float(i))
 
 
-def _score_patches(
-    case: str, pred: Volume, gt: Volume, gt_labels: list[int], extra_labels: list[int]
-) -> list[dict[str, Any]]:
+def _score_patches(case: str, pred: Volume, gt: Volume, plan: LabelPlan) -> list[dict[str, Any]]:
     gt_w = spatial.to_working_grid(gt, spacing=WORKING_SPACING_MM, method="nearest")
     # Same source grid, same target grid, same interpolator: the two maps are resampled identically.
     pred_w = spatial.resample_labels(pred, gt_w.geometry, method="nearest")
     spacing = (WORKING_SPACING_MM,) * 3
     rows = []
-    for labels, source, work, extra in ((gt_labels, gt, gt_w, False), (extra_labels, pred, pred_w, True)):
-        centres = _centroids(work.array, labels)
-        for label in labels:
+    truth = [(gt_id, pred_id, name) for gt_id, pred_id, name in plan.pairs]
+    extra = [(-1, pred_id, name) for pred_id, name in plan.extra]
+    for items, source, work, is_extra in ((truth, gt, gt_w, False), (extra, pred, pred_w, True)):
+        centred = [pred_id if is_extra else gt_id for gt_id, pred_id, _ in items]
+        centres = _centroids(work.array, centred)
+        for (gt_id, pred_id, name), label in zip(items, centred, strict=True):
             # A label too small to survive resampling is still scored, around its native centre.
             centre = centres[label] or _native_centroid_on(source, label, gt_w.geometry)
             box = spatial.patch_box(centre, size=PATCH_SIZE)
-            pred_patch = spatial.crop(pred_w.array, box) == label
-            gt_patch = spatial.crop(gt_w.array, box) == label
-            rows.append(_row(case, label, vertebra_metrics(pred_patch, gt_patch, spacing), extra=extra))
+            pred_patch = spatial.crop(pred_w.array, box) == pred_id
+            gt_patch = spatial.crop(gt_w.array, box) == gt_id
+            metrics = vertebra_metrics(pred_patch, gt_patch, spacing)
+            rows.append(_row(case, label, name, metrics, extra=is_extra))
     return rows
 
 
-def _score_image(
-    case: str, pred: Volume, gt: Volume, gt_labels: list[int], extra_labels: list[int]
-) -> list[dict[str, Any]]:
+def _score_image(case: str, pred: Volume, gt: Volume, plan: LabelPlan) -> list[dict[str, Any]]:
     spacing = _array_spacing(gt.geometry)
     rows = []
-    for labels, extra in ((gt_labels, False), (extra_labels, True)):
-        for label in labels:
-            metrics = vertebra_metrics(pred.array == label, gt.array == label, spacing)
-            rows.append(_row(case, label, metrics, extra=extra))
+    for gt_id, pred_id, name in plan.pairs:
+        metrics = vertebra_metrics(pred.array == pred_id, gt.array == gt_id, spacing)
+        rows.append(_row(case, gt_id, name, metrics, extra=False))
+    for pred_id, name in plan.extra:
+        metrics = vertebra_metrics(pred.array == pred_id, np.zeros(gt.array.shape, bool), spacing)
+        rows.append(_row(case, pred_id, name, metrics, extra=True))
     return rows
 
 
 def score_case(
-    case: str, pred: Volume, gt: Volume, *, region: str = "patch", resample: bool = False
+    case: str,
+    pred: Volume,
+    gt: Volume,
+    *,
+    region: str = "patch",
+    resample: bool = False,
+    label_scheme: str = "auto",
+    labels: LabelSelection | Sequence[int] | None = None,
+    plan: LabelPlan | None = None,
 ) -> list[dict[str, Any]]:
     """Per-vertebra metric rows of one prediction against its ground truth.
 
-    Keys of each row: ``case, label, level, dsc, vs, sen, spec, nmi, ck, hd95_mm, assd_mm, extra``
-    (distances in mm, None where undefined). Grids must match unless ``resample`` is set, in which case
-    the prediction is put on the ground truth's grid by nearest neighbour.
+    Keys of each row: ``case, label, level, dsc, vs, sen, spec, nmi, ck, hd95_mm, assd_mm, extra,
+    prediction_missing`` (distances in mm, None where undefined; ``label`` is the truth's id, or the
+    prediction's for an extra row). Which labels: ``plan`` (default :func:`plan_labels` with
+    ``label_scheme`` and ``labels``). Grids must match unless ``resample`` is set, in which case the
+    prediction is put on the ground truth's grid by nearest neighbour.
     """
     if region not in REGIONS:
         raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
@@ -180,11 +252,11 @@ def score_case(
                 "pass --resample to put the prediction on the ground truth's grid (nearest neighbour)",
             )
         pred = spatial.resample_labels(pred, gt.geometry, method="nearest")
-    gt_labels = gt.labels
-    extra_labels = [lab for lab in pred.labels if lab not in set(gt_labels)]
+    if plan is None:
+        plan = plan_labels(pred, gt, label_scheme=label_scheme, labels=labels)
     if region == "patch":
-        return _score_patches(case, pred, gt, gt_labels, extra_labels)
-    return _score_image(case, pred, gt, gt_labels, extra_labels)
+        return _score_patches(case, pred, gt, plan)
+    return _score_image(case, pred, gt, plan)
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -197,6 +269,12 @@ class ScoreResult:
     """``(case, message)`` of every case that could not be scored."""
     warnings: list[tuple[str, str]] = field(default_factory=list)
     """``(case, message)`` of what reading an input had to decide (e.g. which of qform and sform is used)."""
+    missing: list[str] = field(default_factory=list)
+    """Cases whose prediction is missing (scored as empty predictions)."""
+    ignored: list[dict[str, Any]] = field(default_factory=list)
+    """``{"case", "label", "name"}`` of ground-truth labels not scored (not vertebrae, or not chosen)."""
+    notes: list[str] = field(default_factory=list)
+    """The distinct lines saying which numbering the files were read in."""
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.rows)
@@ -207,24 +285,40 @@ def score_pairs(
     *,
     region: str = "patch",
     resample: bool = False,
+    label_scheme: str = "auto",
+    labels: LabelSelection | Sequence[int] | None = None,
     on_error: Callable[[str, str], None] | None = None,
     on_case: Callable[[str], None] | None = None,
     assume_orientation: str | None = None,
 ) -> ScoreResult:
     """Score every ``(case, pred_path, gt_path)``; a failing case is recorded and the others go on.
 
-    ``on_error(case, message)`` is called when a case fails, ``on_case(case)`` after every case (for
-    progress). Set ``VERTREFINE_DEBUG=1`` to let unexpected exceptions through with their traceback.
-    ``assume_orientation`` is passed to :func:`vertrefine.io.read_label_map` for both files.
+    A ``pred_path`` of None is a missing prediction: the case is scored as an empty prediction, its rows
+    are flagged ``prediction_missing`` and it is listed in ``ScoreResult.missing``. ``label_scheme`` and
+    ``labels`` choose the labels scored (:func:`plan_labels`). ``on_error(case, message)`` is called when
+    a case fails, ``on_case(case)`` after every case (for progress). Set ``VERTREFINE_DEBUG=1`` to let
+    unexpected exceptions through with their traceback. ``assume_orientation`` is passed to
+    :func:`vertrefine.io.read_label_map` for both files.
     """
     result = ScoreResult()
     for case, pred_path, gt_path in pairs:
         try:
             gt = vio.read_label_map(gt_path, assume_orientation=assume_orientation)
-            pred = vio.read_label_map(pred_path, allow_empty=True, assume_orientation=assume_orientation)
+            if pred_path is None:
+                pred = Volume(np.zeros_like(gt.array), gt.geometry)
+            else:
+                pred = vio.read_label_map(pred_path, allow_empty=True, assume_orientation=assume_orientation)
             for path, volume in ((pred_path, pred), (gt_path, gt)):
                 result.warnings += [(case, f"{path}: {line}") for line in volume.source.warnings]
-            result.rows.extend(score_case(case, pred, gt, region=region, resample=resample))
+            plan = plan_labels(pred, gt, label_scheme=label_scheme, labels=labels)
+            rows = score_case(case, pred, gt, region=region, resample=resample, plan=plan)
+            if pred_path is None:
+                result.missing.append(case)
+                for row in rows:
+                    row["prediction_missing"] = True
+            result.rows.extend(rows)
+            result.ignored += [{"case": case, "label": label, "name": name} for label, name in plan.ignored]
+            result.notes += [note for note in plan.notes if note not in result.notes]
         except Exception as exc:  # noqa: BLE001 - a batch goes on past any failed case
             if not isinstance(exc, VertrefineError) and os.environ.get("VERTREFINE_DEBUG"):
                 raise
@@ -252,25 +346,32 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Mean and population std (ddof 0) of each metric per level and over all ground-truth vertebrae.
 
     Shape: ``{"n_cases", "n_vertebrae", "overall": {"n", <metric>: {"mean", "std", "n"}, ...},
-    "per_level": {level: {"label", "n", <metric>: {...}}}, "extra_labels": [{"case", "label", "level"}]}``.
-    Nulls are skipped (each metric's ``n`` says how many values it averages); levels are ordered by label
-    id; extra (prediction-only) rows are listed, not averaged.
+    "per_level": {level: {"label", "n", <metric>: {...}}}, "extra_labels": [{"case", "label", "level"}],
+    "missing_predictions": [case, ...]}``. Nulls are skipped (each metric's ``n`` says how many values it
+    averages); levels are ordered from the head down (names that are no level after them), ``label`` is the
+    first truth id seen for the level; extra (prediction-only) rows are listed, not averaged; rows of
+    missing predictions are averaged (as empty predictions) and their cases listed.
     """
     truth_rows = [r for r in rows if not r.get("extra")]
-    per_level: dict[str, Any] = {}
-    for label in sorted({int(r["label"]) for r in truth_rows}):
-        group = [r for r in truth_rows if int(r["label"]) == label]
-        per_level[level_name(label)] = {"label": label, **_block(group)}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in truth_rows:
+        groups.setdefault(str(row["level"]), []).append(row)
+
+    def order(level: str) -> tuple[int, int]:
+        return (LEVELS.index(level) if level in LEVELS else len(LEVELS), int(groups[level][0]["label"]))
+
+    per_level = {
+        level: {"label": int(groups[level][0]["label"]), **_block(groups[level])} for level in sorted(groups, key=order)
+    }
     return {
         "n_cases": len({r["case"] for r in rows}),
         "n_vertebrae": len(truth_rows),
         "overall": _block(truth_rows),
         "per_level": per_level,
         "extra_labels": [
-            {"case": r["case"], "label": int(r["label"]), "level": level_name(int(r["label"]))}
-            for r in rows
-            if r.get("extra")
+            {"case": r["case"], "label": int(r["label"]), "level": r["level"]} for r in rows if r.get("extra")
         ],
+        "missing_predictions": sorted({r["case"] for r in rows if r.get("prediction_missing")}),
     }
 
 
@@ -300,8 +401,19 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
             writer.writerow({key: "" if plain.get(key) is None else plain[key] for key in ROW_KEYS})
 
 
-def write_json(rows: Sequence[dict[str, Any]], summary: dict[str, Any], path: str | Path) -> None:
-    """``{"cases": [row, ...], "summary": summary}`` with None as null. Written atomically."""
+def write_json(
+    rows: Sequence[dict[str, Any]],
+    summary: dict[str, Any],
+    path: str | Path,
+    *,
+    ignored: Sequence[dict[str, Any]] = (),
+) -> None:
+    """``{"cases": [row, ...], "summary": summary}`` with None as null. Written atomically.
+
+    ``ignored`` (:attr:`ScoreResult.ignored`, the truth's labels not scored) goes into the summary as
+    ``ignored_labels``.
+    """
+    summary = {**summary, "ignored_labels": list(ignored)}
     document = {"cases": _plain([dict(r) for r in rows]), "summary": _plain(summary)}
     text = json.dumps(document, indent=2, allow_nan=False)
     with atomic_path(path) as tmp:

@@ -28,6 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .labels import BINARY_MASK_VALUES
 from .volume import Geometry, Volume
 
 WORKING_SPACING_MM = 1.0
@@ -271,22 +272,32 @@ class Instance:
 
 
 def find_instances(
-    volume: Volume, *, min_fraction: float = 0.05, min_voxels: int = 27, connectivity: int = 26
+    volume: Volume,
+    *,
+    min_fraction: float = 0.05,
+    min_voxels: int = 27,
+    connectivity: int = 26,
+    split: bool | None = None,
 ) -> tuple[np.ndarray, list[Instance]]:
     """The vertebra instances of a label map, ordered superior to inferior (larger LPS z first).
 
-    * Several non-zero labels: one instance per label, ``instance_id == label``; the instance array is the
-      label array (int32), every voxel kept.
-    * A single non-zero value ``v`` whose mask has more than one sizeable connected component (``connectivity``
-      26, i.e. face, edge or corner neighbours, or 6 for faces only): a binary mask of several vertebrae.
-      Components smaller than ``min_fraction`` of the largest or than ``min_voxels`` are islands and are
+    A label is one instance however many pieces it has (a pedicle break splits a vertebra in two);
+    connected components are used only for a binary mask:
+
+    * Several non-zero labels, or one that is not split: one instance per label, ``instance_id == label``;
+      the instance array is the label array (int32), every voxel kept.
+    * A binary mask (``split``; None: a single non-zero value that is one of
+      :data:`vertrefine.labels.BINARY_MASK_VALUES`, 1 or 255) whose mask has more than one sizeable
+      connected component (``connectivity`` 26, i.e. face, edge or corner neighbours, or 6 for faces only):
+      components smaller than ``min_fraction`` of the largest or than ``min_voxels`` are islands and are
       dropped (0 in the instance array); the others get ids 1..n from superior to inferior, ``label == v``.
-    * A single value with one sizeable component (e.g. a one-vertebra file labelled 22, or a binary mask of
-      one vertebra): one instance ``instance_id == label == v``, every voxel kept.
+      With one sizeable component: one instance ``instance_id == label == v``, every voxel kept.
     """
     array = volume.array
     boxes = _label_boxes(array)
-    if len(boxes) == 1:
+    if split is None:
+        split = len(boxes) == 1 and boxes[0][0] in BINARY_MASK_VALUES
+    if len(boxes) == 1 and split:
         value, box = boxes[0]
         if connectivity not in (6, 26):
             raise ValueError(f"connectivity must be 6 or 26, got {connectivity}")

@@ -62,7 +62,7 @@ from ..atomic import atomic_path
 from ..cases import Case, case_name, find_cases
 from ..degrade import degrade
 from ..errors import InputError
-from ..labels import label_for_level, level_name
+from ..labels import BINARY_MASK_VALUES, label_for_level, level_name
 from ..volume import Volume
 
 if TYPE_CHECKING:  # io and spatial need SimpleITK: imported where the cache is built, so that training
@@ -404,7 +404,7 @@ def _patches_of(
     instance_array, instances = spatial.find_instances(working)
     instance_array = instance_array.astype(np.min_scalar_type(int(instance_array.max())), copy=False)  # memory
     values = {inst.label for inst in instances}
-    binary = len(values) == 1 and values <= {1, 255}  # a binary mask: its value names no level
+    binary = len(values) == 1 and values <= BINARY_MASK_VALUES  # a binary mask: its value names no level
     cut = _cut_instances(volume, working, instance_array) if params["drop_cut"] and len(instances) > 1 else set()
     kept = []
     for inst in instances:
