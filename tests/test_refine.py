@@ -405,13 +405,13 @@ def test_a_fine_input_is_refined_on_its_own_grid_and_left_as_it_is_outside_the_v
     fine_grid = Geometry(tuple(int(n * 2.5) for n in g.shape), (0.4, 0.4, 0.4), tuple(np.array(g.origin) - 0.3))
     fine = resample_labels(two_vertebrae, fine_grid)
     array = fine.array.copy()
-    array[:20, :20, :20] = 90  # another structure in a corner, far from the vertebrae
+    array[:20, :20, :20] = 120  # another structure (a disc id) in a corner, far from the vertebrae
     near = (fine.array == 0) & np.roll(fine.array == 21, 10, axis=2)  # another structure touching L2
-    array[near] = 91
+    array[near] = 121
     volume = fine.with_array(array)
     result = refine_volume(volume, vae, RefineOptions(None))
     assert result.labels.geometry == fine_grid and result.labels.array.dtype == array.dtype
-    for label in (90, 91):
+    for label in (120, 121):
         np.testing.assert_array_equal(result.labels.array == label, array == label)
     for label in (21, 22):
         assert _dice(result.labels.array == label, array == label) > 0.8
