@@ -287,8 +287,8 @@ def test_flagged_vertebrae_are_reported_in_single_and_folder_mode(cases, tmp_pat
     assert {v["decision"] for v in sidecar["vertebrae"]} == {"kept input"}
 
 
-def _seg_on_thick_series(tmp_path):
-    """One lumbar vertebra as a DICOM SEG on an axial 0.8 x 0.7 x 5 mm CT series; returns (series UID, SEG path)."""
+def _seg_on_thick_series(tmp_path, in_plane=(0.8, 0.7)):
+    """One lumbar vertebra as a DICOM SEG on an axial ``in_plane`` x 5 mm CT series; returns (series UID, labels)."""
     from dicom_helpers import make_series
 
     from vertrefine import io
@@ -296,23 +296,24 @@ def _seg_on_thick_series(tmp_path):
 
     spine = synth_spine(23, levels=("L3",))
     extent = np.array(spine.array.shape) * np.array(spine.geometry.spacing)[::-1]  # mm along k, j, i
-    shape = tuple(int(np.ceil(e / s)) for e, s in zip(extent, (5.0, 0.7, 0.8), strict=True))
-    ct_uid, _ = make_series(tmp_path / "ct", np.full(shape, 100, np.uint16), spacing=(0.8, 0.7, 5.0),
+    shape = tuple(int(np.ceil(e / s)) for e, s in zip(extent, (5.0, in_plane[1], in_plane[0]), strict=True))
+    ct_uid, _ = make_series(tmp_path / "ct", np.full(shape, 100, np.uint16), spacing=(*in_plane, 5.0),
                             origin=spine.geometry.origin)  # fmt: skip
     thick = resample_labels(spine, io.dicom_series_geometry(tmp_path / "ct"))
     io.write_dicom_seg(thick, tmp_path / "seg.dcm", source_images=tmp_path / "ct")
     return ct_uid, thick
 
 
+@pytest.mark.parametrize("in_plane", [(0.8, 0.7), (1.0, 1.0)])
 @pytest.mark.parametrize("source_next_to_seg", [True, False])
-def test_a_seg_of_a_thick_series_is_written_on_a_1mm_grid_referencing_its_series(tmp_path, source_next_to_seg):
+def test_a_seg_of_a_thick_series_is_written_on_a_1mm_grid_referencing_its_series(tmp_path, source_next_to_seg, in_plane):
     import highdicom as hd
     import pydicom
 
     from vertrefine.spatial import output_geometry, resample_labels
     from vertrefine.volume import Volume
 
-    ct_uid, thick = _seg_on_thick_series(tmp_path)
+    ct_uid, thick = _seg_on_thick_series(tmp_path, in_plane)
     if not source_next_to_seg:  # the references are carried over from the input SEG itself
         (tmp_path / "elsewhere").mkdir()
         shutil.move(tmp_path / "seg.dcm", tmp_path / "elsewhere" / "seg.dcm")
@@ -325,7 +326,9 @@ def test_a_seg_of_a_thick_series_is_written_on_a_1mm_grid_referencing_its_series
 
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(tmp_path / "out" / "refined.dcm"))
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct_uid
-    assert [float(v) for v in seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing] == [1, 1]
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [1, 1]
+    assert float(measures.SliceThickness) == 1 and float(measures.SpacingBetweenSlices) == 1
     # Every frame lies on the 1 mm output grid (its own plane positions), within the input's extent.
     grid = output_geometry(thick.geometry, "auto")
     frames = seg.PerFrameFunctionalGroupsSequence
@@ -341,6 +344,8 @@ def test_a_seg_of_a_thick_series_is_written_on_a_1mm_grid_referencing_its_series
     dsc = 2 * np.count_nonzero(on_grid & expected) / (np.count_nonzero(on_grid) + np.count_nonzero(expected))
     assert dsc > 0.75, dsc
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["L3"]
+    again = invoke("score", tmp_path / "out" / "refined.dcm", source, "--resample")  # vertrefine reads it back
+    assert again.exit_code == 0, again.output
 
 
 def _geometry_of(volume):

@@ -669,6 +669,7 @@ def write_dicom_seg(
         raise InputError(
             where, f"cannot build a DICOM SEG on these source images ({exc})", "check the source series"
         ) from exc
+    _describe_own_grid(seg, volume.geometry)
     if not datasets[0].get("SeriesInstanceUID"):
         del seg.ReferencedSeriesSequence
         seg.SourceImageSequence = [_reference_item(ds.SOPClassUID, ds.SOPInstanceUID) for ds in datasets]
@@ -730,6 +731,30 @@ def _vertrefine_description(
         tracking_id=name,
         tracking_uid=hd.UID(),
     )
+
+
+def _describe_own_grid(seg: Dataset, geometry: Geometry) -> None:
+    """Make the SEG's shared Pixel Measures describe its frames when they do not lie on the source's slices.
+
+    highdicom copies the source images' Pixel Measures when the row/column spacing and orientation match
+    (a 1 x 1 x 5 mm series written on a 1 mm grid would state 5 mm slices), and keeps the source's
+    SliceThickness. Frames without a source instance under them (no Derivation Image Sequence) lie on
+    their own grid: PixelSpacing is (row, column) = (j, i) spacing, SpacingBetweenSlices and SliceThickness
+    the k spacing (mm).
+    """
+    frames = seg.PerFrameFunctionalGroupsSequence
+    if any(frame.get("DerivationImageSequence") for frame in frames):
+        return
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    spacing_i, spacing_j, spacing_k = geometry.spacing
+    measures.PixelSpacing = [_ds(spacing_j), _ds(spacing_i)]
+    measures.SpacingBetweenSlices = _ds(spacing_k)
+    measures.SliceThickness = _ds(spacing_k)
+
+
+def _ds(value: float) -> str:
+    """A millimetre value as a DICOM decimal string (at most 16 characters)."""
+    return f"{value:.10g}"[:16]
 
 
 def _source_datasets(source_images: str | Path | Sequence[Dataset | str | Path], path: Path) -> list[Dataset]:
