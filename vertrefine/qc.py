@@ -4,9 +4,10 @@ Rows: a sagittal view, a coronal view and one axial view per vertebra. The sagit
 stitched from bands, one per vertebra between the midpoints to its neighbours, each cut through that
 vertebra's own centre of mass, so a curved or tilted spine shows every vertebra at its middle rather than
 whatever a single plane through the volume's centre happens to cross. The input's outlines are drawn in
-orange, the result's in cyan, over the result's mask, on the one 1 mm working grid both live on. Each
-vertebra's level is written beside it; a vertebra that was kept as input or flagged is named in red with
-the reason's first words.
+orange, the result's in cyan, over the result's mask, on the one 1 mm working grid both live on, zoomed onto
+the structures (axial views onto their own vertebra). Each vertebra's level is written at the right edge of
+the view, level with its centre; a vertebra that was kept as input or flagged is named in red with what
+happened to it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,23 @@ def _banded(array: np.ndarray, vertebrae: Sequence[QcVertebra], axis: int) -> np
     return np.concatenate(planes, axis=0) if planes else array[:, :, array.shape[2] // 2]
 
 
+QC_MARGIN = 10
+"""Voxels (mm) shown around the structures: views are zoomed onto them, not the whole image."""
+
+
+def _box(mask: np.ndarray, default: tuple[slice, ...] | None = None) -> tuple[slice, ...]:
+    """The bounding box of ``mask`` plus :data:`QC_MARGIN`, clipped to the array (``default``, or the whole
+    array, when the mask is empty). A 2D mask gives (slice(None), rows, columns)."""
+    found = np.argwhere(mask)
+    if not len(found):
+        whole = tuple(slice(0, n) for n in mask.shape)
+        return (slice(None), *(default or whole)[-2:]) if mask.ndim == 2 else (default or whole)
+    lo = np.maximum(found.min(axis=0) - QC_MARGIN, 0)
+    hi = np.minimum(found.max(axis=0) + QC_MARGIN + 1, mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    return (slice(None), *box) if mask.ndim == 2 else box
+
+
 def _outline(axis, before: np.ndarray, after: np.ndarray, ids: Sequence[int]) -> None:
     axis.imshow(after != 0, cmap="gray", vmin=0, vmax=2.5, origin="lower", interpolation="nearest")
     for value in ids:
@@ -93,22 +111,26 @@ def write_qc_png(
     columns = max(2, len(vertebrae))
     figure = plt.figure(figsize=(2.6 * columns, 9.5), constrained_layout=True)
     grid = figure.add_gridspec(3, columns, height_ratios=[2.2, 2.2, 1])
+    ks, js, is_ = _box((before != 0) | (after != 0))
     for row, (axis_index, name) in enumerate(((2, "sagittal (anterior left)"), (1, "coronal (patient left right)"))):
         axis = figure.add_subplot(grid[row, :])
-        _outline(axis, _banded(before, shown, axis_index), _banded(after, shown, axis_index), ids)
+        across = js if axis_index == 2 else is_
+        planes = [_banded(a, shown, axis_index)[ks, across] for a in (before, after)]
+        _outline(axis, *planes, ids)
         axis.set_title(f"{name}, each vertebra cut through its own centre", fontsize=9)
-        for v in vertebrae:
+        for v in vertebrae:  # at the panel's right edge, level with the vertebra's centre
             flagged = bool(v.note)
             label = f"{v.name} ({v.note})" if flagged else v.name
-            x = v.centroid[1] if axis_index == 2 else v.centroid[2]
             axis.text(
-                x + 45, v.centroid[0], label, color=FLAG_COLOUR if flagged else "white", fontsize=8,
-                va="center", ha="left", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0},
+                0.99, v.centroid[0] - ks.start, label, color=FLAG_COLOUR if flagged else "white", fontsize=8,
+                va="center", ha="right", transform=axis.get_yaxis_transform(), clip_on=True,
+                bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0},
             )  # fmt: skip
     for column, v in enumerate(vertebrae):
         axis = figure.add_subplot(grid[2, column])
         k = int(np.clip(round(v.centroid[0]), 0, before.shape[0] - 1))
-        _outline(axis, before[k, ::-1, :], after[k, ::-1, :], ids)
+        _, vj, vi = _box(np.isin(before[k], [v.instance_id]) | np.isin(after[k], [v.instance_id]), (js, is_))
+        _outline(axis, before[k, vj, vi][::-1], after[k, vj, vi][::-1], ids)
         axis.set_title(f"{v.name}: axial" + (f" ({v.note})" if v.note else ""), fontsize=8,
                        color=FLAG_COLOUR if v.note else "black")  # fmt: skip
     legend = [
