@@ -306,7 +306,9 @@ def _seg_on_thick_series(tmp_path, in_plane=(0.8, 0.7)):
 
 @pytest.mark.parametrize("in_plane", [(0.8, 0.7), (1.0, 1.0)])
 @pytest.mark.parametrize("source_next_to_seg", [True, False])
-def test_a_seg_of_a_thick_series_is_written_on_a_1mm_grid_referencing_its_series(tmp_path, source_next_to_seg, in_plane):
+def test_a_seg_of_a_thick_series_is_written_on_a_1mm_grid_referencing_its_series(
+    tmp_path, source_next_to_seg, in_plane
+):
     import highdicom as hd
     import pydicom
 

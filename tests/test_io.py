@@ -18,7 +18,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from vertrefine import io
-from vertrefine.dicom_seg import scan_folder
+from vertrefine.dicom_series import scan_folder
 from vertrefine.errors import InputError, OutputError, VertrefineError
 from vertrefine.volume import Geometry, Source, Volume
 

@@ -19,13 +19,8 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from .dicom_seg import (
-    NO_SERIES_UID,
-    dicom_series_geometry,
-    read_dicom_file,
-    read_dicom_folder,
-    write_dicom_seg,
-)
+from .dicom_seg import read_dicom_file, read_dicom_folder, write_dicom_seg
+from .dicom_series import NO_SERIES_UID, dicom_series_geometry
 from .errors import InputError, OutputError
 from .filetypes import UNSUPPORTED_OUTPUT, compound_suffix, is_dicom_file, output_format
 from .labels import LabelScheme
