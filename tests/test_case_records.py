@@ -16,7 +16,7 @@ from vertrefine import io
 from vertrefine.cases import case_seed
 from vertrefine.synth import synth_spine
 
-FAST = ("--t-refine", "2", "--langevin-steps", "5")
+FAST = ("--t-refine", "2", "--langevin-steps", "5", "--fine-inputs", "refine")  # 1 mm synthetic spines
 
 
 def _data(path):
@@ -128,7 +128,7 @@ def test_the_sidecar_digest_of_a_dicom_series_covers_its_files(tmp_path):
     geometry = spine.geometry
     series = tmp_path / "series"
     make_series(series, spine.array.astype(np.uint16), spacing=geometry.spacing, origin=geometry.origin, modality="OT")
-    result = invoke("refine", series, "-o", tmp_path / "r.dcm", "--model", "vae")
+    result = invoke("refine", series, "-o", tmp_path / "r.dcm", "--model", "vae", "--fine-inputs", "refine")
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "r.json").read_text())
     files = sorted(p for p in series.iterdir())

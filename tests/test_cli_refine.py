@@ -14,7 +14,7 @@ from vertrefine.info import default_bundle_dir
 from vertrefine.io import write_label_map
 from vertrefine.synth import synth_spine
 
-FAST = ("--t-refine", "2", "--langevin-steps", "5")
+FAST = ("--t-refine", "2", "--langevin-steps", "5", "--fine-inputs", "refine")  # 1 mm synthetic spines
 
 
 @pytest.fixture(scope="module")

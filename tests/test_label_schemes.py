@@ -7,6 +7,7 @@ descriptions) and keeps every other structure voxel for voxel.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import highdicom as hd
 import numpy as np
@@ -37,10 +38,14 @@ from vertrefine.labels import (
     parse_label_selection,
     recognise_scheme,
 )
-from vertrefine.refine import RefineOptions, prepare_case, refine_volume
+from vertrefine.refine import RefineOptions as Options
+from vertrefine.refine import prepare_case, refine_volume
 from vertrefine.runtime import open_sessions
 from vertrefine.synth import synth_spine
 from vertrefine.volume import Geometry, Volume
+
+# The synthetic spines are 1 mm: refine them (by default refine writes inputs finer than 1.5 mm unchanged).
+RefineOptions = partial(Options, fine_inputs="refine")
 
 runner = CliRunner()
 SPLEEN, KIDNEY_RIGHT, LIVER = 1, 2, 5  # TotalSegmentator v2 'total'
@@ -170,7 +175,7 @@ def ts_map():
 def test_a_totalsegmentator_map_refines_only_its_vertebrae_keeping_ids_and_organs(ts_map, tmp_path):
     source = tmp_path / "ts.nii.gz"
     io.write_label_map(ts_map, source)
-    result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae")
+    result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae", "--fine-inputs", "refine")
     assert result.exit_code == 0, result.output
     assert "TotalSegmentator v2" in result.output  # auto says which numbering it read, in one line
     out = io.read_label_map(tmp_path / "out.nii.gz")
@@ -283,7 +288,7 @@ def test_a_seg_s_vertebrae_come_from_codes_and_labels_not_segment_numbers(ts_seg
 def test_a_totalsegmentator_seg_with_organs_refines_only_its_vertebrae(ts_seg):
     out = ts_seg.parent.parent / "refined" / "refined.dcm"  # beside the CT folder, so it is read on its grid
     out.parent.mkdir()
-    result = invoke("refine", ts_seg, "-o", out, "--model", "vae")
+    result = invoke("refine", ts_seg, "-o", out, "--model", "vae", "--fine-inputs", "refine")
     assert result.exit_code == 0, result.output
     assert "segment codes" in result.output
     before, after = pydicom.dcmread(ts_seg), pydicom.dcmread(out)

@@ -168,7 +168,7 @@ def test_a_case_failing_at_its_last_write_leaves_no_sidecar_or_extras(spine_file
     shutil.copy(spine_file, cases / "bad.nii.gz")
     shutil.copy(spine_file, cases / "good.nii.gz")
     extras = ("--qc", tmp_path / "qc", "--mesh", tmp_path / "mesh")
-    result = invoke("refine", cases, "-o", tmp_path / "out", "--model", "vae", *extras)
+    result = invoke("refine", cases, "-o", tmp_path / "out", "--model", "vae", "--fine-inputs", "refine", *extras)
     assert result.exit_code == 1 and "disk full" in result.output, result.output
     assert _files(tmp_path / "out") == ["good.json", "good.nii.gz"]
     assert _files(tmp_path / "qc") == ["good.png"]
@@ -200,12 +200,13 @@ def test_sigterm_leaves_no_partial_file_and_the_hint_names_skip_existing(spine_f
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "nifti.nib.save = save\n"
         "from vertrefine.cli import app\n"
-        f"app(['refine', {str(cases)!r}, '-o', {str(out)!r}, '--model', 'vae', '--group-size', '1'])\n"
+        f"app(['refine', {str(cases)!r}, '-o', {str(out)!r}, '--model', 'vae', '--fine-inputs', 'refine',"
+        " '--group-size', '1'])\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 143, result.stderr
     assert "terminated (SIGTERM)" in result.stderr and "--skip-existing" in result.stderr
     assert "Traceback" not in result.stderr
     assert _files(out) == ["a.json", "a.nii.gz"]  # b: no .part file and no stale sidecar
-    again = invoke("refine", cases, "-o", out, "--model", "vae", "--skip-existing")
+    again = invoke("refine", cases, "-o", out, "--model", "vae", "--fine-inputs", "refine", "--skip-existing")
     assert again.exit_code == 0 and "1 done, 1 skipped, 0 failed" in again.output, again.output

@@ -1,6 +1,7 @@
 """The refine pipeline with the shipped bundles: grids, labels, seeds, grouping, maps and meshes."""
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ import pytest
 from vertrefine.bundle import load_bundle
 from vertrefine.info import default_bundle_dir
 from vertrefine.refine import (
-    RefineOptions,
+    RefineOptions as Options,
+)
+from vertrefine.refine import (
     RowNoise,
     finish_case,
     prepare_case,
@@ -22,6 +25,8 @@ from vertrefine.spatial import crop, find_instances, resample_labels
 from vertrefine.synth import synth_spine
 from vertrefine.volume import Geometry, Volume
 
+# The synthetic spines are 1 mm: refine them (by default refine writes inputs finer than 1.5 mm unchanged).
+RefineOptions = partial(Options, fine_inputs="refine")
 FAST = SamplerSettings(t_refine=3, langevin_steps=10)
 
 
@@ -418,3 +423,16 @@ def test_a_fine_input_is_refined_on_its_own_grid_and_left_as_it_is_outside_the_v
     assert np.isin(result.labels.array, [21, 22])[array == 0].any()  # refined, not copied
     on_working = resample_labels(volume, result.working, method="nearest").array
     np.testing.assert_array_equal(np.isin(result.working_before, [21, 22]), np.isin(on_working, [21, 22]))
+
+
+def test_a_fine_input_is_written_unchanged_by_default_with_one_warning(two_vertebrae, vae):
+    # 1 mm is already CT-like: the model could only approximate it (its reconstruction is about 0.92 DSC)
+    result = refine_volume(two_vertebrae, vae, Options(None))
+    np.testing.assert_array_equal(result.labels.array, two_vertebrae.array)
+    assert result.vertebrae == [] and [r["decision"] for r in result.vertebra_rows()] == ["passed through"] * 2
+    (warning,) = result.warnings  # one line for the case, naming both vertebrae and the way to refine anyway
+    assert warning.startswith("L2, L3: input already finer than 1.5 mm") and "--fine-inputs refine" in warning
+    assert result.summary.startswith("2 passed through")
+    array = two_vertebrae.array[::2].copy()  # 2 mm along k: coarse, refined
+    thick = Volume(array, replace(two_vertebrae.geometry, shape=array.shape, spacing=(1.0, 1.0, 2.0)))
+    assert [v.decision for v in refine_volume(thick, vae, Options(None)).vertebrae] == ["refined", "refined"]

@@ -180,6 +180,11 @@ class Disagree(str, Enum):
     write = "write"
 
 
+class FineInputs(str, Enum):
+    keep = "keep"
+    refine = "refine"
+
+
 class ModelKind(str, Enum):
     vae = "vae"
     lebm = "lebm"
@@ -303,13 +308,20 @@ def refine(
         Disagree,
         typer.Option(help="For a flagged vertebra, write the input's voxels (keep-input) or the result (write)."),
     ] = Disagree.keep_input,
+    fine_inputs: Annotated[
+        FineInputs,
+        typer.Option(
+            help="An input no coarser than 1.5 mm along any axis (already CT-like): keep writes it unchanged with "
+            "a warning (the model would only approximate a good fine segmentation), refine refines it anyway."
+        ),
+    ] = FineInputs.keep,
     spacing: Annotated[
         str,
         typer.Option(
             metavar="MM|input|auto",
             help="Output grid: auto = 1 mm isotropic when any input spacing is coarser than 1.5 mm (same "
-            "orientation and extent), else the input's grid; 'input' keeps the input's grid; a number sets "
-            "the isotropic spacing in mm. A DICOM SEG on a finer grid gets its own plane positions and still "
+            "orientation and extent), else the input's grid; 'input' keeps the input's grid; a number (0.25 to 5) "
+            "sets the isotropic spacing in mm. A DICOM SEG on a finer grid gets its own plane positions and still "
             "references its source series.",
         ),
     ] = "auto",
@@ -400,6 +412,7 @@ def refine(
         min_agreement=min_agreement,
         min_fov_fraction=min_fov_fraction,
         on_disagree=on_disagree.value,
+        fine_inputs=fine_inputs.value,
     )
     sessions, note = open_sessions(bundle, device.value, threads)
     if note:

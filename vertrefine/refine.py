@@ -37,6 +37,7 @@ from .plausibility import extent_mm, input_problem, result_problem, touches, vol
 from .runtime import BundleSessions
 from .sampler import SamplerSettings, refine_latents
 from .spatial import (
+    COARSE_SPACING_MM,
     Instance,
     PatchBox,
     crop,
@@ -55,9 +56,13 @@ from .spatial import (
 )
 from .volume import Geometry, Volume
 
-GUIDED_SPACING_MM = 1.5
-"""Inputs whose coarsest spacing is at most this are not guided: each of their voxels is a slab of about
-the working grid's size, so guidance would only copy the input back."""
+FINE_INPUTS = ("keep", "refine")
+"""What refine does with an input no coarser than COARSE_SPACING_MM (RefineOptions.fine_inputs)."""
+FINE_INPUT_REASON = (
+    "input already finer than {limit:g} mm (coarsest spacing {spacing:g} mm): refining could only bring it towards "
+    "the model's reconstruction (DSC about 0.92 against a correct vertebra; docs/BENCHMARKS.md); "
+    "--fine-inputs refine refines it anyway"
+)
 
 MIN_AGREEMENT = 0.6
 """Default --min-agreement (DSC on the input grid). What the true shape scores against simulated thick-slice
@@ -107,6 +112,10 @@ class RefineOptions:
     written as the input shows it (the rest would be the model's guess beyond the image)."""
     on_disagree: str = "keep-input"
     """'keep-input': a disagreeing vertebra is written as the input shows it; 'write': as refined (flagged)."""
+    fine_inputs: str = "keep"
+    """An input no coarser than :data:`vertrefine.spatial.COARSE_SPACING_MM` along any axis (already CT-like):
+    'keep' writes its vertebrae unchanged with a warning (the model cannot improve a good fine segmentation,
+    only approximate it), 'refine' refines them (unguided: every input voxel is a slab of about 1 mm)."""
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -119,6 +128,8 @@ class RefineOptions:
             raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
         if self.label_scheme not in SCHEME_CHOICES:
             raise ValueError(f"label_scheme must be one of {', '.join(SCHEME_CHOICES)}, got {self.label_scheme!r}")
+        if self.fine_inputs not in FINE_INPUTS:
+            raise ValueError(f"fine_inputs must be one of {', '.join(FINE_INPUTS)}, got {self.fine_inputs!r}")
         if self.on_disagree not in ON_DISAGREE:
             raise ValueError(f"on_disagree must be one of {', '.join(ON_DISAGREE)}, got {self.on_disagree!r}")
         if isinstance(self.spacing, str) and self.spacing not in ("auto", "input"):
@@ -215,10 +226,29 @@ class RefinedCase:
 
     @property
     def warnings(self) -> list[str]:
-        """One line per vertebra that was passed through, kept as input or flagged."""
-        lines = [f"{self.name_of(inst)}: {reason}; passed through unchanged" for inst, reason in self.passed_through]
+        """One line per reason a vertebra was passed through (naming every vertebra it holds for), then one per
+        vertebra kept as input or flagged."""
+        reasons: dict[str, list[str]] = {}
+        for inst, reason in self.passed_through:
+            reasons.setdefault(reason, []).append(self.name_of(inst))
+        lines = [f"{', '.join(names)}: {reason}; passed through unchanged" for reason, names in reasons.items()]
         lines += [f"{v.name}: {v.reason}; {v.decision}" for v in self.vertebrae if v.reason]
         return lines
+
+    @property
+    def summary(self) -> str:
+        """'3 refined, 1 kept as input, 1 passed through; agreement with the input (DSC/HD95 mm): L1 0.93/1.8, ...'."""
+        decisions = [v.decision.split(",")[0] for v in self.vertebrae] + ["passed through"] * len(self.passed_through)
+        counts = {d: decisions.count(d) for d in dict.fromkeys(decisions)}
+        text = ", ".join(f"{n} {d}" for d, n in counts.items()) or "no vertebra"
+        measured = [v for v in self.vertebrae if v.agreement_dsc is not None]
+        if measured:
+            pairs = ", ".join(
+                f"{v.name} {v.agreement_dsc:.2f}/{'-' if v.agreement_hd95_mm is None else f'{v.agreement_hd95_mm:.1f}'}"
+                for v in measured
+            )
+            text += f"; agreement with the input (DSC/HD95 mm): {pairs}"
+        return text
 
     def name_of(self, instance: Instance) -> str:
         """'L3', or 'vertebra_2' for a component of a binary mask."""
@@ -319,6 +349,11 @@ def prepare_case(
             volume.source.path, problem, "pass --label-scheme with the file's numbering, or correct its orientation"
         )
     chosen, passed_through = _plausible(chosen, instance_array, working_grid, scheme)
+    coarsest = max(volume.geometry.spacing)
+    if options.fine_inputs == "keep" and coarsest <= COARSE_SPACING_MM:
+        reason = FINE_INPUT_REASON.format(limit=COARSE_SPACING_MM, spacing=coarsest)
+        passed_through += [(inst, reason) for inst in chosen]
+        chosen = []
     seconds["resample"] = time.perf_counter() - start
     start = time.perf_counter()
     status(f"encode {len(chosen)} vertebrae")
@@ -401,7 +436,7 @@ def _plausible(
 def _guided(options: RefineOptions, volume: Volume) -> bool:
     """Whether the chain follows the input's slabs: guidance asked for, and an input coarser than the grid."""
     sampler = options.sampler
-    return bool(sampler and sampler.guidance > 0 and max(volume.geometry.spacing) > GUIDED_SPACING_MM)
+    return bool(sampler and sampler.guidance > 0 and max(volume.geometry.spacing) > COARSE_SPACING_MM)
 
 
 class RowNoise:
@@ -539,7 +574,7 @@ def finish_case(
         if v.agreement_dsc < options.min_agreement:
             v.decision = "kept input" if options.on_disagree == "keep-input" else "refined, flagged"
             v.reason = (
-                f"refinement disagrees with the input (DSC {v.agreement_dsc:.2f} < {options.min_agreement:g}): check it"
+                f"refinement disagrees with the input (DSC {v.agreement_dsc:.3f} < {options.min_agreement:g}): check it"
             )
     for v, observation in zip(vertebrae, observations, strict=True):
         if not v.reason and len(v.pieces_ml) > 1 and v.pieces_ml[1] >= PIECE_FRACTION * sum(v.pieces_ml):

@@ -288,12 +288,11 @@ class RefineJob:
                 with contextlib.suppress(OSError):
                     path.rmdir() if path.is_dir() else path.unlink()
             raise
-        n = len(refined.vertebrae)
-        message = f"{n} vertebra{'e' if n != 1 else ''} refined, seed {self.case_seed(case)}"
+        message = f"{refined.summary}; seed {self.case_seed(case)}"
         if not refined.labels.geometry.same_grid(case.prepared.volume.geometry, tol=1e-6):
             spacing = "x".join(f"{v:g}" for v in refined.labels.geometry.spacing)
             coarse = "x".join(f"{v:g}" for v in case.prepared.volume.geometry.spacing)
-            message += f", written on a {spacing} mm grid (input {coarse} mm; --spacing input keeps it)"
+            message += f"; written on a {spacing} mm grid (input {coarse} mm; --spacing input keeps it)"
         return "\n".join([message, *warnings])
 
     def _write_extras(self, name: str, case: _Case, refined: RefinedCase, written: list[Path]) -> dict[str, Any]:
