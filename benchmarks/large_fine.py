@@ -83,9 +83,8 @@ def main() -> None:
         sidecar = json.loads((Path(folder) / "refined.json").read_text())
     print("stages of the last run (s):", json.dumps(sidecar["seconds"]))
     print(f"vertebrae: {len(sidecar['vertebrae'])}, load average: {os.getloadavg()}")
-    print(
-        f"command: vertrefine refine {source.name} -o refined.nii.gz --fine-inputs refine {' '.join(args.extra)}".rstrip()
-    )
+    shown = f"vertrefine refine {source.name} -o refined.nii.gz --fine-inputs refine {' '.join(args.extra)}"
+    print(f"command: {shown.rstrip()}")
     print(f"large_fine: median {statistics.median(times):.2f} s, peak {max(peaks):.0f} MiB ({args.runs} runs)")
 
 
