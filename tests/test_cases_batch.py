@@ -82,3 +82,50 @@ def test_plan_missing_input_and_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no NIfTI or DICOM"):
         plan_cases(tmp_path / "empty", tmp_path / "o")
+
+
+def test_shards_split_cases_by_name_stably_and_cover_each_once():
+    from vertrefine.cases import Shard
+
+    names = [f"case_{i:03d}" for i in range(200)]
+    parts = [[n for n in names if Shard(k, 4).holds(n)] for k in range(1, 5)]
+    assert sorted(sum(parts, [])) == names  # every case in exactly one part
+    assert all(30 <= len(p) <= 70 for p in parts)  # about a quarter each
+    fewer = [n for n in names if n != "case_007"]  # removing a case moves no other
+    assert [[n for n in fewer if Shard(k, 4).holds(n)] for k in range(1, 5)] == [
+        [n for n in p if n != "case_007"] for p in parts
+    ]
+    assert Shard.parse("3/8") == Shard(3, 8) and str(Shard(3, 8)) == "3/8"
+    for bad in ("0/4", "5/4", "3", "a/b", "1/0", "-1/4"):
+        with pytest.raises(ValueError):
+            Shard.parse(bad)
+
+
+def test_n_shards_together_write_exactly_the_unsharded_outputs(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from cli_helpers import invoke
+
+    from vertrefine.io import write_label_map
+    from vertrefine.synth import synth_spine
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for seed in range(4):
+        write_label_map(synth_spine(300 + seed, levels=("L3",)), cases / f"spine_{seed}.nii.gz")
+    options = ("--model", "vae", "--fine-inputs", "refine")
+    whole = invoke("refine", cases, "-o", tmp_path / "whole", *options)
+    assert whole.exit_code == 0, whole.output
+    counts = []
+    for k in (1, 2, 3):  # a scheduler's three workers, one output folder
+        part = invoke("refine", cases, "-o", tmp_path / "sharded", *options, "--shard", f"{k}/3")
+        assert part.exit_code == 0, part.output
+        counts.append(int(part.output.split(f"shard {k}/3: ")[1].split(" of ")[0]))
+    assert sum(counts) == 4
+    maps = sorted(p.name for p in (tmp_path / "whole").glob("*.nii.gz"))
+    assert maps == sorted(p.name for p in (tmp_path / "sharded").glob("*.nii.gz")) and len(maps) == 4
+    for name in maps:
+        a, b = (np.asarray(nib.load(tmp_path / d / name).dataobj) for d in ("whole", "sharded"))
+        np.testing.assert_array_equal(a, b)
+    bad = invoke("refine", cases, "-o", tmp_path / "x", *options, "--shard", "4/3")
+    assert bad.exit_code == 2 and "--shard" in bad.output

@@ -33,6 +33,40 @@ def case_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Part ``index`` (1..``count``) of a run split over ``count`` workers (``--shard K/N``).
+
+    A case belongs to the part given by a stable hash of its name (SHA-256), not by its position in the
+    folder: every worker, wherever and whenever it lists the folder, takes the same cases, the parts
+    together hold every case once, and adding a file moves no other case to another part. Parts hold about
+    ``1/count`` of the cases each (a hash, so not exactly).
+    """
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.index <= self.count:
+            raise ValueError(f"a shard K/N needs 1 <= K <= N, got {self.index}/{self.count}")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``'3/8'`` -> part 3 of 8. Raises ValueError for anything else."""
+        parts = text.strip().split("/")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"a shard is K/N (part K of N, from 1), e.g. 3/8; got {text!r}")
+        return cls(int(parts[0]), int(parts[1]))
+
+    def holds(self, name: str) -> bool:
+        """Whether case ``name`` belongs to this part."""
+        digest = hashlib.sha256(f"vertrefine-shard:{name}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index - 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 

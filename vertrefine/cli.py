@@ -231,6 +231,24 @@ ASSUME_ORIENTATION_HELP = (
 )
 
 
+SHARD_HELP = (
+    "Run only part K of N (from 1) of a folder, e.g. 3/8: cases are split by a stable hash of their name, "
+    "so N workers (a SLURM array, xargs -P) with the same options cover the folder once."
+)
+
+
+def _shard(text: str | None) -> Any:
+    """--shard K/N as a :class:`vertrefine.cases.Shard` (None when not given)."""
+    from .cases import Shard
+
+    if text is None:
+        return None
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--shard") from None
+
+
 def _orientation(text: str | None) -> str | None:
     """--assume-orientation: a valid three-letter code (upper-case) or None."""
     from .nifti import parse_orientation
@@ -347,6 +365,7 @@ def refine(
         str | None, typer.Option(help="Which series to read when a DICOM folder holds several.")
     ] = None,
     skip_existing: Annotated[bool, typer.Option(help="In folder mode, skip cases whose output exists.")] = False,
+    shard: Annotated[str | None, typer.Option(metavar="K/N", help=SHARD_HELP)] = None,
     source_series: Annotated[
         Path | None,
         typer.Option(
@@ -368,6 +387,7 @@ def refine(
 
     label_set = _label_set(labels)
     orientation = _orientation(assume_orientation)
+    part = _shard(shard)
     bundle = load_bundle(weights or default_bundle_dir((model or ModelKind.lsd_ebm).value))
     if model is not None and model.value != bundle.kind:
         raise fail(f"{bundle.dir}: holds a {bundle.kind} bundle, not {model.value}; pass --model {bundle.kind}")
@@ -396,6 +416,10 @@ def refine(
         if sampler.t_refine > bundle.diffusion_schedule().timesteps:
             raise fail(f"--t-refine {sampler.t_refine} exceeds the bundle's {bundle.schedule['timesteps']} steps")
     plan = plan_cases(input_path, output)  # every output is checked before any case runs
+    if part is not None:
+        total = len(plan)
+        plan = [(case, destination) for case, destination in plan if part.holds(case.name)]
+        err.print(f"[dim]note:[/] shard {part}: {len(plan)} of {total} cases", highlight=False)
     extras = ExtraOutputs(probability=save_prob, uncertainty=uncertainty, mesh=mesh, qc=qc, batch=is_batch(input_path))
     extras.check()
     check_refine_outputs(plan, source_series, assume_orientation=orientation)
@@ -566,6 +590,7 @@ def score(
     label_scheme: Annotated[
         LabelSchemeName, typer.Option("--label-scheme", help=LABEL_SCHEME_HELP)
     ] = LabelSchemeName.auto,  # type: ignore[attr-defined]
+    shard: Annotated[str | None, typer.Option(metavar="K/N", help=SHARD_HELP)] = None,
 ) -> None:
     """DSC, VS, SEN, SPEC, NMI, Cohen's kappa (paper appendix D), HD95 and ASSD per vertebra.
 
@@ -584,6 +609,11 @@ def score(
     if not pairs:
         raise fail(f"no pairs of files with the same name in {pred} and {gt}")
     pairs = sorted([*pairs, *((case_name(path), None, path) for path in only_gt)], key=lambda p: p[0])
+    part = _shard(shard)
+    if part is not None:
+        total = len(pairs)
+        pairs = [pair for pair in pairs if part.holds(pair[0])]
+        err.print(f"[dim]note:[/] shard {part}: {len(pairs)} of {total} cases", highlight=False)
 
     with progress_bar() as progress:
         task = progress.add_task("score", total=len(pairs))
