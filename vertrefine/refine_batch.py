@@ -151,7 +151,10 @@ class RefineJob:
         self._write_sidecar(case, refined)
         write_label_map(refined.labels, case.destination, like=case.prepared.volume)
         n = len(refined.vertebrae)
-        message = f"{n} vertebra{'e' if n != 1 else ''} refined, seed {self.seed + case.index}"
+        kept = sum(v.decision == "kept input" for v in refined.vertebrae)
+        counted = f"{n - kept} of {n}" if kept else f"{n}"  # a vertebra kept as input was not refined
+        message = f"{counted} vertebra{'e' if n != 1 else ''} refined{f', {kept} kept as input' if kept else ''}"
+        message += f", seed {self.seed + case.index}"
         if not refined.labels.geometry.same_grid(case.prepared.volume.geometry, tol=1e-6):
             spacing = "x".join(f"{v:g}" for v in refined.labels.geometry.spacing)
             coarse = "x".join(f"{v:g}" for v in case.prepared.volume.geometry.spacing)
@@ -181,7 +184,7 @@ class RefineJob:
             write_qc_png(refined.working_before, refined.working_after, qc_path, title=name, vertebrae=shown)
         mesh_dir = self.extras.path("mesh", name)
         if mesh_dir is not None:
-            from .mesh import vertebra_mesh, write_stl
+            from .mesh import stl_name, vertebra_mesh, write_stl
 
             for vertebra in refined.vertebrae:
                 inside, part = vertebra.box.slices(refined.working_after.shape)
@@ -190,7 +193,7 @@ class RefineJob:
                 owned[part] = (ids == 0) | (ids == vertebra.instance.instance_id)
                 mesh = vertebra_mesh(vertebra.probability, owned, vertebra.box, refined.working, self.options.threshold)
                 if mesh is not None:
-                    write_stl(mesh, mesh_dir / f"{vertebra.name}.stl")
+                    write_stl(mesh, mesh_dir / stl_name(vertebra.name))
 
     def _write_sidecar(self, case: _Case, refined: RefinedCase) -> None:
         sampler = self.options.sampler
