@@ -29,6 +29,29 @@ from vertrefine.runtime import open_sessions
 from vertrefine.sampler import SamplerSettings
 from vertrefine.score import score_case, summarize
 from vertrefine.spatial import resample_labels
+from vertrefine.volume import Volume
+
+
+def thick_inputs(
+    data: Path, cases: Sequence[str], slice_mm: float, axes: Sequence[str]
+) -> list[tuple[str, Volume, Volume, int]]:
+    """(name, ground truth at 1 mm, thick-slice input on its native grid, seed) per case and slice axis."""
+    inputs = []
+    for case, path in find_case_paths(data, cases).items():
+        gt = load_ground_truth(path)
+        for axis in axes:
+            seed = case_seed(case, slice_mm, axis)
+            native = degrade(gt, slice_mm=slice_mm, axis=axis, seed=seed, native=True)
+            inputs.append((f"{case} {condition_key(slice_mm, axis)}", gt, native, seed))
+    return inputs
+
+
+def input_rows(inputs: Sequence[tuple[str, Volume, Volume, int]]) -> list[dict[str, Any]]:
+    """The per-vertebra scores of the thick-slice inputs themselves (on the truth's grid)."""
+    rows: list[dict[str, Any]] = []
+    for name, gt, native, _ in inputs:
+        rows += score_case(name, resample_labels(native, gt.geometry, method="nearest"), gt)
+    return rows
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -45,16 +68,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bundle.sampler, t_refine=t_refine, langevin_steps=steps, guidance=guidance, guidance_steps=guided
         )
         settings[name] = RefineOptions(sampler)
-    inputs = []
-    for case, path in find_case_paths(args.data, args.cases).items():
-        gt = load_ground_truth(path)
-        for axis in args.axis:
-            seed = case_seed(case, args.slice_mm, axis)
-            native = degrade(gt, slice_mm=args.slice_mm, axis=axis, seed=seed, native=True)
-            inputs.append((f"{case} {condition_key(args.slice_mm, axis)}", gt, native, seed))
-    rows: dict[str, list[dict[str, Any]]] = {"input": []}
-    for name, gt, native, _ in inputs:
-        rows["input"] += score_case(name, resample_labels(native, gt.geometry, method="nearest"), gt)
+    inputs = thick_inputs(args.data, args.cases, args.slice_mm, args.axis)
+    rows: dict[str, list[dict[str, Any]]] = {"input": input_rows(inputs)}
     vertebrae = len(rows["input"])
     summary: dict[str, Any] = {}
     for setting, options in settings.items():

@@ -402,3 +402,63 @@ def test_precise_group_norm_equals_torch_group_norm():
         assert torch.allclose(export_mod.PreciseGroupNorm(norm)(x), norm(x), atol=1e-5)
     model = export_mod.use_precise_group_norm(make_model("vae"))
     assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+
+
+def test_default_export_is_torchscript_without_a_fallback_note_and_records_derived_ranges(tmp_path):
+    """TorchScript is the chosen exporter (docs in vertrefine.train.export), not a fallback: nothing to explain
+    in the manifest. An lsd-ebm bundle carries the sampler ranges refine accepts, holding its defaults."""
+    model = make_model("lsd-ebm", seed=5)
+    folder = export_bundle(model, tmp_path / "b", schedule=SCHEDULE, sampler_defaults=SAMPLER, recipe={}, metrics={})
+    manifest = verify_bundle(folder)
+    assert all(e["exporter"] == "torchscript" and "exporter_note" not in e for e in manifest["files"].values())
+    validated = manifest["validated"]
+    assert validated["basis"].startswith("derived") and validated["ranges"] == bundle_mod.derived_ranges(SCHEDULE)
+    assert load_bundle(folder).sampler_ranges["step_size"] == [0.0, round(2 * SCHEDULE.sigmas[1] ** 2, 4)]
+    with pytest.raises(ValueError, match="step_size 0.05 is outside its range 0..0.0121"):
+        export_bundle(
+            model,
+            tmp_path / "c",
+            schedule=SCHEDULE,
+            sampler_defaults={**SAMPLER, "step_size": 0.05},
+            recipe={},
+            metrics={},
+        )
+    assert not (tmp_path / "c").exists()
+    vae = export_bundle(
+        make_model("vae"), tmp_path / "v", schedule=SCHEDULE, sampler_defaults={}, recipe={}, metrics={}
+    )
+    assert "validated" not in verify_bundle(vae)  # no sampler, no ranges
+
+
+def test_export_creates_missing_parent_folders_and_refuses_a_file_in_the_way(tmp_path):
+    write_checkpoint(tmp_path / "run", make_model("vae", seed=6))
+    folder = export_run(tmp_path / "run", tmp_path / "new" / "deeper" / "bundle")
+    assert verify_bundle(folder)["kind"] == "vae"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        export_run(tmp_path / "run", tmp_path / "file" / "bundle")
+
+
+def test_export_overrides_outside_the_schedules_ranges_are_refused_in_one_line(tmp_path):
+    write_checkpoint(tmp_path / "run", make_model("lsd-ebm", seed=7))
+    for overrides, text in (
+        ({"t_refine": 20}, "t_refine 20 (--t-refine)"),
+        ({"guidance_steps": 50}, "--guidance-steps"),
+    ):
+        with pytest.raises(InputError) as exc:
+            export_run(tmp_path / "run", tmp_path / "b", sampler_overrides=overrides)
+        assert_one_line(exc, text, "outside")
+    assert not (tmp_path / "b").exists()
+
+
+def test_exporting_an_lebm_run_says_refine_cannot_run_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from vertrefine.cli import app
+
+    write_checkpoint(tmp_path / "run", make_model("lebm", seed=8))
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.output and "refine` cannot run it" in result.output and "--as vae" in result.output
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "v"), "--as", "vae"])
+    assert result.exit_code == 0 and "warning" not in result.output

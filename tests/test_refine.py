@@ -436,3 +436,28 @@ def test_a_fine_input_is_written_unchanged_by_default_with_one_warning(two_verte
     array = two_vertebrae.array[::2].copy()  # 2 mm along k: coarse, refined
     thick = Volume(array, replace(two_vertebrae.geometry, shape=array.shape, spacing=(1.0, 1.0, 2.0)))
     assert [v.decision for v in refine_volume(thick, vae, Options(None)).vertebrae] == ["refined", "refined"]
+
+
+def test_a_diverging_chain_keeps_the_input_and_says_the_sampler_diverged(two_vertebrae, lsd):
+    """A step size far beyond what the schedule allows (the API does not bound it; the CLI does) makes every
+    chain diverge: no vertebra may vanish or grow, each keeps the input's voxels and the reason says why."""
+    options = RefineOptions(SamplerSettings(t_refine=3, langevin_steps=10, step_size=0.5), samples=2, keep_maps=True)
+    result = refine_volume(two_vertebrae, lsd, options, seed=0)
+    assert [v.decision for v in result.vertebrae] == ["kept input", "kept input"]
+    assert all(v.reason.startswith("sampler diverged (2 of 2 chains") for v in result.vertebrae)
+    np.testing.assert_array_equal(result.labels.array, two_vertebrae.array)  # voxel for voxel
+    assert np.isfinite(result.probability.array).all() and np.isfinite(result.uncertainty.array).all()
+    assert all(line.endswith("; kept input") and "sampler diverged" in line for line in result.warnings)
+    assert [r["decision"] for r in result.vertebra_rows()] == ["kept input", "kept input"]
+
+
+def test_an_empty_decode_keeps_the_input(two_vertebrae, vae):
+    class Empty(WrongShape):
+        def decode_chunks(self, z):
+            for start, probability in self._sessions.decode_chunks(z):
+                yield start, np.zeros_like(probability)
+
+    result = refine_volume(two_vertebrae, Empty(vae, wrong_row=0), RefineOptions(None))
+    assert [v.decision for v in result.vertebrae] == ["kept input", "kept input"]
+    assert all("empty result" in v.reason for v in result.vertebrae)
+    np.testing.assert_array_equal(result.labels.array, two_vertebrae.array)

@@ -78,3 +78,56 @@ def test_zero_steps_of_diffusion_return_the_latent_and_bad_settings_are_refused(
         SamplerSettings(init="random")
     with pytest.raises(ValueError):
         refine_latents(gaussian_energy, z0, SCHEDULE, SamplerSettings(t_refine=21), np.random.default_rng(0))
+
+
+def test_a_step_size_beyond_the_schedules_stability_diverges_and_the_rows_are_returned_as_nan():
+    """Each Langevin step of reverse step t scales the distance to its mode by 1 - h (1/sigma_{t+1}^2 + k) / 2
+    (k: the energy's curvature): above 4 / (1/sigma_1^2 + k) the last reverse step diverges."""
+    import warnings
+
+    from vertrefine.sampler import diverged
+
+    z0 = np.random.default_rng(3).standard_normal((4, 3)).astype(np.float32)
+    bound = 4 / (1 / SCHEDULE.sigmas[1] ** 2 + 1 / WIDTH**2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a diverging chain overflows silently: no numpy warning reaches users
+        stable = refine_latents(
+            gaussian_energy, z0, SCHEDULE, SamplerSettings(t_refine=6, step_size=0.9 * bound), np.random.default_rng(0)
+        )
+        # just past the bound the chain grows 1.4x a step (300 steps diverge, 10 do not yet: hence the measured
+        # ranges of a bundle); 0.5 and 1.0 diverge at once, and with 300 steps overflow float32
+        for step_size, steps in ((1.2 * bound, 300), (0.5, 10), (0.5, 300), (1.0, 10), (1.0, 300)):
+            settings = SamplerSettings(t_refine=6, langevin_steps=steps, step_size=step_size)
+            z = refine_latents(gaussian_energy, z0, SCHEDULE, settings, np.random.default_rng(0))
+            assert np.isnan(z).all() and diverged(z).all(), (step_size, steps)
+    assert np.isfinite(stable).all() and not diverged(stable).any()
+
+
+def test_one_diverging_row_leaves_the_other_rows_as_they_would_be():
+    def stiff_first_row(z, t):
+        energy, grad = gaussian_energy(z, t)
+        grad = grad.copy()
+        grad[0] *= 1e4  # row 0's energy is far too steep for the step size: only its chain diverges
+        return energy, grad
+
+    z0 = np.random.default_rng(4).standard_normal((3, 3)).astype(np.float32)
+    settings = SamplerSettings(t_refine=4, noise_scale=0.0)
+    z = refine_latents(stiff_first_row, z0, SCHEDULE, settings, np.random.default_rng(1))
+    plain = refine_latents(gaussian_energy, z0, SCHEDULE, settings, np.random.default_rng(1))
+    assert np.isnan(z[0]).all()
+    np.testing.assert_array_equal(z[1:], plain[1:])
+
+
+def test_diverged_flags_non_finite_and_exploding_latents():
+    from vertrefine.sampler import LATENT_RMS_LIMIT, diverged
+
+    z = np.zeros((5, 2, 4, 4, 4), np.float32)
+    z[1, 0, 0, 0, 0] = np.nan
+    z[2, 1, 1, 1, 1] = np.inf
+    z[3] = 1.01 * LATENT_RMS_LIMIT  # every value a little outside the prior's reach
+    z[4] = 3.0  # large, but inside
+    assert diverged(z).tolist() == [False, True, True, True, False]
+    assert diverged(np.full((2, 3), 3e38, np.float32)).all()  # squares overflow float32: still diverged
+    start = np.zeros_like(z)
+    start[3] = 2.0  # a chain that started far out may end far out: relative to its start
+    assert diverged(z, start).tolist() == [False, True, True, False, False]

@@ -44,3 +44,17 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def make_folder(folder: str | Path, what: str = "the output") -> Path:
+    """Create ``folder`` and its parents if missing (an existing folder is fine); a path that is a file, or
+    a folder that cannot be created, is refused in one line naming ``what`` goes there."""
+    folder = Path(folder)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"{folder}: {blocking} is a file, not a folder; choose a folder for {what}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the folder for {what} ({exc.strerror or exc})") from None
+    return folder

@@ -22,6 +22,9 @@ MANIFEST_VERSION = 1
 KINDS = ("vae", "lebm", "lsd-ebm")
 FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "energy": "energy.onnx"}
 SAMPLER_KEYS = ("t_refine", "langevin_steps", "step_size", "noise_scale", "init")
+RANGED_OPTIONS = ("t_refine", "langevin_steps", "step_size", "guidance", "guidance_steps")
+"""Sampler settings a manifest's ``validated.ranges`` may bound (refine's --t-refine, --langevin-steps,
+--step-size, --guidance; export's defaults, also --guidance-steps)."""
 PATCH_SIZE = 128
 SPACING_MM = 1.0
 ORIENTATION = "LPS, identity direction; array [z,y,x]"
@@ -65,6 +68,36 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while block := handle.read(chunk_size):
             digest.update(block)
     return digest.hexdigest()
+
+
+def derived_ranges(schedule: DiffusionSchedule) -> dict[str, list[float]]:
+    """Sampler ranges that follow from the diffusion schedule alone (for bundles nobody has measured).
+
+    - step_size <= 2 sigma_1^2: each Langevin step of the last reverse step multiplies the distance to its
+      mode by 1 - step_size / (2 sigma_1^2); above 4 sigma_1^2 the chain diverges, and up to 2 sigma_1^2 it
+      never even oscillates (the energy's own curvature is left a margin).
+    - t_refine <= T - 1: the schedule's last step jumps to almost pure noise (a_s[T] is about 0.15), so a
+      chain started there has forgotten the input.
+    - guidance in [0, 1] (a fraction of the correction) and guidance_steps <= T (more guide every step).
+    Langevin steps are not bounded: with a stable step size, more steps only converge further.
+    """
+    sigma2 = float(schedule.sigmas[1]) ** 2
+    return {
+        "t_refine": [0, schedule.timesteps - 1],
+        "step_size": [0.0, float(f"{2 * sigma2:.3g}")],
+        "guidance": [0.0, 1.0],
+        "guidance_steps": [0, schedule.timesteps],
+    }
+
+
+def out_of_range(ranges: dict[str, list[float]], values: dict[str, Any]) -> tuple[str, Any, list[float]] | None:
+    """The first of ``values`` (sampler setting -> value; None: not given) outside its inclusive range in
+    ``ranges``, as (setting, value, [low, high]); None when every value is in range."""
+    for key, value in values.items():
+        bounds = ranges.get(key)
+        if value is not None and bounds is not None and not bounds[0] <= value <= bounds[1]:
+            return key, value, list(bounds)
+    return None
 
 
 def _positive_int(value: Any) -> bool:
@@ -117,6 +150,7 @@ def _check_fields(path: Path, manifest: dict) -> None:
     missing = [k for k in SAMPLER_KEYS if k not in sampler]
     if kind != "vae" and missing:
         raise bad(f"sampler_defaults lacks {', '.join(missing)}")
+    _check_validated(manifest, bad)
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise bad("files must be an object")
@@ -132,6 +166,28 @@ def _check_fields(path: Path, manifest: dict) -> None:
             raise bad(f"files.{name}.sha256 must be a 64-character hex digest")
         if not isinstance(entry.get("bytes"), int):
             raise bad(f"files.{name}.bytes must be an integer")
+
+
+def _check_validated(manifest: dict, bad) -> None:
+    """The optional ``validated`` section: {"ranges": {setting: [low, high]}, "basis": text}, holding the
+    bundle's own sampler defaults."""
+    if "validated" not in manifest:
+        return
+    validated = manifest["validated"]
+    ranges = validated.get("ranges") if isinstance(validated, dict) else None
+    if not isinstance(ranges, dict) or not isinstance(validated.get("basis"), str):
+        raise bad("validated must be an object with ranges (setting -> [low, high]) and basis (text)")
+    for key, bounds in ranges.items():
+        if key not in RANGED_OPTIONS:
+            raise bad(f"validated.ranges.{key} is not a sampler setting ({', '.join(RANGED_OPTIONS)})")
+        numbers = isinstance(bounds, list) and len(bounds) == 2
+        numbers = numbers and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+        if not numbers or not math.isfinite(bounds[0]) or not math.isfinite(bounds[1]) or bounds[0] > bounds[1]:
+            raise bad(f"validated.ranges.{key} must be [low, high] with low <= high, got {bounds!r}")
+    outside = out_of_range(ranges, {k: v for k, v in manifest["sampler_defaults"].items() if k in RANGED_OPTIONS})
+    if outside is not None:
+        key, value, (low, high) = outside
+        raise bad(f"sampler_defaults.{key} {value} lies outside its validated range {low:g}..{high:g}")
 
 
 def read_manifest(bundle_dir: str | Path) -> dict:
@@ -209,6 +265,19 @@ class Bundle:
 
     def diffusion_schedule(self) -> DiffusionSchedule:
         return DiffusionSchedule(**self.schedule)
+
+    @property
+    def sampler_ranges(self) -> dict[str, list[float]]:
+        """Inclusive [low, high] per sampler setting that refine accepts: the manifest's ``validated.ranges``,
+        or for a bundle exported without them, :func:`derived_ranges` of its schedule."""
+        validated = self.manifest.get("validated")
+        return dict(validated["ranges"]) if validated else derived_ranges(self.diffusion_schedule())
+
+    @property
+    def ranges_basis(self) -> str:
+        """How :attr:`sampler_ranges` were found (the manifest's ``validated.basis``)."""
+        validated = self.manifest.get("validated")
+        return validated["basis"] if validated else "derived from the diffusion schedule (not measured)"
 
     @classmethod
     def from_manifest(cls, bundle_dir: str | Path, manifest: dict) -> Bundle:

@@ -158,9 +158,10 @@ def synth(
     overwrite: Annotated[bool, typer.Option(help="Rewrite files that already exist.")] = False,
 ) -> None:
     """Procedural lumbar spines (L1..L5, VerSe labels 20..24) at 1 mm, as NIfTI."""
+    from .atomic import make_folder
     from .synth import write_synth_dataset
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir, "the phantoms")  # before the progress bar: a bad folder is one line
     with progress_bar() as progress:
         task = progress.add_task("synth", total=cases)
         written = write_synth_dataset(
@@ -399,22 +400,19 @@ def refine(
     sampling = bundle.kind == "lsd-ebm"
     if samples > 1 and not sampling:
         raise fail("--samples needs the sampling lsd-ebm model; the vae decodes one mean per vertebra")
+    chosen = {"t_refine": t_refine, "langevin_steps": langevin_steps, "step_size": step_size, "guidance": guidance}
+    given = [_flag(key) for key, value in chosen.items() if value is not None]
+    if given and not sampling:
+        raise fail(f"{', '.join(given)}: sampler options need the lsd-ebm model; the vae decodes the encoder's mean")
     if uncertainty is not None and samples < 2:
         raise fail("--uncertainty needs --samples 2 or more (it is the spread of the samples)")
     sampler = None
     if sampling:
         try:
-            sampler = SamplerSettings.from_manifest(
-                bundle.sampler,
-                t_refine=t_refine,
-                langevin_steps=langevin_steps,
-                step_size=step_size,
-                guidance=guidance,
-            )
+            sampler = SamplerSettings.from_manifest(bundle.sampler, **chosen)
         except ValueError as exc:
             raise fail(f"{bundle.dir}: {exc}") from None
-        if sampler.t_refine > bundle.diffusion_schedule().timesteps:
-            raise fail(f"--t-refine {sampler.t_refine} exceeds the bundle's {bundle.schedule['timesteps']} steps")
+        _check_sampler_ranges(bundle, chosen)
     plan = plan_cases(input_path, output)  # every output is checked before any case runs
     if part is not None:
         total = len(plan)
@@ -466,6 +464,26 @@ def refine(
     raise typer.Exit(code)
 
 
+def _flag(setting: str) -> str:
+    """The option of a sampler setting: 'step_size' -> '--step-size'."""
+    return "--" + setting.replace("_", "-")
+
+
+def _check_sampler_ranges(bundle: Any, chosen: dict[str, Any]) -> None:
+    """Refuse, in one line, a sampler option outside the range the bundle was validated for (its manifest)."""
+    from .bundle import out_of_range
+
+    outside = out_of_range(bundle.sampler_ranges, chosen)
+    if outside is not None:
+        key, value, (low, high) = outside
+        how = "measured" if bundle.ranges_basis.startswith("measured") else "derived from the diffusion schedule"
+        raise fail(
+            f"{_flag(key)} {value:g} is outside {low:g}..{high:g}, the range the bundle {bundle.dir} was validated "
+            f"for ({how}; its manifest.json 'validated'); leave it out for the bundle's default "
+            f"{bundle.sampler.get(key, '-')}"
+        )
+
+
 class Axis(str, Enum):
     sagittal = "sagittal"
     axial = "axial"
@@ -482,10 +500,10 @@ class Region(str, Enum):
 def degrade(
     input_path: Annotated[Path, typer.Argument(metavar="IN", help="Label map (NIfTI/DICOM) or a folder of them.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output file, or folder when IN is a folder.")],
-    slice_mm: Annotated[float, typer.Option(min=0.5, help="Simulated slice thickness in mm.")] = 5.0,
+    slice_mm: Annotated[float, typer.Option(help="Simulated slice thickness in mm (0.5-20).")] = 5.0,
     axis: Annotated[Axis, typer.Option(help="Slice direction of the simulated acquisition.")] = Axis.sagittal,
     seed: Annotated[int, typer.Option(min=0, help=SEED_HELP)] = 0,
-    in_plane_mm: Annotated[float, typer.Option(min=0.0, help="Simulated in-plane resolution in mm.")] = 1.0,
+    in_plane_mm: Annotated[float, typer.Option(help="Simulated in-plane resolution in mm (0-10).")] = 1.0,
     native: Annotated[
         bool,
         typer.Option(
@@ -495,28 +513,26 @@ def degrade(
     ] = False,
     boundary_amplitude_mm: Annotated[
         float | None,
-        typer.Option(min=0.0, help="Std of the smooth boundary displacement, mm (default: 0.4 x slice-mm)."),
+        typer.Option(help="Std of the smooth boundary displacement, mm (0-10; default: 0.4 x slice-mm)."),
     ] = None,
     boundary_sigma_mm: Annotated[
-        float, typer.Option(min=0.1, help="Correlation length of the boundary displacement, mm.")
+        float, typer.Option(help="Correlation length of the boundary displacement, mm (0.1-100).")
     ] = 8.0,
     threshold_jitter: Annotated[
         float,
-        typer.Option(
-            min=0.0, max=0.45, help="Std of the partial-volume threshold shift (per case, plus half per vertebra)."
-        ),
+        typer.Option(help="Std of the partial-volume threshold shift (per case, plus half per vertebra; 0-0.45)."),
     ] = 0.1,
     posterior_loss_mm: Annotated[
         float | None,
         typer.Option(
-            min=0.0, help="Radius of the opening that erodes thin posterior parts, mm (default: 0.5 x slice-mm)."
+            help="Radius of the opening that erodes thin posterior parts, mm (0-20; default: 0.5 x slice-mm)."
         ),
     ] = None,
-    truncation: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Probability that each process tip is cut off.")
-    ] = 0.5,
-    islands: Annotated[float, typer.Option(min=0.0, help="Mean number (Poisson) of spurious islands per case.")] = 4.0,
-    island_radius_mm: Annotated[tuple[float, float], typer.Option(help="Smallest and largest island radius, mm.")] = (
+    truncation: Annotated[float, typer.Option(help="Probability that each process tip is cut off (0-1).")] = 0.5,
+    islands: Annotated[float, typer.Option(help="Mean number (Poisson) of spurious islands per case (0-100).")] = 4.0,
+    island_radius_mm: Annotated[
+        tuple[float, float], typer.Option(help="Smallest and largest island radius, mm (0.5-20).")
+    ] = (
         1.5,
         4.0,
     ),
@@ -530,6 +546,7 @@ def degrade(
     from .batch import plan_cases, run_batch
     from .cases import case_seed
     from .degrade import degrade as degrade_volume
+    from .degrade import option_problem
     from .io import read_label_map, write_label_map
     from .outputs import require_seg_sources
 
@@ -550,6 +567,10 @@ def degrade(
     )
     if native and output_format(output) == "dicom-seg":
         raise fail(f"{output}: --native writes NIfTI only (a DICOM SEG needs a source series on its grid)")
+    problem = option_problem(**knobs)
+    if problem is not None:
+        name, message = problem
+        raise fail(f"--{name.replace('_', '-')} {message}")
     plan = plan_cases(input_path, output)  # every output is checked before any case runs
     require_seg_sources(plan, None, None)
 
@@ -722,7 +743,7 @@ def train(
         typer.Option(
             "--data",
             help="Folder of CT segmentations (NIfTI / DICOM SEG, any spacing, or a VerSe BIDS tree with "
-            "*_seg-vert_msk.nii.gz); repeat for several folders.",
+            "*_seg-vert_msk.nii.gz), or one such file; repeat for several.",
         ),
     ] = None,
     data_repeat: Annotated[
@@ -740,7 +761,10 @@ def train(
         str | None,
         typer.Option(help="Validation individuals, comma-separated case names or subjects (default: 10% by hash)."),
     ] = None,
-    model: Annotated[ModelKind | None, typer.Option(help="Model kind (default: lsd-ebm).")] = None,
+    model: Annotated[
+        ModelKind | None,
+        typer.Option(help="Model kind (default: lsd-ebm). lebm bundles are for comparisons: refine cannot run them."),
+    ] = None,
     preset: Annotated[
         Preset | None,
         typer.Option(
@@ -867,7 +891,9 @@ class TrainingProgress:
 @friendly_errors
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A training run folder (or a .pt checkpoint).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to write (replaced if a bundle).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Bundle folder to write (replaced if a bundle; parents created).")
+    ],
     as_kind: Annotated[
         ModelKind | None,
         typer.Option("--as", help="Export an lsd-ebm/lebm run's autoencoder alone as a vae bundle."),
@@ -893,8 +919,13 @@ def export(
         "guidance_steps": guidance_steps,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    from .bundle import read_manifest
+    from .train.export import LEBM_NOTE
+
     bundle = export_run(run_dir, output, as_kind=as_kind and as_kind.value, sampler_overrides=overrides)
     out.print(f"bundle written to {bundle}", highlight=False)
+    if read_manifest(bundle)["kind"] == "lebm":
+        err.print(f"[yellow]warning:[/] {LEBM_NOTE}", highlight=False, soft_wrap=True)
 
 
 METRIC_COLUMNS = (

@@ -42,6 +42,37 @@ POSTERIOR_LOSS_PER_SLICE_MM = 0.5
 SLICE_AXES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
 """Slice orientation -> LPS axis of the slice normal (0 = x left-right, 1 = y, 2 = z)."""
 
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "slice_mm": (0.5, 20.0),
+    "in_plane_mm": (0.0, 10.0),
+    "boundary_amplitude_mm": (0.0, 10.0),
+    "boundary_sigma_mm": (0.1, 100.0),
+    "threshold_jitter": (0.0, 0.45),
+    "posterior_loss_mm": (0.0, 20.0),
+    "truncation": (0.0, 1.0),
+    "islands": (0.0, 100.0),
+    "island_radius_mm": (0.5, 20.0),
+}
+"""Inclusive range of each knob of :func:`degrade` (``island_radius_mm``: of both radii). Wide around what an
+acquisition and its segmentation can be: slices up to 20 mm (clinical MRI: 3-8 mm; a lumbar body is about
+25 mm high), boundary errors and openings far beyond a vertebra's thinnest parts, up to 100 islands."""
+
+
+def option_problem(**knobs: float | tuple[float, float] | None) -> tuple[str, str] | None:
+    """The first knob of :func:`degrade` outside :data:`OPTION_RANGES`, as (name, "must be ..., got ..."); None
+    when every knob given is valid (a knob of None takes its default). NaN is outside every range."""
+    for name, value in knobs.items():
+        if value is None or name not in OPTION_RANGES:
+            continue
+        low, high = OPTION_RANGES[name]
+        values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        if not all(low <= float(v) <= high for v in values):
+            shown = " ".join(f"{float(v):g}" for v in values)
+            return name, f"must be in {low:g}..{high:g}, got {shown}"
+        if len(values) == 2 and values[0] > values[1]:
+            return name, f"takes the smallest radius first, got {values[0]:g} > {values[1]:g}"
+    return None
+
 
 def slice_array_axis(geometry: Geometry, axis: str) -> int:
     """Array axis (0 = k, 1 = j, 2 = i) closest to the normal of ``axis`` slices on this grid."""
@@ -95,9 +126,14 @@ def degrade(
             cut off, at 60-90 % of its reach from the centre of mass.
         islands: mean number (Poisson) of spurious islands per case.
         island_radius_mm: range of the islands' radii (mm).
+
+    Raises:
+        ValueError: a knob outside :data:`OPTION_RANGES` (named in the message), or an unknown ``axis``.
     """
-    if slice_mm <= 0 or in_plane_mm < 0:
-        raise ValueError("slice_mm must be positive and in_plane_mm non-negative")
+    given = locals()
+    problem = option_problem(**{name: given[name] for name in OPTION_RANGES})  # every knob, by its own name
+    if problem is not None:
+        raise ValueError(" ".join(problem))
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     g = volume.geometry
@@ -375,4 +411,12 @@ def _add_islands(
         clearance[around] = np.minimum(clearance[around], local)
 
 
-__all__ = ["AMPLITUDE_PER_SLICE_MM", "POSTERIOR_LOSS_PER_SLICE_MM", "SLICE_AXES", "degrade", "slice_array_axis"]
+__all__ = [
+    "AMPLITUDE_PER_SLICE_MM",
+    "OPTION_RANGES",
+    "POSTERIOR_LOSS_PER_SLICE_MM",
+    "SLICE_AXES",
+    "degrade",
+    "option_problem",
+    "slice_array_axis",
+]

@@ -184,7 +184,8 @@ class DataConsistency:
         """One guidance step on ``z`` [B, *Z] (B = len(observations)) with weight ``gamma`` = ``weight``."""
         if len(z) != len(self.observations):
             raise ValueError(f"{len(z)} latents for {len(self.observations)} observations")
-        rows = [r for r, o in enumerate(self.observations) if o is not None]
+        # rows without an observation are not guided, nor are diverged chains (NaN rows, vertrefine.sampler)
+        rows = [r for r, o in enumerate(self.observations) if o is not None and np.isfinite(z[r]).all()]
         if not rows or weight == 0:
             return z
         out = z.copy()

@@ -540,7 +540,9 @@ def finish_case(
     seconds = dict(prepared.seconds)
     start = time.perf_counter()
     status("decode")
-    mean, std = _decode_mean_std(sessions, z)
+    gone = ~np.isfinite(z).reshape(*z.shape[:2], -1).all(axis=2)  # [samples, n]: diverged chains are NaN
+    mean, std = _decode_mean_std(sessions, np.where(gone.reshape(*gone.shape, *(1,) * (z.ndim - 2)), 0.0, z))
+    mean[gone.any(axis=0)] = 0.0  # nothing of a diverged vertebra is stitched
     for k, rotation in enumerate(prepared.rotations):  # pose frame -> the axis-aligned box
         mean[k] = uncrop_from_frame(mean[k], rotation)
         if std is not None:
@@ -592,6 +594,10 @@ def finish_case(
                 f"only {v.fov_fraction:.0%} of the refined shape lies inside the field of view "
                 f"(< {options.min_fov_fraction:.0%})"
             )
+    for v, failed in zip(vertebrae, gone.sum(axis=0), strict=True):
+        if failed:  # the sampler's verdict wins: the result is no refinement at all
+            v.decision = "kept input"
+            v.reason = f"sampler diverged ({failed} of {len(gone)} chains: latent non-finite or far outside the prior)"
     for v in vertebrae:
         if v.decision == "kept input":  # the input's shape everywhere: labels, probability map, mesh
             instance_id = v.instance.instance_id

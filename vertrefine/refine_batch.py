@@ -327,7 +327,7 @@ class RefineJob:
             paths["qc"] = qc_path
         mesh_dir = self.extras.path("mesh", name, written)
         if mesh_dir is not None:
-            from .mesh import vertebra_mesh, write_stl
+            from .mesh import stl_name, vertebra_mesh, write_stl
 
             meshes = []
             for vertebra in refined.vertebrae:
@@ -337,7 +337,7 @@ class RefineJob:
                 owned[part] = (ids == 0) | (ids == vertebra.instance.instance_id)
                 mesh = vertebra_mesh(vertebra.probability, owned, vertebra.box, refined.working, self.options.threshold)
                 if mesh is not None:
-                    stl = mesh_dir / f"{vertebra.name}.stl"
+                    stl = mesh_dir / stl_name(vertebra.name)
                     written.append(stl)
                     write_stl(mesh, stl)
                     meshes.append(stl)

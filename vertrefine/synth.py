@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .atomic import make_folder
 from .labels import label_for_level, level_name
 from .volume import Geometry, Volume
 
@@ -974,13 +975,14 @@ def write_synth_dataset(
 
     Names: ``spine_{seed:05d}.nii.gz`` (whole spine, labels 20..24) or ``spine_{seed:05d}_{level}.nii.gz``
     (one binary 128^3 patch per level). Datasets with disjoint seed ranges therefore never share a case.
-    Existing files are kept unless ``overwrite``. Returns the files written.
+    Existing files are kept unless ``overwrite``. Returns the files written. ``out_dir`` is created if
+    missing; a file in its place raises :class:`~vertrefine.errors.OutputError`.
     """
     from .io import write_label_map  # lazy: io pulls in the DICOM stack
 
     if cases < 0 or seed < 0:
         raise ValueError(f"cases and seed must be non-negative, got {cases} and {seed}")
-    out_dir = Path(out_dir)
+    out_dir = make_folder(out_dir, "the phantoms")
     written: list[Path] = []
     for i in range(int(cases)):
         case_seed = int(seed) + i

@@ -133,6 +133,16 @@ class TrainConfig:
                 problems.append(f"{name} must be positive (got {getattr(self, name)})")
         if not 2 <= self.timesteps <= 500:
             problems.append(f"timesteps (--steps) must be in 2..500 (got {self.timesteps})")
+        elif self.model == "lsd-ebm":  # refine's chain runs with this step size: it must be stable
+            from ..bundle import derived_ranges
+            from ..schedule import DiffusionSchedule
+
+            most = derived_ranges(DiffusionSchedule(timesteps=self.timesteps))["step_size"][1]
+            if self.langevin_step_size > most:
+                problems.append(
+                    f"langevin_step_size {self.langevin_step_size:g} is over {most:g}, where the Langevin chain of "
+                    f"the first of {self.timesteps} diffusion steps stays stable (2 sigma_1^2): use fewer --steps"
+                )
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"val_fraction must be between 0 and 1 (got {self.val_fraction})")
         if not 0.0 <= self.degraded_prob <= 1.0:

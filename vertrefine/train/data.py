@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..atomic import atomic_path
-from ..cases import Case, case_name, find_cases
+from ..cases import Case, case_name, find_cases, is_dicom_file, is_nifti
 from ..degrade import degrade
 from ..errors import InputError
 from ..labels import BINARY_MASK_VALUES, label_for_level, level_name
@@ -213,13 +213,22 @@ class PatchCache:
 
 
 def find_training_cases(folder: str | Path) -> list[Case]:
-    """The training cases of one data folder.
+    """The training cases of one ``--data`` path: a folder, or one label map file.
 
     A VerSe / BIDS tree (``derivatives/sub-*/..._seg-vert_msk.nii.gz``, found at any depth) gives its
     vertebra masks, named by file (``sub-verse004_seg-vert_msk``, split group ``sub-verse004``); any other
-    folder gives the cases :func:`vertrefine.cases.find_cases` finds directly inside it.
+    folder gives the cases :func:`vertrefine.cases.find_cases` finds directly inside it; a NIfTI or DICOM
+    (SEG) file is one case. Raises InputError (one line) for a path that is none of these.
     """
     folder = Path(folder)
+    if folder.is_file():
+        if is_nifti(folder) or is_dicom_file(folder):
+            return [Case(case_name(folder), folder)]
+        raise InputError(
+            folder, "is not a label map (NIfTI or DICOM SEG)", "pass a folder of CT segmentations or one such file"
+        )
+    if not folder.exists():
+        raise InputError(folder, "does not exist", "pass a folder of CT segmentations or one label map file")
     if folder.is_dir():
         bids = sorted(
             p for p in folder.rglob("*") if p.is_file() and BIDS_MASK.search(p.name) and not p.name.startswith(".")

@@ -1,9 +1,15 @@
 """Export a trained model as a bundle: single-file ONNX encoder, decoder, energy and manifest.json.
 
-Each module is exported with torch's dynamo exporter first (it needs the ``onnxscript`` package) and,
-if that fails, with the TorchScript exporter (``dynamo=False``); the manifest records which one wrote each
-file. Every file is then re-saved as one self-contained ONNX file (no external ``.data`` file) with IR
-version at most 10 (ONNX Runtime 1.31 refuses 14, onnx 1.23's default), its inputs and outputs are pinned
+Each module is exported with torch's TorchScript exporter (``dynamo=False``) by default; the manifest
+records which exporter wrote each file. The dynamo exporter (``exporter="dynamo"``, or ``"auto"``: dynamo,
+falling back to TorchScript with the reason in the manifest) needs the ``onnxscript`` package, which the
+``train`` extra does not install: measured on the shipped LSD-EBM (torch 2.13, onnxscript 0.7.2, ONNX
+Runtime 1.31, 2 CPU threads), its files are 20-25 % larger with the same parity, its export takes twice
+as long, and its energy model, called 60 times per refine, runs 50 % slower (36 ms against 24 ms for 5
+latents; encode 4 patches 220 / 328 ms, decode 5 latents 536 / 502 ms), so a refine is no faster.
+
+Every file is then re-saved as one self-contained ONNX file (no external ``.data`` file) with IR version at
+most 10 (ONNX Runtime 1.31 refuses 14, onnx 1.23's default), its inputs and outputs are pinned
 to the bundle's names and shapes with a dynamic batch "B", ``onnx.checker`` runs on it, and ONNX Runtime
 must reproduce torch on a random batch.
 
@@ -40,7 +46,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..atomic import current_umask
+from ..atomic import current_umask, make_folder
 from ..bundle import (
     BATCH,
     FILES,
@@ -49,10 +55,13 @@ from ..bundle import (
     MANIFEST_VERSION,
     MAX_FILE_BYTES,
     ORIENTATION,
+    RANGED_OPTIONS,
     SAMPLER_KEYS,
     SPACING_MM,
+    derived_ranges,
     io_spec,
     model_names,
+    out_of_range,
     sha256_file,
     verify_bundle,
 )
@@ -60,7 +69,17 @@ from ..errors import InputError, OutputError
 from ..schedule import DiffusionSchedule
 from .models import ModelConfig, VertebraModel, conv_flops, count_parameters
 
-Exporter = Literal["auto", "dynamo", "torchscript"]
+Exporter = Literal["torchscript", "dynamo", "auto"]
+LEBM_NOTE = (
+    "an LEBM bundle is for comparisons (benchmarks/): `vertrefine refine` cannot run it (its posterior "
+    "Langevin needs the decoder's gradient, which ONNX bundles do not carry); for refine, export the run's "
+    "autoencoder with `vertrefine export RUN -o DIR --as vae`, or train an lsd-ebm"
+)
+"""What `train` and `export` say when they write an LEBM bundle."""
+DERIVED_BASIS = (
+    "derived from the diffusion schedule at export, not measured (vertrefine.bundle.derived_ranges); "
+    "benchmarks/sampler_ranges.py measures a bundle's ranges and records them here"
+)
 
 OPSET = 18
 MAX_IR_VERSION = 10
@@ -196,7 +215,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 def export_module(
-    module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], exporter: Exporter = "auto"
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    exporter: Exporter = "torchscript",
 ) -> tuple[str, str | None]:
     """Write ``module`` to ``path`` as ONNX; returns (exporter used, why dynamo was not used or None)."""
     note = None
@@ -301,10 +325,9 @@ def _jsonable(value: Any, where: str) -> Any:
 
 
 def _check_destination(out_dir: Path) -> None:
-    """out_dir may be new, empty, or a previous bundle (replaced); anything else is refused."""
-    parent = out_dir.parent if str(out_dir.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"{out_dir}: folder {parent} does not exist; create it first")
+    """out_dir may be new (its parent folders are created), empty, or a previous bundle (replaced); anything
+    else is refused."""
+    make_folder(out_dir.parent if str(out_dir.parent) else Path("."), "the bundle")
     if out_dir.exists():
         if not out_dir.is_dir():
             raise OutputError(f"{out_dir}: exists and is not a folder; choose a new folder for the bundle")
@@ -349,13 +372,18 @@ def export_bundle(
     sampler_defaults: dict,
     recipe: dict,
     metrics: dict,
-    exporter: Exporter = "auto",
+    exporter: Exporter = "torchscript",
     seed: int = 0,
+    validated: dict | None = None,
 ) -> Path:
     """Export ``model`` as a bundle folder ``out_dir`` (new, empty, or an earlier bundle, replaced).
 
     ``sampler_defaults`` must hold t_refine, langevin_steps, step_size, noise_scale and init for lebm and
-    lsd-ebm. ``exporter``: "auto" (dynamo, else TorchScript), or one of them only. Returns ``out_dir``.
+    lsd-ebm. ``exporter``: "torchscript" (default), "dynamo" (needs onnxscript), or "auto" (dynamo, else
+    TorchScript). ``validated``: the manifest's ``validated`` section ({"ranges": {setting: [low, high]},
+    "basis": text}) for an lsd-ebm: the sampler ranges refine accepts; None writes the ranges derived from
+    ``schedule`` (:func:`vertrefine.bundle.derived_ranges`). Raises ValueError for sampler defaults outside
+    those ranges. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     config: ModelConfig = model.config
@@ -366,9 +394,15 @@ def export_bundle(
     missing = [k for k in SAMPLER_KEYS if k not in sampler_defaults]
     if config.has_energy and missing:
         raise ValueError(f"sampler_defaults lacks {', '.join(missing)}")
+    sampler = _jsonable(sampler_defaults, "sampler_defaults")
+    if config.kind == "lsd-ebm":
+        validated = _jsonable(validated or {"ranges": derived_ranges(schedule), "basis": DERIVED_BASIS}, "validated")
+        outside = out_of_range(validated["ranges"], {k: v for k, v in sampler.items() if k in RANGED_OPTIONS})
+        if outside is not None:
+            key, value, (low, high) = outside
+            raise ValueError(f"sampler default {key} {value} is outside its range {low:g}..{high:g}")
     _check_destination(out_dir)
     recipe, metrics = _jsonable(recipe, "recipe"), _jsonable(metrics, "metrics")
-    sampler = _jsonable(sampler_defaults, "sampler_defaults")
 
     model = copy.deepcopy(model).to("cpu", torch.float32).eval()  # leave the caller's model as it was
     reference = export_modules(model)  # torch as trained: what the ONNX files must reproduce
@@ -416,6 +450,7 @@ def export_bundle(
             "model_config": _jsonable(config.as_dict(), "model_config"),
             "schedule": schedule.as_dict(),
             "sampler_defaults": sampler,
+            **({"validated": validated} if config.kind == "lsd-ebm" else {}),
             "files": files,
             "flops": conv_flops(config),
             "parameters": parameters,
@@ -495,7 +530,7 @@ def export_run(
     run_dir: str | Path,
     out_dir: str | Path,
     *,
-    exporter: Exporter = "auto",
+    exporter: Exporter = "torchscript",
     as_kind: str | None = None,
     sampler_overrides: dict | None = None,
 ) -> Path:
@@ -503,9 +538,19 @@ def export_run(
 
     ``as_kind="vae"`` exports only the autoencoder of an LEBM / LSD-EBM run (see :func:`autoencoder_as_vae`).
     ``sampler_overrides`` (e.g. ``{"guidance": 0.5, "t_refine": 3}``) replace the run's sampler defaults in
-    the manifest; they are recorded in the recipe.
+    the manifest; they are recorded in the recipe. An override outside the ranges the bundle's manifest
+    will hold (:func:`vertrefine.bundle.derived_ranges` of the run's schedule) raises InputError naming it.
     """
     model, schedule, meta = load_checkpoint_model(run_dir)
+    outside = out_of_range(derived_ranges(schedule), dict(sampler_overrides or {}))
+    if outside is not None:
+        key, value, (low, high) = outside
+        raise InputError(
+            run_dir,
+            f"sampler default {key} {value:g} (--{key.replace('_', '-')}) is outside {low:g}..{high:g}, the range "
+            "this run's diffusion schedule allows",
+            "choose a value in that range",
+        )
     recipe = dict(meta["recipe"], checkpoint=meta["checkpoint"])
     sampler = dict(meta["sampler_defaults"])
     if sampler_overrides:

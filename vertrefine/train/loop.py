@@ -284,7 +284,7 @@ def _metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _sampler_defaults(config: TrainConfig) -> dict[str, Any]:
     return {
-        "t_refine": min(T_REFINE, config.timesteps),
+        "t_refine": min(T_REFINE, config.timesteps - 1),  # the schedule's last step is almost pure noise
         "langevin_steps": config.langevin_steps,
         "step_size": config.langevin_step_size,
         "noise_scale": config.langevin_noise_scale,
@@ -597,6 +597,10 @@ def _train(config: TrainConfig, procs: Processes, on_event: EventCallback | None
                     seed=config.seed,
                 )
                 emit("export_end", {"path": str(bundle)})
+                if config.model == "lebm":
+                    from .export import LEBM_NOTE
+
+                    emit("warning", {"message": LEBM_NOTE})
             except ImportError as exc:  # e.g. a GPU machine without onnxruntime: the checkpoint is safe
                 emit(
                     "warning",
