@@ -540,7 +540,7 @@ def finish_case(
     seconds = dict(prepared.seconds)
     start = time.perf_counter()
     status("decode")
-    gone = ~np.isfinite(z).reshape(*z.shape[:2], -1).all(axis=2)  # [samples, n]: diverged chains are NaN
+    gone = ~np.isfinite(z.reshape(*z.shape[:2], int(np.prod(z.shape[2:])))).all(axis=2)  # [samples, n]: NaN chains
     mean, std = _decode_mean_std(sessions, np.where(gone.reshape(*gone.shape, *(1,) * (z.ndim - 2)), 0.0, z))
     mean[gone.any(axis=0)] = 0.0  # nothing of a diverged vertebra is stitched
     for k, rotation in enumerate(prepared.rotations):  # pose frame -> the axis-aligned box
