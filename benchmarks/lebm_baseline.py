@@ -29,8 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vertrefine.bundle import load_bundle
-from vertrefine.info import default_bundle_dir
+from vertrefine.bundle import default_bundle_dir, load_bundle
 from vertrefine.runtime import BundleSessions, open_sessions
 from vertrefine.train.data import PatchCache, block_mean, split_indices
 from vertrefine.train.from_bundle import model_from_bundle

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vertrefine.bundle import load_bundle
+from vertrefine.bundle import default_bundle_dir, load_bundle
 from vertrefine.degrade import degrade
-from vertrefine.info import default_bundle_dir
 from vertrefine.refine import RefineOptions, prepare_case
 from vertrefine.runtime import BundleSessions, open_sessions
 from vertrefine.sampler import SamplerSettings, refine_latents

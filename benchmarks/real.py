@@ -63,11 +63,11 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from benchmarks.quality import NAMES, _cell, paired_difference
-from vertrefine.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from vertrefine.bundle import MANIFEST_NAME, Bundle, default_bundle_dir, load_bundle, sha256_file
 from vertrefine.cases import find_cases
 from vertrefine.degrade import SLICE_AXES, degrade
 from vertrefine.errors import InputError
-from vertrefine.info import PACKAGES, default_bundle_dir, package_version
+from vertrefine.info import PACKAGES, package_version
 from vertrefine.io import read_label_map
 from vertrefine.metrics import METRIC_KEYS
 from vertrefine.refine import RefineOptions, refine_volume

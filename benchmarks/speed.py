@@ -101,9 +101,8 @@ import numpy as np
 import torch
 
 from benchmarks.onnx_latency import balls
-from vertrefine.bundle import load_bundle, read_manifest
+from vertrefine.bundle import default_bundle_dir, load_bundle, read_manifest
 from vertrefine.degrade import degrade
-from vertrefine.info import default_bundle_dir
 from vertrefine.io import read_label_map, write_label_map
 from vertrefine.refine import RefineOptions, refine_volume, refined_instances
 from vertrefine.runtime import cuda_usable, open_sessions

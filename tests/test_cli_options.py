@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from vertrefine.bundle import load_bundle, read_manifest, verify_bundle
+from vertrefine.bundle import default_bundle_dir, load_bundle, read_manifest, verify_bundle
 from vertrefine.cli import app
 from vertrefine.errors import InputError
-from vertrefine.info import default_bundle_dir
 from vertrefine.io import read_label_map, write_label_map
 from vertrefine.synth import synth_spine
 

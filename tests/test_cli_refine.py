@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from cli_helpers import error_line, invoke
 
-from vertrefine.info import default_bundle_dir
+from vertrefine.bundle import default_bundle_dir
 from vertrefine.io import write_label_map
 from vertrefine.synth import synth_spine
 

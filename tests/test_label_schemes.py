@@ -20,10 +20,9 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from vertrefine import io
-from vertrefine.bundle import load_bundle
+from vertrefine.bundle import default_bundle_dir, load_bundle
 from vertrefine.cli import app
 from vertrefine.errors import InputError
-from vertrefine.info import default_bundle_dir
 from vertrefine.labels import (
     BINARY_MASK,
     TOTALSEGMENTATOR,

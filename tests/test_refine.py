@@ -6,8 +6,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from vertrefine.bundle import load_bundle
-from vertrefine.info import default_bundle_dir
+from vertrefine.bundle import default_bundle_dir, load_bundle
 from vertrefine.refine import (
     RefineOptions as Options,
 )
@@ -461,3 +460,32 @@ def test_an_empty_decode_keeps_the_input(two_vertebrae, vae):
     assert [v.decision for v in result.vertebrae] == ["kept input", "kept input"]
     assert all("empty result" in v.reason for v in result.vertebrae)
     np.testing.assert_array_equal(result.labels.array, two_vertebrae.array)
+
+
+def test_the_refiner_is_the_pipeline_built_once_and_refuses_what_it_cannot_run(two_vertebrae, lsd, tmp_path):
+    import shutil
+
+    from vertrefine.errors import InputError, SettingsError
+    from vertrefine.refine import Refiner
+
+    refiner = Refiner.from_bundle(device="cpu", t_refine=3, langevin_steps=10, fine_inputs="refine")
+    sampler = refiner.options.sampler
+    assert refiner.bundle.kind == "lsd-ebm" and (sampler.t_refine, sampler.langevin_steps) == (3, 10)
+    assert sampler.guidance == refiner.bundle.sampler["guidance"] and refiner.note is None  # the bundle's default
+    same = refine_volume(two_vertebrae, lsd, refiner.options, seed=4)
+    np.testing.assert_array_equal(refiner(two_vertebrae, seed=4).labels.array, same.labels.array)
+    with pytest.raises(SettingsError, match="--step-size 40 is outside"):
+        Refiner.from_bundle(device="cpu", step_size=40.0)
+    with pytest.raises(SettingsError, match="--samples needs"):
+        Refiner.from_bundle(model="vae", device="cpu", samples=2)
+    with pytest.raises(SettingsError, match="--t-refine: sampler options need"):
+        Refiner.from_bundle(model="vae", device="cpu", t_refine=3)
+    with pytest.raises(SettingsError, match="not lsd-ebm"):
+        Refiner.from_bundle(default_bundle_dir("vae"), model="lsd-ebm", device="cpu")
+    with pytest.raises(SettingsError, match="threshold"):
+        Refiner.from_bundle(model="vae", device="cpu", threshold=1.5)
+    copy = tmp_path / "bundle"
+    shutil.copytree(default_bundle_dir("vae"), copy)
+    (copy / next(p.name for p in copy.glob("*.onnx"))).write_bytes(b"damaged")
+    with pytest.raises(InputError, match="checksum does not match"):
+        Refiner.from_bundle(copy, device="cpu")

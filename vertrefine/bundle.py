@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,32 @@ def out_of_range(ranges: dict[str, list[float]], values: dict[str, Any]) -> tupl
         if value is not None and bounds is not None and not bounds[0] <= value <= bounds[1]:
             return key, value, list(bounds)
     return None
+
+
+def bundle_search_dirs() -> list[Path]:
+    """Folders searched for model bundles: $VERTREFINE_WEIGHTS, then the shipped weights.
+
+    The shipped bundles are the repository's ``weights/`` folder, installed as ``vertrefine/weights``
+    by ``pip install .`` (a source checkout or editable install finds them beside the package).
+    """
+    dirs = [Path(p) for p in os.environ.get("VERTREFINE_WEIGHTS", "").split(os.pathsep) if p]
+    package = Path(__file__).resolve().parent
+    shipped = [package / "weights", package.parent / "weights"]
+    dirs += [d for d in shipped if d.is_dir()] or shipped[-1:]
+    return dirs
+
+
+def default_bundle_dir(kind: str) -> Path:
+    """The first bundle folder named ``kind`` (e.g. lsd-ebm) in the search folders; InputError if none."""
+    dirs = bundle_search_dirs()
+    for folder in dirs:
+        if (folder / kind / "manifest.json").is_file():
+            return folder / kind
+    raise InputError(
+        dirs[-1] / kind,
+        f"no {kind} model bundle found (searched {', '.join(str(d) for d in dirs)})",
+        "pass --weights DIR, set VERTREFINE_WEIGHTS, or reinstall vertrefine (the wheel ships weights/)",
+    )
 
 
 def _positive_int(value: Any) -> bool:

@@ -379,69 +379,44 @@ def refine(
 ) -> None:
     """Refine vertebra segmentations with the shape prior (1 mm output for thick-slice inputs) plus a JSON sidecar."""
     from .batch import is_batch, plan_cases, run_batch
-    from .bundle import load_bundle
-    from .info import default_bundle_dir
-    from .refine import RefineOptions
+    from .refine import Refiner
     from .refine_batch import ExtraOutputs, RefineJob, check_refine_outputs
-    from .runtime import open_sessions
-    from .sampler import SamplerSettings
 
-    label_set = _label_set(labels)
     orientation = _orientation(assume_orientation)
     part = _shard(shard)
-    bundle = load_bundle(weights or default_bundle_dir((model or ModelKind.lsd_ebm).value))
-    if model is not None and model.value != bundle.kind:
-        raise fail(f"{bundle.dir}: holds a {bundle.kind} bundle, not {model.value}; pass --model {bundle.kind}")
-    if bundle.kind == "lebm":
-        raise fail(
-            f"{bundle.dir}: refine cannot run LEBM bundles (posterior Langevin needs the decoder's gradient, "
-            "which ONNX bundles do not carry); use an lsd-ebm or vae bundle"
-        )
-    sampling = bundle.kind == "lsd-ebm"
-    if samples > 1 and not sampling:
-        raise fail("--samples needs the sampling lsd-ebm model; the vae decodes one mean per vertebra")
-    chosen = {"t_refine": t_refine, "langevin_steps": langevin_steps, "step_size": step_size, "guidance": guidance}
-    given = [_flag(key) for key, value in chosen.items() if value is not None]
-    if given and not sampling:
-        raise fail(f"{', '.join(given)}: sampler options need the lsd-ebm model; the vae decodes the encoder's mean")
-    if uncertainty is not None and samples < 2:
-        raise fail("--uncertainty needs --samples 2 or more (it is the spread of the samples)")
-    sampler = None
-    if sampling:
-        try:
-            sampler = SamplerSettings.from_manifest(bundle.sampler, **chosen)
-        except ValueError as exc:
-            raise fail(f"{bundle.dir}: {exc}") from None
-        _check_sampler_ranges(bundle, chosen)
-    plan = plan_cases(input_path, output)  # every output is checked before any case runs
+    extras = ExtraOutputs(probability=save_prob, uncertainty=uncertainty, mesh=mesh, qc=qc, batch=is_batch(input_path))
+    extras.check(samples)
+    plan = plan_cases(input_path, output)  # every output is checked before the model is opened
     if part is not None:
         total = len(plan)
         plan = [(case, destination) for case, destination in plan if part.holds(case.name)]
         err.print(f"[dim]note:[/] shard {part}: {len(plan)} of {total} cases", highlight=False)
-    extras = ExtraOutputs(probability=save_prob, uncertainty=uncertainty, mesh=mesh, qc=qc, batch=is_batch(input_path))
-    extras.check()
     check_refine_outputs(plan, source_series, assume_orientation=orientation)
-    output_spacing = _output_spacing(spacing)
-    options = RefineOptions(
-        sampler=sampler,
+    refiner = Refiner.from_bundle(
+        weights,
+        model=None if model is None else model.value,
+        device=device.value,
+        threads=threads,
+        t_refine=t_refine,
+        langevin_steps=langevin_steps,
+        step_size=step_size,
+        guidance=guidance,
         samples=samples,
         threshold=threshold,
-        labels=label_set,
+        labels=_label_set(labels),
         label_scheme=label_scheme.value,
         keep_maps=extras.wants_maps,
         pose=pose,
-        spacing=output_spacing,
+        spacing=_output_spacing(spacing),
         min_agreement=min_agreement,
         min_fov_fraction=min_fov_fraction,
         on_disagree=on_disagree.value,
         fine_inputs=fine_inputs.value,
     )
-    sessions, note = open_sessions(bundle, device.value, threads)
-    if note:
-        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    if refiner.note:
+        err.print(f"[yellow]note:[/] {refiner.note}", highlight=False)
     job = RefineJob(
-        sessions,
-        options,
+        refiner,
         extras,
         seed=seed,
         series_uid=series_uid,
@@ -462,26 +437,6 @@ def refine(
         group_size=group_size,
     )
     raise typer.Exit(code)
-
-
-def _flag(setting: str) -> str:
-    """The option of a sampler setting: 'step_size' -> '--step-size'."""
-    return "--" + setting.replace("_", "-")
-
-
-def _check_sampler_ranges(bundle: Any, chosen: dict[str, Any]) -> None:
-    """Refuse, in one line, a sampler option outside the range the bundle was validated for (its manifest)."""
-    from .bundle import out_of_range
-
-    outside = out_of_range(bundle.sampler_ranges, chosen)
-    if outside is not None:
-        key, value, (low, high) = outside
-        how = "measured" if bundle.ranges_basis.startswith("measured") else "derived from the diffusion schedule"
-        raise fail(
-            f"{_flag(key)} {value:g} is outside {low:g}..{high:g}, the range the bundle {bundle.dir} was validated "
-            f"for ({how}; its manifest.json 'validated'); leave it out for the bundle's default "
-            f"{bundle.sampler.get(key, '-')}"
-        )
 
 
 class Axis(str, Enum):

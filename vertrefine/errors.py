@@ -23,3 +23,7 @@ class InputError(VertrefineError):
 
 class OutputError(VertrefineError):
     """An output cannot be written where asked (it would overwrite an input, folder missing, ...)."""
+
+
+class SettingsError(VertrefineError):
+    """An option or setting cannot be used as given (out of range, or not for this model); the message names it."""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .bundle import read_manifest
-from .errors import InputError, VertrefineError
+from .bundle import bundle_search_dirs, read_manifest
+from .errors import VertrefineError
 from .runtime import cuda_usable, working_providers
 
 PACKAGES = (
@@ -43,32 +42,6 @@ def package_version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
-
-
-def bundle_search_dirs() -> list[Path]:
-    """Folders searched for model bundles: $VERTREFINE_WEIGHTS, then the shipped weights.
-
-    The shipped bundles are the repository's ``weights/`` folder, installed as ``vertrefine/weights``
-    by ``pip install .`` (a source checkout or editable install finds them beside the package).
-    """
-    dirs = [Path(p) for p in os.environ.get("VERTREFINE_WEIGHTS", "").split(os.pathsep) if p]
-    package = Path(__file__).resolve().parent
-    shipped = [package / "weights", package.parent / "weights"]
-    dirs += [d for d in shipped if d.is_dir()] or shipped[-1:]
-    return dirs
-
-
-def default_bundle_dir(kind: str) -> Path:
-    """The first bundle folder named ``kind`` (e.g. lsd-ebm) in the search folders; InputError if none."""
-    dirs = bundle_search_dirs()
-    for folder in dirs:
-        if (folder / kind / "manifest.json").is_file():
-            return folder / kind
-    raise InputError(
-        dirs[-1] / kind,
-        f"no {kind} model bundle found (searched {', '.join(str(d) for d in dirs)})",
-        "pass --weights DIR, set VERTREFINE_WEIGHTS, or reinstall vertrefine (the wheel ships weights/)",
-    )
 
 
 def describe_bundle(folder: Path) -> str:

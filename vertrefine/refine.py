@@ -12,11 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
+from .errors import InputError, SettingsError
 from .guidance import (
     DataConsistency,
     SlabObservation,
@@ -34,7 +36,7 @@ from .labels import (
 )
 from .metrics import surface_distances
 from .plausibility import extent_mm, input_problem, result_problem, touches, volume_range
-from .runtime import BundleSessions
+from .runtime import BundleSessions, open_sessions
 from .sampler import SamplerSettings, refine_latents
 from .spatial import (
     COARSE_SPACING_MM,
@@ -795,3 +797,126 @@ def refine_volume(
     prepared = prepare_case(volume, sessions, options, status)
     (z,) = sample_latents(sessions, [prepared], options, [np.random.default_rng(seed)], status)
     return finish_case(prepared, z, sessions, options, status)
+
+
+SAMPLER_OPTIONS = ("t_refine", "langevin_steps", "step_size", "guidance")
+"""Sampler settings a run may set over the bundle's defaults (each bounded by the bundle's validated range)."""
+
+
+class Refiner:
+    """A model bundle's ONNX Runtime sessions and the refine options, built once and called per volume.
+
+    The Python API of ``vertrefine refine`` (the command line builds one with :meth:`from_bundle` and calls
+    it for every case of a folder)::
+
+        from vertrefine.io import read_label_map, write_label_map
+        from vertrefine.refine import Refiner
+
+        refiner = Refiner.from_bundle()                       # the shipped LSD-EBM bundle, default settings
+        volume = read_label_map("case.nii.gz")
+        result = refiner(volume, seed=0)                      # a RefinedCase: labels, per-vertebra rows
+        write_label_map(result.labels, "refined.nii.gz", like=volume)
+
+    Batches use the three stages :meth:`prepare`, :meth:`sample` (one chain over the vertebrae of several
+    cases) and :meth:`finish`; each case draws its noise from its own generator.
+    """
+
+    def __init__(self, sessions: BundleSessions, options: RefineOptions, note: str | None = None) -> None:
+        self.sessions = sessions
+        self.options = options
+        self.note = note
+        """What opening the sessions had to decide (e.g. CUDA asked for but not usable: the CPU is used)."""
+
+    @property
+    def bundle(self) -> Any:
+        """The :class:`vertrefine.bundle.Bundle` the sessions run."""
+        return self.sessions.bundle
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle: str | Path | None = None,
+        *,
+        model: str | None = None,
+        device: str = "auto",
+        threads: int = 0,
+        t_refine: int | None = None,
+        langevin_steps: int | None = None,
+        step_size: float | None = None,
+        guidance: float | None = None,
+        **options: Any,
+    ) -> Refiner:
+        """Load a bundle (a folder; default: the installed bundle of ``model``, 'lsd-ebm'), check its files
+        against its manifest, open its sessions on ``device`` ('auto', 'cpu', 'cuda') and bind the options.
+
+        The sampler settings default to the bundle's manifest and are bounded by the ranges it was validated
+        for; ``options`` are the other :class:`RefineOptions` fields (samples, threshold, spacing, ...).
+        Raises :class:`vertrefine.errors.InputError` for a missing or damaged bundle and
+        :class:`vertrefine.errors.SettingsError` for settings it cannot run: another kind than ``model``, an
+        LEBM bundle (its posterior sampling needs the decoder's gradient, which ONNX bundles do not carry),
+        sampler settings or several samples for a VAE, a setting outside its validated range.
+        """
+        from .bundle import default_bundle_dir, load_bundle, out_of_range
+
+        loaded = load_bundle(bundle if bundle is not None else default_bundle_dir(model or "lsd-ebm"))
+        if model is not None and model != loaded.kind:
+            raise SettingsError(f"{loaded.dir}: holds a {loaded.kind} bundle, not {model}; pass --model {loaded.kind}")
+        if loaded.kind == "lebm":
+            raise SettingsError(
+                f"{loaded.dir}: refine cannot run LEBM bundles (posterior Langevin needs the decoder's gradient, "
+                "which ONNX bundles do not carry); use an lsd-ebm or vae bundle"
+            )
+        chosen = dict(zip(SAMPLER_OPTIONS, (t_refine, langevin_steps, step_size, guidance), strict=True))
+        sampler = None
+        if loaded.kind == "lsd-ebm":
+            try:
+                sampler = SamplerSettings.from_manifest(loaded.sampler, **chosen)
+            except ValueError as exc:
+                raise SettingsError(f"{loaded.dir}: {exc}") from None
+            outside = out_of_range(loaded.sampler_ranges, chosen)
+            if outside is not None:
+                key, value, (low, high) = outside
+                measured = loaded.ranges_basis.startswith("measured")
+                how = "measured" if measured else "derived from the diffusion schedule"
+                raise SettingsError(
+                    f"{_flag(key)} {value:g} is outside {low:g}..{high:g}, the range the bundle {loaded.dir} was "
+                    f"validated for ({how}; its manifest.json 'validated'); leave it out for the bundle's default "
+                    f"{loaded.sampler.get(key, '-')}"
+                )
+        else:
+            given = [_flag(key) for key, value in chosen.items() if value is not None]
+            if given:
+                raise SettingsError(
+                    f"{', '.join(given)}: sampler options need the lsd-ebm model; the vae decodes the encoder's mean"
+                )
+            if options.get("samples", 1) > 1:
+                raise SettingsError("--samples needs the sampling lsd-ebm model; the vae decodes one mean per vertebra")
+        try:
+            refine_options = RefineOptions(sampler=sampler, **options)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        sessions, note = open_sessions(loaded, device, threads)
+        return cls(sessions, refine_options, note)
+
+    def __call__(self, volume: Volume, seed: int = 0, status: Status = _quiet) -> RefinedCase:
+        """Refine one label map (:class:`Volume`, any grid); the same ``seed`` gives the same result."""
+        return refine_volume(volume, self.sessions, self.options, seed, status)
+
+    def prepare(self, volume: Volume, status: Status = _quiet) -> PreparedCase:
+        """Stage 1 of a batch: :func:`prepare_case`."""
+        return prepare_case(volume, self.sessions, self.options, status)
+
+    def sample(
+        self, cases: Sequence[PreparedCase], generators: Sequence[np.random.Generator], status: Status = _quiet
+    ) -> list[np.ndarray]:
+        """Stage 2 of a batch: :func:`sample_latents` over every case at once."""
+        return sample_latents(self.sessions, cases, self.options, generators, status)
+
+    def finish(self, prepared: PreparedCase, z: np.ndarray, status: Status = _quiet) -> RefinedCase:
+        """Stage 3 of a batch: :func:`finish_case`."""
+        return finish_case(prepared, z, self.sessions, self.options, status)
+
+
+def _flag(setting: str) -> str:
+    """The command-line option of a setting: 'step_size' -> '--step-size'."""
+    return "--" + setting.replace("_", "-")

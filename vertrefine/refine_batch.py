@@ -26,12 +26,12 @@ from .atomic import atomic_path
 from .bundle import MANIFEST_NAME, sha256_file
 from .cases import Plan, case_name, case_seed
 from .dicom_seg import seg_source_geometry
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, SettingsError
 from .filetypes import NIFTI_SUFFIXES, SEG_SUFFIXES, is_nifti_name
 from .io import is_dicom_output, read_label_map, write_label_map
 from .nifti import read_nifti_geometry, write_scalar_nifti
 from .outputs import check_writable_file, check_writable_folder, require_seg_sources
-from .refine import PreparedCase, RefinedCase, RefineOptions, finish_case, prepare_case, sample_latents
+from .refine import PreparedCase, RefinedCase, Refiner
 from .runtime import BundleSessions
 from .volume import Volume
 
@@ -48,8 +48,11 @@ class ExtraOutputs:
     qc: Path | None = None
     batch: bool = False
 
-    def check(self) -> None:
-        """Refuse outputs that cannot be written (before any case runs): names, folders, permissions."""
+    def check(self, samples: int = 1) -> None:
+        """Refuse outputs that cannot be written (before any case runs): names, folders, permissions; an
+        uncertainty map of fewer than 2 ``samples`` (it is their spread)."""
+        if self.uncertainty is not None and samples < 2:
+            raise SettingsError("--uncertainty needs --samples 2 or more (it is the spread of the samples)")
         options = {"probability": "--save-prob", "uncertainty": "--uncertainty", "mesh": "--mesh", "qc": "--qc"}
         if self.batch:
             for kind, option in options.items():
@@ -203,12 +206,11 @@ class _Case:
 
 
 class RefineJob:
-    """What one ``vertrefine refine`` run needs for every case: sessions, options, seed and extra outputs."""
+    """What one ``vertrefine refine`` run needs for every case: the :class:`Refiner`, seed and extra outputs."""
 
     def __init__(
         self,
-        sessions: BundleSessions,
-        options: RefineOptions,
+        refiner: Refiner,
         extras: ExtraOutputs,
         *,
         seed: int = 0,
@@ -220,8 +222,9 @@ class RefineJob:
         note: Callable[[str], None] | None = None,
     ) -> None:
         """``note``: prints a line to the user (which label numbering was used: once per numbering)."""
-        self.sessions = sessions
-        self.options = options
+        self.refiner = refiner
+        self.sessions = refiner.sessions
+        self.options = refiner.options
         self.extras = extras
         self.seed = seed
         self.series_uid = series_uid
@@ -229,7 +232,7 @@ class RefineJob:
         self.source_series = source_series
         self.assume_orientation = assume_orientation
         self.command = command
-        self.digests = bundle_digests(sessions)
+        self.digests = bundle_digests(refiner.sessions)
         self.note = note
         self._schemes_said: set[str] = set()
 
@@ -238,7 +241,7 @@ class RefineJob:
         status("read")
         volume = read_label_map(source, series_uid=self.series_uid, assume_orientation=self.assume_orientation)
         read_seconds = time.perf_counter() - start
-        prepared = prepare_case(volume, self.sessions, self.options, status)
+        prepared = self.refiner.prepare(volume, status)
         prepared.seconds = {"read": read_seconds, **prepared.seconds}
         if self.note is not None and prepared.scheme.key not in self._schemes_said:
             self._schemes_said.add(prepared.scheme.key)
@@ -252,7 +255,7 @@ class RefineJob:
     def complete(self, group: list[tuple[str, _Case]], status: Status) -> list[str | BaseException]:
         cases = [case for _, case in group]
         generators = [np.random.default_rng(self.case_seed(case)) for case in cases]
-        latents = sample_latents(self.sessions, [c.prepared for c in cases], self.options, generators, status)
+        latents = self.refiner.sample([c.prepared for c in cases], generators, status)
         results: list[str | BaseException] = []
         for (name, case), z in zip(group, latents, strict=True):
             try:
@@ -263,7 +266,7 @@ class RefineJob:
 
     def _finish(self, name: str, case: _Case, z: np.ndarray, status: Status) -> str:
         start = time.perf_counter()
-        refined = finish_case(case.prepared, z, self.sessions, self.options, status)
+        refined = self.refiner.finish(case.prepared, z, status)
         status("write")
         warnings = [*case.prepared.volume.source.warnings, *refined.warnings]
         written: list[Path] = []
