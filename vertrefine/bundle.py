@@ -15,19 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .conventions import MODEL_KINDS, PATCH_SIZE
 from .errors import InputError
 from .schedule import DiffusionSchedule
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-KINDS = ("vae", "lebm", "lsd-ebm")
 FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "energy": "energy.onnx"}
 SAMPLER_KEYS = ("t_refine", "langevin_steps", "step_size", "noise_scale", "init")
 RANGED_OPTIONS = ("t_refine", "langevin_steps", "step_size", "guidance", "guidance_steps")
 """Sampler settings a manifest's ``validated.ranges`` may bound (refine's --t-refine, --langevin-steps,
 --step-size, --guidance; export's defaults, also --guidance-steps)."""
-PATCH_SIZE = 128
-SPACING_MM = 1.0
 ORIENTATION = "LPS, identity direction; array [z,y,x]"
 MAX_FILE_BYTES = 16_000_000  # 16 MB (decimal): the most one ONNX file of a bundle may weigh
 BATCH = "B"  # name of the dynamic batch dimension in every model input and output
@@ -151,8 +149,8 @@ def _check_fields(path: Path, manifest: dict) -> None:
             "use the vertrefine version that exported the bundle, or re-export it with this one",
         )
     kind = manifest.get("kind")
-    if kind not in KINDS:
-        raise bad(f"unknown model kind {kind!r} (expected one of {', '.join(KINDS)})")
+    if kind not in MODEL_KINDS:
+        raise bad(f"unknown model kind {kind!r} (expected one of {', '.join(MODEL_KINDS)})")
     for key in ("latent_size", "patch_size"):
         if not _positive_int(manifest.get(key)):
             raise bad(f"{key} must be a positive integer, got {manifest.get(key)!r}")

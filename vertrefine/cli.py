@@ -24,9 +24,11 @@ from rich.table import Table
 
 from . import __version__
 from .batch import progress_bar as batch_progress_bar
+from .conventions import DEVICES, MODEL_KINDS
 from .errors import VertrefineError
 from .filetypes import output_format
 from .labels import SCHEME_CHOICES
+from .train.config import PRESET_NAMES
 
 app = typer.Typer(
     name="vertrefine",
@@ -186,19 +188,16 @@ class FineInputs(str, Enum):
     refine = "refine"
 
 
-class ModelKind(str, Enum):
-    vae = "vae"
-    lebm = "lebm"
-    lsd_ebm = "lsd-ebm"
+def _choices(name: str, values: tuple[str, ...]) -> Any:
+    """An Enum of option values for typer, from the one tuple that defines them ('lsd-ebm' -> .lsd_ebm)."""
+    return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+ModelKind = _choices("ModelKind", MODEL_KINDS)
+Device = _choices("Device", DEVICES)
 
 
-LabelSchemeName = Enum("LabelSchemeName", {key.replace("-", "_"): key for key in SCHEME_CHOICES}, type=str)  # type: ignore[misc]
+LabelSchemeName = _choices("LabelSchemeName", SCHEME_CHOICES)
 """--label-scheme: auto, verse, totalsegmentator, ... (vertrefine.labels.SCHEMES)."""
 LABEL_SCHEME_HELP = (
     "Numbering of the label ids: auto (recognised from the ids and said in one line), verse (1-7 C1-C7, "
@@ -637,10 +636,7 @@ def score(
         raise typer.Exit(1)
 
 
-class Preset(str, Enum):
-    tiny = "tiny"
-    default = "default"
-    paper = "paper"
+Preset = _choices("Preset", PRESET_NAMES)
 
 
 def _output_spacing(text: str) -> float | str:

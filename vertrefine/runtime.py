@@ -17,7 +17,7 @@ import numpy as np
 from .bundle import Bundle, io_spec
 from .errors import InputError, VertrefineError
 
-Device = Literal["auto", "cpu", "cuda"]
+Device = Literal["auto", "cpu", "cuda"]  # vertrefine.conventions.DEVICES, as a type
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

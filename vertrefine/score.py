@@ -39,6 +39,7 @@ from . import io as vio
 from . import spatial
 from .atomic import atomic_path
 from .cases import Case, case_name, find_cases
+from .conventions import PATCH_SIZE, WORKING_SPACING_MM
 from .errors import InputError, VertrefineError
 from .labels import LEVELS, LabelScheme, LabelSelection, label_scheme_of
 from .metrics import METRIC_KEYS, vertebra_metrics
@@ -46,8 +47,6 @@ from .volume import Geometry, Volume
 
 REGIONS: tuple[str, ...] = ("patch", "image")
 ROW_KEYS: tuple[str, ...] = ("case", "label", "level", *METRIC_KEYS, "extra", "prediction_missing")
-PATCH_SIZE = spatial.PATCH_SIZE
-WORKING_SPACING_MM = spatial.WORKING_SPACING_MM
 
 Pair = tuple[str, Path | None, Path]
 """(case, prediction or None when it is missing, ground truth)."""

@@ -28,11 +28,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .conventions import PATCH_SIZE, WORKING_SPACING_MM
 from .labels import BINARY_MASK_VALUES
 from .volume import Geometry, Volume
-
-WORKING_SPACING_MM = 1.0
-PATCH_SIZE = 128
 
 LABEL_METHODS = ("label-aware", "nearest")
 FINE_FACTOR = 2.0

@@ -26,11 +26,11 @@ import numpy as np
 from scipy import ndimage
 
 from .atomic import make_folder
+from .conventions import PATCH_SIZE
 from .labels import label_for_level, level_name
 from .volume import Geometry, Volume
 
 LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
-PATCH_SIZE = 128
 
 _BIG = np.float32(1e3)  # field value where no primitive reaches
 Points = tuple[np.ndarray, np.ndarray, np.ndarray]

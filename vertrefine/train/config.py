@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..conventions import DEVICES, MODEL_KINDS
 from ..errors import InputError
 
-MODEL_KINDS = ("vae", "lebm", "lsd-ebm")
-DEVICES = ("auto", "cpu", "cuda")
 LANGEVIN_INITS = ("previous", "noise")
 TINY_SYNTH_SEED = 500_000
 """First synthetic spine seed of ``--preset tiny`` (disjoint from the seeds tests and benchmarks use)."""

@@ -60,6 +60,7 @@ from torch.utils.data import Dataset
 
 from ..atomic import atomic_path
 from ..cases import Case, case_name, find_cases, is_dicom_file, is_nifti
+from ..conventions import PATCH_SIZE, WORKING_SPACING_MM
 from ..degrade import degrade
 from ..errors import InputError
 from ..labels import BINARY_MASK_VALUES, label_for_level, level_name
@@ -71,7 +72,7 @@ if TYPE_CHECKING:  # io and spatial need SimpleITK: imported where the cache is 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-PATCH = 128  # vertrefine.spatial.PATCH_SIZE
+PATCH = PATCH_SIZE
 DOWNSAMPLE = 2
 LOWRES = PATCH // DOWNSAMPLE
 MASK_BYTES = PATCH**3 // 8
@@ -290,7 +291,7 @@ def build_patch_cache(
         "format": FORMAT_VERSION,
         "patch": PATCH,
         "downsample": DOWNSAMPLE,
-        "spacing_mm": 1.0,  # vertrefine.spatial.WORKING_SPACING_MM
+        "spacing_mm": WORKING_SPACING_MM,
         "degraded_variants": int(degraded_variants),
         "seed": int(seed) if degraded_variants else 0,
         "slice_mm": list(DEGRADE_SLICE_MM) if degraded_variants else [],

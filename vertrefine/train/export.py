@@ -50,14 +50,12 @@ from ..atomic import current_umask, make_folder
 from ..bundle import (
     BATCH,
     FILES,
-    KINDS,
     MANIFEST_NAME,
     MANIFEST_VERSION,
     MAX_FILE_BYTES,
     ORIENTATION,
     RANGED_OPTIONS,
     SAMPLER_KEYS,
-    SPACING_MM,
     derived_ranges,
     io_spec,
     model_names,
@@ -65,6 +63,7 @@ from ..bundle import (
     sha256_file,
     verify_bundle,
 )
+from ..conventions import MODEL_KINDS, WORKING_SPACING_MM
 from ..errors import InputError, OutputError
 from ..schedule import DiffusionSchedule
 from .models import ModelConfig, VertebraModel, conv_flops, count_parameters
@@ -387,7 +386,7 @@ def export_bundle(
     """
     out_dir = Path(out_dir)
     config: ModelConfig = model.config
-    if config.kind not in KINDS:
+    if config.kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {config.kind!r}")
     if config.kind == "lsd-ebm" and schedule.timesteps != config.timesteps:
         raise ValueError(f"schedule has {schedule.timesteps} steps but the model was built for {config.timesteps}")
@@ -445,7 +444,7 @@ def export_bundle(
             "latent_size": math.prod(config.latent_shape),
             "latent_shape": list(config.latent_shape),
             "patch_size": config.patch,
-            "spacing_mm": SPACING_MM,
+            "spacing_mm": WORKING_SPACING_MM,
             "orientation": ORIENTATION,
             "model_config": _jsonable(config.as_dict(), "model_config"),
             "schedule": schedule.as_dict(),

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODEL_KINDS = ("vae", "lebm", "lsd-ebm")
+from ..conventions import MODEL_KINDS
 
 
 @dataclass(frozen=True)

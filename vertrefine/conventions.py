@@ -1,0 +1,17 @@
+"""The conventions every module shares, defined once: the model's patch and grid, model kinds, devices.
+
+See ``shared/DESIGN.md`` (conventions): a vertebra is cropped as a 128^3 patch of the 1 mm working grid
+(LPS, identity direction, arrays ``[z, y, x]``); a bundle records both and refine checks them.
+"""
+
+from __future__ import annotations
+
+PATCH_SIZE = 128
+"""Edge of a vertebra's patch, in working-grid voxels."""
+WORKING_SPACING_MM = 1.0
+"""Spacing (mm) of the isotropic working grid the model sees."""
+MODEL_KINDS = ("vae", "lebm", "lsd-ebm")
+"""The models training makes and bundles hold: the autoencoder alone, the paper's latent EBM baseline, and
+the latent diffusion EBM (LSD-EBM)."""
+DEVICES = ("auto", "cpu", "cuda")
+"""Devices to run on: 'auto' takes CUDA where it really works, else the CPU."""
