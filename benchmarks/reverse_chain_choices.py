@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vertrefine.sampler import SamplerSettings
 from vertrefine.train.data import PatchCache, split_indices, validation_masks
 from vertrefine.train.export import load_checkpoint_model
 from vertrefine.train.objectives import LangevinConfig, reverse_step_langevin
@@ -68,7 +69,7 @@ def main() -> None:
         rows["VAE (decode the mean)"] = dice(model.decoder(mu), masks)
         for init in ("previous", "noise"):
             for noise_scale in (1.0, 0.1):
-                langevin = LangevinConfig(steps=args.steps, init=init)
+                langevin = LangevinConfig(SamplerSettings(langevin_steps=args.steps, init=init))
                 generator = torch.Generator().manual_seed(args.seed)
                 z = reverse_chain(model, schedule, mu, args.t_refine, noise_scale, langevin, generator)
                 rows[f"LSD-EBM start={init} q-noise={noise_scale}"] = dice(model.decoder(z), masks)

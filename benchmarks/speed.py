@@ -558,19 +558,18 @@ def recipe_costs(bundle_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
 
 def training_step_times(bundle_dir: Path, steps: int, batch: int = 8, epoch_patches: int = 2250) -> dict[str, Any]:
     """Seconds per optimisation step of each model kind (after one warm-up step), extrapolated to an epoch."""
+    from vertrefine.train.config import TrainConfig
     from vertrefine.train.models import ModelConfig, VertebraModel
     from vertrefine.train.objectives import LangevinConfig, make_objective
 
     manifest = read_manifest(bundle_dir)
     config = manifest["recipe"].get("config", {})
     schedule = DiffusionSchedule(**manifest["schedule"])
+    recipe = TrainConfig.from_dict(dict(config))  # the run's own training options
     langevin = LangevinConfig(
-        steps=config.get("langevin_steps", 60),
-        step_size=config.get("langevin_step_size", 0.01),
-        noise_scale=config.get("langevin_noise_scale", 0.01),
-        init=config.get("langevin_init", "previous"),
-        posterior_steps=config.get("posterior_steps", 5),
-        posterior_step_size=config.get("posterior_step_size", 1e-4),
+        recipe.sampler_settings(),
+        posterior_steps=recipe.posterior_steps,
+        posterior_step_size=recipe.posterior_step_size,
     )
     steps_per_epoch = math.ceil(epoch_patches / batch)
     out: dict[str, Any] = {"batch": batch, "epoch_patches": epoch_patches, "steps_per_epoch": steps_per_epoch}

@@ -4,6 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from vertrefine.sampler import SamplerSettings  # noqa: E402
 from vertrefine.schedule import DiffusionSchedule  # noqa: E402
 from vertrefine.train.models import ModelConfig, VertebraModel  # noqa: E402
 from vertrefine.train.objectives import LangevinConfig, make_objective  # noqa: E402
@@ -20,7 +21,9 @@ def test_energy_positives_come_from_the_clean_target_unless_asked_otherwise(on_c
     config = ModelConfig(kind="lsd-ebm", latent=8, patch=32, encoder_widths=(4, 8), decoder_widths=(8, 4),
                          energy_hidden=16)  # fmt: skip
     model = VertebraModel(config)
-    objective = make_objective(model, DiffusionSchedule(), LangevinConfig(steps=3), energy_on_clean=on_clean)
+    objective = make_objective(
+        model, DiffusionSchedule(), LangevinConfig(SamplerSettings(langevin_steps=3)), energy_on_clean=on_clean
+    )
     target = (torch.rand(2, 1, 16, 16, 16) > 0.5).float()
     thick_a = torch.rand(2, 1, 16, 16, 16)
     thick_b = torch.rand(2, 1, 16, 16, 16)

@@ -28,6 +28,6 @@ def test_numpy_reverse_step_equals_the_training_langevin_without_noise():
     ours = reverse_step(energy_and_grad, z_next, t, schedule, settings, np.random.default_rng(0))
     sigma = torch.full((4, 1), float(schedule.sigmas[t + 1]))
     steps = torch.full((4,), t, dtype=torch.long)
-    langevin = LangevinConfig(steps=40, noise_scale=0.0)
+    langevin = LangevinConfig(settings)  # the very settings refine runs
     y = reverse_step_langevin(energy, torch.from_numpy(z_next), steps, sigma, langevin, torch.Generator())
     assert np.allclose(ours, y.numpy() / schedule.a_s[t + 1], atol=1e-5)

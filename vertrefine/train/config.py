@@ -17,6 +17,7 @@ from typing import Any
 
 from ..conventions import DEVICES, MODEL_KINDS
 from ..errors import InputError
+from ..sampler import SamplerSettings
 
 LANGEVIN_INITS = ("previous", "noise")
 TINY_SYNTH_SEED = 500_000
@@ -209,6 +210,18 @@ class TrainConfig:
             return cls.from_json(path.read_text())
         except (OSError, ValueError) as exc:
             raise InputError(path, f"cannot read the training config ({exc})", "check the run folder") from None
+
+    def sampler_settings(self, **more: Any) -> SamplerSettings:
+        """The reverse chain this run trains its energy with, as the one sampler-settings type refine runs
+        (its ``langevin_*`` and ``diffusion_noise_scale`` options); ``more`` sets the other fields."""
+        return SamplerSettings(
+            langevin_steps=self.langevin_steps,
+            step_size=self.langevin_step_size,
+            noise_scale=self.langevin_noise_scale,
+            init=self.langevin_init,
+            diffusion_noise_scale=self.diffusion_noise_scale,
+            **more,
+        )
 
     def model_config_dict(self) -> dict[str, Any]:
         """The keyword arguments of :class:`vertrefine.train.models.ModelConfig` for this run."""

@@ -34,7 +34,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -283,17 +283,15 @@ def _metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _sampler_defaults(config: TrainConfig) -> dict[str, Any]:
+    """The bundle's sampler defaults: the chain the energy was trained with (:meth:`TrainConfig.sampler_settings`),
+    refined from t_refine with the default guidance, plus the LEBM posterior settings and the threshold."""
+    t_refine = min(T_REFINE, config.timesteps - 1)  # the schedule's last step is almost pure noise
+    chain = config.sampler_settings(t_refine=t_refine, guidance=GUIDANCE, guidance_steps=t_refine)  # all guided
     return {
-        "t_refine": min(T_REFINE, config.timesteps - 1),  # the schedule's last step is almost pure noise
-        "langevin_steps": config.langevin_steps,
-        "step_size": config.langevin_step_size,
-        "noise_scale": config.langevin_noise_scale,
-        "init": config.langevin_init,
-        "diffusion_noise_scale": config.diffusion_noise_scale,
+        **asdict(chain),
         "posterior_steps": config.posterior_steps,
         "posterior_step_size": config.posterior_step_size,
         "threshold": 0.5,
-        "guidance": GUIDANCE,
     }
 
 
@@ -433,10 +431,7 @@ def _train(config: TrainConfig, procs: Processes, on_event: EventCallback | None
         model.to(device)
 
     langevin = LangevinConfig(
-        steps=config.langevin_steps,
-        step_size=config.langevin_step_size,
-        noise_scale=config.langevin_noise_scale,
-        init=config.langevin_init,
+        config.sampler_settings(),
         posterior_steps=config.posterior_steps,
         posterior_step_size=config.posterior_step_size,
     )

@@ -18,25 +18,23 @@ Choices (measured or argued in docs/TRAINING.md):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ..sampler import SamplerSettings
 from ..schedule import DiffusionSchedule
 from .models import EnergyMLP, VertebraModel
 
 
 @dataclass(frozen=True)
 class LangevinConfig:
-    """Langevin dynamics of the reverse diffusion step (and of the LEBM's prior and posterior)."""
+    """Training's Langevin dynamics: the reverse diffusion step's chain, with the very settings refine's
+    sampler runs (:class:`vertrefine.sampler.SamplerSettings`: ``langevin_steps``, ``step_size``,
+    ``noise_scale``, ``init``; the LEBM's prior chain uses them too), and the LEBM's posterior chain."""
 
-    steps: int = 60
-    step_size: float = 0.01
-    noise_scale: float = 0.01
-    """Multiplies the sqrt(step) noise; the paper's code uses 0.01 (near-deterministic), 1 is exact Langevin."""
-    init: str = "previous"
-    """'previous': start the chain at z_{t+1}; 'noise': fresh N(0, I) as the paper's code."""
+    chain: SamplerSettings = field(default_factory=SamplerSettings)
     posterior_steps: int = 5
     """LEBM only: posterior Langevin steps through the decoder (each costs a decoder pass)."""
     posterior_step_size: float = 1e-4
@@ -68,12 +66,13 @@ def reverse_step_langevin(
     a_s[t+1] for z_t), detached.
     """
     with torch.no_grad():
-        y = z_next.clone() if langevin.init == "previous" else _randn(z_next.shape, z_next, generator)
-        noise_std = math.sqrt(langevin.step_size) * langevin.noise_scale
-        for _ in range(langevin.steps):
+        chain = langevin.chain
+        y = z_next.clone() if chain.init == "previous" else _randn(z_next.shape, z_next, generator)
+        noise_std = math.sqrt(chain.step_size) * chain.noise_scale
+        for _ in range(chain.langevin_steps):
             _, grad_energy = energy.energy_and_grad(y, t)
             grad = grad_energy + (y - z_next) / sigma**2
-            y = y - 0.5 * langevin.step_size * grad + noise_std * _randn(y.shape, y, generator)
+            y = y - 0.5 * chain.step_size * grad + noise_std * _randn(y.shape, y, generator)
     return y
 
 
@@ -181,12 +180,12 @@ class LebmObjective(Objective):
     """
 
     def _prior_langevin(self, shape: torch.Size, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        energy, cfg = self.model.energy, self.langevin
+        energy, cfg = self.model.energy, self.langevin.chain
         t = torch.zeros(shape[0], dtype=torch.long, device=like.device)
         with torch.no_grad():
             z = _randn(shape, like, generator)
             noise_std = math.sqrt(cfg.step_size) * cfg.noise_scale
-            for _ in range(cfg.steps):
+            for _ in range(cfg.langevin_steps):
                 _, grad = energy.energy_and_grad(z, t)
                 z = z - 0.5 * cfg.step_size * (grad + z) + noise_std * _randn(z.shape, z, generator)
         return z
@@ -201,7 +200,7 @@ class LebmObjective(Objective):
             nll = F.binary_cross_entropy_with_logits(decoder.logits_lowres(z), target, reduction="sum")
             potential = nll + (energy(z, t) + 0.5 * z.pow(2).flatten(1).sum(1)).sum()
             (grad,) = torch.autograd.grad(potential, z)
-            z = z - 0.5 * step * grad + math.sqrt(step) * cfg.noise_scale * _randn(z.shape, z, generator)
+            z = z - 0.5 * step * grad + math.sqrt(step) * cfg.chain.noise_scale * _randn(z.shape, z, generator)
         return z.detach()
 
     def __call__(
