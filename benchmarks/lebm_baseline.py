@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from vertrefine.bundle import default_bundle_dir, load_bundle
 from vertrefine.runtime import BundleSessions, open_sessions
-from vertrefine.train.data import PatchCache, block_mean, split_indices
 from vertrefine.train.from_bundle import model_from_bundle
 from vertrefine.train.models import EnergyMLP, ModelConfig, VertebraModel
+from vertrefine.train.patch_cache import PatchCache, block_mean, split_indices
 
 PRIOR_STEPS = 60
 PRIOR_STEP = 0.4

@@ -112,7 +112,7 @@ def main() -> None:
     energies = {"LSD-EBM": sessions.energy_and_grad}
     if args.cache:
         from benchmarks.lebm_baseline import clean_latents  # torch: only with --cache
-        from vertrefine.train.data import PatchCache, split_indices
+        from vertrefine.train.patch_cache import PatchCache, split_indices
 
         cache = PatchCache.open(args.cache)
         latents = clean_latents(sessions, cache, split_indices(cache, 0.1, 0)[0])

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from vertrefine.sampler import SamplerSettings
-from vertrefine.train.data import PatchCache, split_indices, validation_masks
 from vertrefine.train.export import load_checkpoint_model
 from vertrefine.train.objectives import LangevinConfig, reverse_step_langevin
+from vertrefine.train.patch_cache import PatchCache, split_indices
+from vertrefine.train.validation import validation_masks
 
 
 def dice(probability: torch.Tensor, masks: torch.Tensor) -> np.ndarray:

@@ -168,7 +168,7 @@ def test_synth_into_a_file_is_one_line(tmp_path):
 
 def test_train_data_takes_a_file_or_a_folder(tmp_path, spine):
     pytest.importorskip("torch")
-    from vertrefine.train.data import find_training_cases
+    from vertrefine.train.patch_cache import find_training_cases
 
     assert [(c.name, c.path) for c in find_training_cases(spine)] == [("spine", spine)]
     (tmp_path / "notes.txt").write_text("x")

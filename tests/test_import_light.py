@@ -13,7 +13,8 @@ def test_training_modules_import_without_simpleitk_rich_or_typer():
         "import sys\n"
         "for name in ('SimpleITK', 'rich', 'typer'):\n"
         "    sys.modules[name] = None\n"
-        "import vertrefine.train.loop, vertrefine.train.data, vertrefine.train.export, vertrefine.train.objectives\n"
+        "import vertrefine.train.loop, vertrefine.train.patch_cache, vertrefine.train.dataset\n"
+        "import vertrefine.train.validation, vertrefine.train.export, vertrefine.train.objectives\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

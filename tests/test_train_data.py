@@ -19,18 +19,11 @@ from vertrefine.volume import Geometry, Volume
 
 torch = pytest.importorskip("torch")
 
-from vertrefine.train import data  # noqa: E402
-from vertrefine.train.data import (  # noqa: E402
-    PatchCache,
-    PatchDataset,
-    apply_draw,
-    block_mean,
-    build_patch_cache,
-    reconstruction_dice,
-    split_indices,
-    transform,
-    validation_masks,
-)
+from vertrefine.train import dataset as data_set  # noqa: E402
+from vertrefine.train import patch_cache as data  # noqa: E402
+from vertrefine.train.dataset import PatchDataset, apply_draw, transform  # noqa: E402
+from vertrefine.train.patch_cache import PatchCache, block_mean, build_patch_cache, split_indices  # noqa: E402
+from vertrefine.train.validation import reconstruction_dice, validation_masks  # noqa: E402
 
 CUT_SLICES = 25  # removed from the top of a spine so that its L1 runs out of the field of view
 
@@ -517,7 +510,7 @@ def test_rotation_augmentation_turns_content_about_the_patch_centre():
     assert abs(centre[2] - 31.5) == pytest.approx(14.0, abs=0.3)
     assert float(turned.sum()) == pytest.approx(float(blob.sum()), rel=0.02)
     np.testing.assert_allclose(
-        data.rotation_matrix((10, -20, 30)) @ data.rotation_matrix((10, -20, 30)).T, np.eye(3), atol=1e-12
+        data_set.rotation_matrix((10, -20, 30)) @ data_set.rotation_matrix((10, -20, 30)).T, np.eye(3), atol=1e-12
     )
     squeezed = transform(torch.from_numpy(blob), 1.0, (0.0, 0.0, 0.0), False, scales=(1.0, 1.0, 0.8))
     assert float(squeezed.sum()) / float(blob.sum()) == pytest.approx(0.8, rel=0.03)

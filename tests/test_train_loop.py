@@ -16,8 +16,8 @@ from vertrefine.errors import InputError, VertrefineError  # noqa: E402
 from vertrefine.synth import write_synth_dataset  # noqa: E402
 from vertrefine.train import loop  # noqa: E402
 from vertrefine.train.config import PRESETS, TrainConfig  # noqa: E402
-from vertrefine.train.data import build_patch_cache  # noqa: E402
 from vertrefine.train.distributed import epoch_order  # noqa: E402
+from vertrefine.train.patch_cache import build_patch_cache  # noqa: E402
 
 MICRO = {
     "epochs": 1,

@@ -10,7 +10,7 @@
 
 Reproducibility and resume. Nothing depends on global random state or wall-clock time: the model is
 initialised from ``torch.manual_seed(seed)``, the epoch's patch order from a generator seeded with
-``(seed, epoch)``, each item's augmentation from ``(seed, epoch, patch)`` (see ``data.PatchDataset``) and each
+``(seed, epoch)``, each item's augmentation from ``(seed, epoch, patch)`` (see ``dataset.PatchDataset``) and each
 step's objective randomness (reparameterisation noise, diffusion step, Langevin noise) from a generator
 seeded with ``(seed, epoch, step, rank)``. A checkpoint holds the weights, Adam's state and the epoch, so on
 the CPU a resumed run reproduces the uninterrupted run bit for bit.
@@ -105,7 +105,7 @@ def _has_cache(path: Path) -> bool:
 
 def _prepare_cache(config: TrainConfig, emit: EventCallback) -> None:
     """Rank 0: make the tiny preset's synthetic spines if needed and build (or update) the patch cache."""
-    from . import data
+    from . import patch_cache
 
     def on_progress(event: Any) -> None:
         emit("cache", {k: getattr(event, k) for k in ("done", "total", "case", "status", "patches", "message")})
@@ -121,7 +121,7 @@ def _prepare_cache(config: TrainConfig, emit: EventCallback) -> None:
         _make_synthetic_data(data_path, config.synth_cases, emit)
     emit("cache_start", {"data": str(data_path), "cache": str(cache_path)})
     try:
-        data.build_patch_cache(
+        patch_cache.build_patch_cache(
             data_paths,
             cache_path,
             degraded_variants=config.degraded_variants,
@@ -183,7 +183,7 @@ def validate(
     The posterior mean is decoded (no sampling), upsampled to 1 mm and thresholded at 0.5, as refine's
     exported encoder and decoder do, and compared with the cached 1 mm mask.
     """
-    from .data import reconstruction_dice, validation_masks
+    from .validation import reconstruction_dice, validation_masks
 
     was_training = model.training
     model.eval()
@@ -351,7 +351,7 @@ def _train(config: TrainConfig, procs: Processes, on_event: EventCallback | None
         if on_event is not None and procs.main:
             on_event(kind, payload)
 
-    from . import data  # reads the patch cache (its builder reads medical images: see the module docstring)
+    from . import dataset, patch_cache  # the cache's builder reads medical images: see patch_cache's docstring
 
     device = resolve_device(config.device, procs.local_rank)
     if device.type == "cuda":
@@ -384,9 +384,9 @@ def _train(config: TrainConfig, procs: Processes, on_event: EventCallback | None
             tmp.write_text(config.to_json())
         _prepare_cache(config, emit)
     procs.barrier()
-    cache = data.PatchCache.open(config.cache_path)
+    cache = patch_cache.PatchCache.open(config.cache_path)
     try:
-        train_idx, val_idx = data.split_indices(cache, config.val_fraction, config.seed, config.val_groups)
+        train_idx, val_idx = patch_cache.split_indices(cache, config.val_fraction, config.seed, config.val_groups)
     except ValueError as exc:
         raise InputError(config.cache_path, str(exc), "check --val-groups against the case names") from None
     train_idx = _repeated(cache, train_idx, config)
@@ -439,7 +439,7 @@ def _train(config: TrainConfig, procs: Processes, on_event: EventCallback | None
         model, schedule, langevin, kl_weight=config.kl_weight, energy_on_clean=config.energy_on_clean
     )
     step_module = data_parallel(TrainingStep(model, objective), procs, device)  # DDP under torchrun
-    dataset = data.PatchDataset(cache, train_idx, augment=True, degraded_prob=config.degraded_prob, seed=config.seed)
+    dataset = dataset.PatchDataset(cache, train_idx, augment=True, degraded_prob=config.degraded_prob, seed=config.seed)
     val_shard = val_idx[procs.rank :: procs.world_size]
     steps_per_epoch = math.ceil(
         len(epoch_order(len(train_idx), config.seed, 1, procs.rank, procs.world_size)) / config.batch_size
