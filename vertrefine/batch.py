@@ -1,4 +1,12 @@
-"""Run one command over a file or a folder of cases: progress, skip-existing, go on past failures."""
+"""Run one command over a file or a folder of cases: skip-existing, go on past failures, report events.
+
+:func:`run_batch` shows nothing itself: it tells a display what happens through ``on_event(kind, payload)``
+(the CLI draws the progress bar and the final tables from these), and returns every case's outcome.
+
+- ``"start"`` {total, label}: before the first case
+- ``"status"`` {text}: what the case or group being processed is doing now ("L3-L5 encode", "write")
+- ``"outcome"`` {outcome}: a case is done, skipped or failed (:class:`CaseOutcome`)
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from .cases import Case, Plan, case_name, find_cases, is_nifti
 from .errors import InputError, OutputError, VertrefineError
@@ -35,15 +39,13 @@ class CaseOutcome:
     seconds: float
 
 
-def progress_bar(console: Console) -> Progress:
-    """The progress display every command uses: description, bar, done/total, elapsed time."""
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
+EventFn = Callable[[str, dict[str, Any]], None]
+"""``on_event(kind, payload)``: how :func:`run_batch` reports (see the module docstring)."""
+
+
+def exit_code(outcomes: list[CaseOutcome]) -> int:
+    """0 when every case is done or skipped, 1 when some failed."""
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
 def output_path_for(case: Case, out_dir: Path) -> Path:
@@ -104,12 +106,11 @@ def run_batch(
     *,
     label: str,
     skip_existing: bool,
-    console: Console,
-    out: Console,
+    on_event: EventFn,
     complete: CompleteFn | None = None,
     group_size: int = 1,
-) -> int:
-    """Run ``one_case`` over every case; return the exit code (0 all done or skipped, 1 some failed).
+) -> list[CaseOutcome]:
+    """Run ``one_case`` over every case, reporting to ``on_event``; return every case's outcome, in order.
 
     With ``complete``, a case runs in two stages: ``one_case`` returns a state, and once ``group_size``
     states are ready (or the cases run out) ``complete`` finishes the group together (refine samples the
@@ -121,23 +122,25 @@ def run_batch(
     single = len(plan) == 1
     outcomes: list[CaseOutcome] = []
     pending: list[tuple[str, Any, float]] = []
-    progress = progress_bar(console)
+
+    def record(outcome: CaseOutcome) -> None:
+        outcomes.append(outcome)
+        on_event("outcome", {"outcome": outcome})
 
     def failed(case: str, exc: BaseException, seconds: float) -> None:
         if single or os.environ.get("VERTREFINE_DEBUG"):
             raise exc
         reason = str(exc) if isinstance(exc, VertrefineError) else f"{type(exc).__name__}: {exc}"
-        outcomes.append(CaseOutcome(case, "failed", reason, seconds))
-        progress.console.print(f"[red]failed[/] {case}: {reason}", highlight=False, soft_wrap=True)
+        record(CaseOutcome(case, "failed", reason, seconds))
 
-    def flush(task: Any) -> None:
+    def flush() -> None:
         if not pending:
             return
         names = ", ".join(name for name, _, _ in pending)
         start = time.perf_counter()
 
         def status(text: str) -> None:
-            progress.update(task, description=f"{label} {names}: {text}")
+            on_event("status", {"text": f"{names}: {text}"})
 
         try:
             results: list[str | BaseException] = complete([(n, s) for n, s, _ in pending], status)  # type: ignore[misc]
@@ -148,68 +151,30 @@ def run_batch(
             if isinstance(result, BaseException):
                 failed(name, result, seconds + share)
             else:
-                outcomes.append(CaseOutcome(name, "done", result, seconds + share))
-            progress.advance(task)
+                record(CaseOutcome(name, "done", result, seconds + share))
         pending.clear()
 
-    with progress:
-        task = progress.add_task(label, total=len(plan))
-        for case, destination in plan:
-            progress.update(task, description=f"{label} {case.name}")
+    on_event("start", {"total": len(plan), "label": label})
+    for case, destination in plan:
+        on_event("status", {"text": case.name})
 
-            def status(text: str, name: str = case.name) -> None:
-                progress.update(task, description=f"{label} {name}: {text}")
+        def status(text: str, name: str = case.name) -> None:
+            on_event("status", {"text": f"{name}: {text}"})
 
-            start = time.perf_counter()
-            if skip_existing and destination.exists():
-                outcomes.append(CaseOutcome(case.name, "skipped", "output exists", 0.0))
-                progress.advance(task)
-                continue
-            try:
-                result = one_case(case.name, case.path, destination, status)
-            except Exception as exc:  # noqa: BLE001 - a batch goes on past any failed case
-                failed(case.name, exc, time.perf_counter() - start)
-                progress.advance(task)
-                continue
-            if complete is None:
-                outcomes.append(CaseOutcome(case.name, "done", result, time.perf_counter() - start))
-                progress.advance(task)
-            else:
-                pending.append((case.name, result, time.perf_counter() - start))
-                if len(pending) >= max(1, group_size):
-                    flush(task)
-        flush(task)
-    return report(outcomes, out)
-
-
-def report(outcomes: list[CaseOutcome], out: Console) -> int:
-    """Print the final counts (and a table of failures); return the exit code."""
-    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
-    failed = [o for o in outcomes if o.status == "failed"]
-    # a done case's detail is a summary line, then one line per warning (e.g. a vertebra kept as input)
-    warned = [(o.case, line) for o in outcomes if o.status == "done" for line in o.detail.splitlines()[1:]]
-    if len(outcomes) == 1 and not failed:
-        only = outcomes[0]
-        summary = only.detail.splitlines()[0] if only.detail else ""
-        out.print(f"{only.case}: {only.status} ({summary}, {only.seconds:.1f} s)", highlight=False)
-        for _, line in warned:
-            out.print(f"[yellow]warning:[/] {line}", highlight=False)
-    elif warned:
-        table = Table(title="warnings")
-        table.add_column("case")
-        table.add_column("warning")
-        for case, line in warned:
-            table.add_row(case, line)
-        out.print(table)
-    if failed:
-        table = Table(title="failed cases")
-        table.add_column("case")
-        table.add_column("reason")
-        for outcome in failed:
-            table.add_row(outcome.case, outcome.detail)
-        out.print(table)
-    if len(outcomes) > 1 or failed:
-        with_warnings = len({case for case, _ in warned})
-        extra = f" ({with_warnings} with warnings)" if with_warnings else ""
-        out.print(f"{counts['done']} done{extra}, {counts['skipped']} skipped, {counts['failed']} failed")
-    return 1 if failed else 0
+        start = time.perf_counter()
+        if skip_existing and destination.exists():
+            record(CaseOutcome(case.name, "skipped", "output exists", 0.0))
+            continue
+        try:
+            result = one_case(case.name, case.path, destination, status)
+        except Exception as exc:  # noqa: BLE001 - a batch goes on past any failed case
+            failed(case.name, exc, time.perf_counter() - start)
+            continue
+        if complete is None:
+            record(CaseOutcome(case.name, "done", result, time.perf_counter() - start))
+        else:
+            pending.append((case.name, result, time.perf_counter() - start))
+            if len(pending) >= max(1, group_size):
+                flush()
+    flush()
+    return outcomes

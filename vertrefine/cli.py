@@ -19,11 +19,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
-from .batch import progress_bar as batch_progress_bar
 from .conventions import DEVICES, MODEL_KINDS
 from .errors import VertrefineError
 from .filetypes import output_format
@@ -106,7 +105,72 @@ def _install_sigterm() -> tuple[bool, Any]:
 
 
 def progress_bar() -> Progress:
-    return batch_progress_bar(err)
+    """The progress display every command uses: description, bar, done/total, elapsed time."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+    )
+
+
+def _run_batch(plan: Any, one_case: Any, **options: Any) -> int:
+    """:func:`vertrefine.batch.run_batch` with the progress bar and the final report; returns the exit code."""
+    from .batch import run_batch
+
+    with progress_bar() as progress:
+        task = progress.add_task(options["label"], total=len(plan))
+
+        def on_event(kind: str, payload: dict[str, Any]) -> None:
+            if kind == "status":
+                progress.update(task, description=f"{options['label']} {payload['text']}")
+            elif kind == "outcome":
+                outcome = payload["outcome"]
+                if outcome.status == "failed":
+                    progress.console.print(
+                        f"[red]failed[/] {outcome.case}: {outcome.detail}", highlight=False, soft_wrap=True
+                    )
+                progress.advance(task)
+
+        outcomes = run_batch(plan, one_case, on_event=on_event, **options)
+    return _report(outcomes)
+
+
+def _report(outcomes: list[Any]) -> int:
+    """Print a batch's final line(s): the one case's summary and warnings, or tables of warnings and
+    failures and the counts; return the exit code (:func:`vertrefine.batch.exit_code`)."""
+    from .batch import exit_code
+
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
+    failed = [o for o in outcomes if o.status == "failed"]
+    # a done case's detail is a summary line, then one line per warning (e.g. a vertebra kept as input)
+    warned = [(o.case, line) for o in outcomes if o.status == "done" for line in o.detail.splitlines()[1:]]
+    if len(outcomes) == 1 and not failed:
+        only = outcomes[0]
+        summary = only.detail.splitlines()[0] if only.detail else ""
+        out.print(f"{only.case}: {only.status} ({summary}, {only.seconds:.1f} s)", highlight=False)
+        for _, line in warned:
+            out.print(f"[yellow]warning:[/] {line}", highlight=False)
+    elif warned:
+        table = Table(title="warnings")
+        table.add_column("case")
+        table.add_column("warning")
+        for case, line in warned:
+            table.add_row(case, line)
+        out.print(table)
+    if failed:
+        table = Table(title="failed cases")
+        table.add_column("case")
+        table.add_column("reason")
+        for outcome in failed:
+            table.add_row(outcome.case, outcome.detail)
+        out.print(table)
+    if len(outcomes) > 1 or failed:
+        with_warnings = len({case for case, _ in warned})
+        extra = f" ({with_warnings} with warnings)" if with_warnings else ""
+        out.print(f"{counts['done']} done{extra}, {counts['skipped']} skipped, {counts['failed']} failed")
+    return exit_code(outcomes)
 
 
 def _version_callback(value: bool) -> None:
@@ -377,7 +441,7 @@ def refine(
     assume_orientation: Annotated[str | None, typer.Option(metavar="CODE", help=ASSUME_ORIENTATION_HELP)] = None,
 ) -> None:
     """Refine vertebra segmentations with the shape prior (1 mm output for thick-slice inputs) plus a JSON sidecar."""
-    from .batch import is_batch, plan_cases, run_batch
+    from .batch import is_batch, plan_cases
     from .refine import Refiner
     from .refine_batch import ExtraOutputs, RefineJob, check_refine_outputs
 
@@ -425,15 +489,8 @@ def refine(
         command=_command_line(ctx),
         note=lambda line: err.print(f"[dim]note:[/] {line}", highlight=False, soft_wrap=True),
     )
-    code = run_batch(
-        plan,
-        job.prepare,
-        label="refine",
-        skip_existing=skip_existing,
-        console=err,
-        out=out,
-        complete=job.complete,
-        group_size=group_size,
+    code = _run_batch(
+        plan, job.prepare, label="refine", skip_existing=skip_existing, complete=job.complete, group_size=group_size
     )
     raise typer.Exit(code)
 
@@ -497,7 +554,7 @@ def degrade(
     assume_orientation: Annotated[str | None, typer.Option(metavar="CODE", help=ASSUME_ORIENTATION_HELP)] = None,
 ) -> None:
     """Simulate a thick-slice MRI segmentation of a label map, on the input's grid (or --native)."""
-    from .batch import plan_cases, run_batch
+    from .batch import plan_cases
     from .cases import case_seed
     from .degrade import degrade as degrade_volume
     from .degrade import option_problem
@@ -534,7 +591,7 @@ def degrade(
         write_label_map(degraded, destination, like=volume)
         return "\n".join([f"seed {case_seed(seed, name)}", *volume.source.warnings])
 
-    code = run_batch(plan, one_case, label="degrade", skip_existing=skip_existing, console=err, out=out)
+    code = _run_batch(plan, one_case, label="degrade", skip_existing=skip_existing)
     raise typer.Exit(code)
 
 

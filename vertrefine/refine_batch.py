@@ -23,6 +23,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import atomic_path
+from .batch import Status
 from .bundle import MANIFEST_NAME, sha256_file
 from .cases import Plan, case_name, case_seed
 from .dicom_seg import seg_source_geometry
@@ -34,8 +35,6 @@ from .outputs import check_writable_file, check_writable_folder, require_seg_sou
 from .refine import PreparedCase, RefinedCase, Refiner
 from .runtime import BundleSessions
 from .volume import Volume
-
-Status = Any  # batch.Status; kept loose to avoid importing rich here
 
 
 @dataclass(frozen=True)
