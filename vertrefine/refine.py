@@ -9,6 +9,7 @@ output does not depend on which other cases share its group.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -466,7 +467,7 @@ def finish_case(
     seconds = dict(prepared.seconds)
     start = time.perf_counter()
     status("decode")
-    gone = ~np.isfinite(z).reshape(*z.shape[:2], -1).all(axis=2)  # [samples, n]: diverged chains are NaN
+    gone = ~np.isfinite(z).reshape(*z.shape[:2], math.prod(z.shape[2:])).all(axis=2)  # [samples, n]: NaN: diverged
     mean, std = _decode_mean_std(sessions, np.where(gone.reshape(*gone.shape, *(1,) * (z.ndim - 2)), 0.0, z))
     mean[gone.any(axis=0)] = 0.0  # nothing of a diverged vertebra is stitched
     for k, rotation in enumerate(prepared.rotations):  # pose frame -> the axis-aligned box
