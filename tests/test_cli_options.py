@@ -88,9 +88,10 @@ def test_a_diverging_chain_is_reported_and_the_input_kept(spine, tmp_path):
     none was refined and why, and the written map is the input, voxel for voxel (exit code 0: it is complete)."""
     folder = _bundle_copy(tmp_path, lambda m: m["validated"]["ranges"].update(step_size=[0.0001, 1.0]))
     out = tmp_path / "o.nii.gz"
-    result = invoke("refine", spine, "-o", out, "--weights", folder, "--step-size", "0.5", "--t-refine", "2")
+    options = ("--step-size", "0.5", "--t-refine", "2", "--fine-inputs", "refine")  # a 1 mm spine: refine it
+    result = invoke("refine", spine, "-o", out, "--weights", folder, *options)
     assert result.exit_code == 0, result.output
-    assert "0 of 2 vertebrae refined, 2 kept as input" in result.output
+    assert "done (2 kept as input;" in result.output
     assert result.output.count("sampler diverged") == 2
     np.testing.assert_array_equal(read_label_map(out).array, read_label_map(spine).array)
     sidecar = json.loads((tmp_path / "o.json").read_text())

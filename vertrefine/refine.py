@@ -9,7 +9,6 @@ output does not depend on which other cases share its group.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
