@@ -242,7 +242,8 @@ class RefinedCase:
         """'3 refined, 1 kept as input, 1 passed through; agreement with the input (DSC/HD95 mm): L1 0.93/1.8, ...'."""
         decisions = [v.decision.split(",")[0] for v in self.vertebrae] + ["passed through"] * len(self.passed_through)
         counts = {d: decisions.count(d) for d in dict.fromkeys(decisions)}
-        text = ", ".join(f"{n} {d}" for d, n in counts.items()) or "no vertebra"
+        said = {"kept input": "kept as input"}
+        text = ", ".join(f"{n} {said.get(d, d)}" for d, n in counts.items()) or "no vertebra"
         measured = [v for v in self.vertebrae if v.agreement_dsc is not None]
         if measured:
             pairs = ", ".join(
