@@ -91,7 +91,7 @@ def refine_with(
     native: Volume, sessions: BundleSessions, settings: SamplerSettings, make_guide, seed: int
 ) -> tuple[Volume, float]:
     """(1 mm labels, seconds in the chain) of ``native`` refined with the guide ``make_guide(prepared)``."""
-    options = RefineOptions(settings)
+    options = RefineOptions(settings, fine_inputs="refine")
     prepared = prepare_case(native, sessions, options)
     guide = make_guide(prepared) if make_guide is not None else None
     start = time.perf_counter()

@@ -34,7 +34,7 @@ from vertrefine.synth import synth_spine
 
 def held_out(sessions: BundleSessions, spines: int, first_seed: int, slice_mm: float, axis: str):
     """Degraded-patch latents [n, L], true-patch latents [n, L] and true masks [n, P, P, P] in the same boxes."""
-    options = RefineOptions(None)
+    options = RefineOptions(None, fine_inputs="refine")
     mu_degraded, truths = [], []
     for seed in range(first_seed, first_seed + spines):
         truth = synth_spine(seed)

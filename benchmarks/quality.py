@@ -56,7 +56,7 @@ class LebmModel:
         self.refiner = LebmRefiner(bundle_dir, prior, LEBM_POSTERIOR_STEPS, step_size)
 
     def refine(self, volume: Volume, seed: int) -> Volume:
-        options = RefineOptions(None)
+        options = RefineOptions(None, fine_inputs="refine")
         prepared = prepare_case(volume, self.sessions, options)
         patches = np.stack([p for _, _, p in crop_instances(prepared.instance_array, prepared.instances)])
         z = self.refiner.posterior(prepared.mu, patches, seed)
@@ -88,10 +88,12 @@ def _models(args: argparse.Namespace) -> dict[str, BundleModel | LebmModel]:
         bundle = load_bundle(Path(path) if path else default_bundle_dir(kind))
         sessions = open_sessions(bundle, "cpu", args.threads)[0]
         if bundle.kind == "vae":
-            options = RefineOptions(None)
+            options = RefineOptions(None, fine_inputs="refine")
         else:
             overrides = dict(t_refine=args.t_refine, langevin_steps=args.langevin_steps, step_size=args.step_size)
-            options = RefineOptions(SamplerSettings.from_manifest(bundle.sampler, **overrides), samples=args.samples)
+            options = RefineOptions(
+                SamplerSettings.from_manifest(bundle.sampler, **overrides), samples=args.samples, fine_inputs="refine"
+            )
         models[kind] = BundleModel(sessions, options)
     return models
 

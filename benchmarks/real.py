@@ -21,7 +21,7 @@ ground truth's 1 mm grid:
 
 - ``input``: the thick input, nearest neighbour (always run: the changes below are measured from it);
 - ``sdf``: classical shape-based interpolation (per-label signed distances, ``resample_labels``' default);
-- ``vae``: ``refine_volume`` decoding the encoder's mean (``RefineOptions(sampler=None)``);
+- ``vae``: ``refine_volume`` decoding the encoder's mean (``RefineOptions(sampler=None, fine_inputs="refine")``);
 - ``lsd-ebm-noguide``: the bundle's sampler with data-consistency guidance 0;
 - ``lsd-ebm``: the bundle's sampler defaults (the model: every vertebra written as refined);
 - ``refine``: ``vertrefine refine``'s defaults, i.e. ``lsd-ebm`` plus the agreement gate that keeps the
@@ -157,16 +157,18 @@ def find_case_paths(data: Path, cases: Sequence[str]) -> dict[str, Path]:
 
 def method_options(bundle: Bundle) -> dict[str, RefineOptions]:
     """Refine options of each model method this bundle can run (the lsd-ebm rows need an lsd-ebm bundle)."""
-    options = {"vae": RefineOptions(sampler=None, on_disagree="write")}
+    options = {"vae": RefineOptions(sampler=None, on_disagree="write", fine_inputs="refine")}
     if bundle.kind == "lsd-ebm":
         unguided = SamplerSettings.from_manifest(bundle.sampler, guidance=0.0)
-        options["lsd-ebm-noguide"] = RefineOptions(unguided, on_disagree="write")
-        options["lsd-ebm"] = RefineOptions(SamplerSettings.from_manifest(bundle.sampler), on_disagree="write")
-        options["refine"] = RefineOptions(SamplerSettings.from_manifest(bundle.sampler))
+        options["lsd-ebm-noguide"] = RefineOptions(unguided, on_disagree="write", fine_inputs="refine")
+        options["lsd-ebm"] = RefineOptions(
+            SamplerSettings.from_manifest(bundle.sampler), on_disagree="write", fine_inputs="refine"
+        )
+        options["refine"] = RefineOptions(SamplerSettings.from_manifest(bundle.sampler))  # as refine runs
     return options
 
 
-class Refiner:
+class ModelRunner:
     """The model rows: one bundle's ONNX sessions (CPU) and the refine options of each model method."""
 
     def __init__(self, bundle_dir: Path, threads: int) -> None:
@@ -199,7 +201,7 @@ class Refiner:
         }
 
 
-def predict(method: str, native: Volume, gt: Volume, seed: int, refiner: Refiner | None) -> Volume:
+def predict(method: str, native: Volume, gt: Volume, seed: int, refiner: ModelRunner | None) -> Volume:
     """The label map ``method`` makes of the thick input ``native``, on the ground truth's grid."""
     if method == "input":
         return resample_labels(native, gt.geometry, method="nearest")
@@ -255,7 +257,7 @@ def run_condition(
     slice_mm: float,
     axis: str,
     methods: Sequence[str],
-    refiner: Refiner | None,
+    refiner: ModelRunner | None,
     log: Log = _stderr,
 ) -> dict[str, Any]:
     """Every case degraded at ``slice_mm`` / ``axis`` and each method's result scored against the ground truth."""
@@ -288,7 +290,7 @@ def run_condition(
     return {"slice_mm": slice_mm, "axis": axis, "seeds": seeds, "native_spacing_mm": native_spacing, "methods": results}
 
 
-def ceiling_check(gts: dict[str, Volume], refiner: Refiner, log: Log = _stderr) -> dict[str, Any]:
+def ceiling_check(gts: dict[str, Volume], refiner: ModelRunner, log: Log = _stderr) -> dict[str, Any]:
     """Each clean ground-truth vertebra encoded and its mean decoded: how well the autoencoder can do at best."""
     rows: list[dict[str, Any]] = []
     for n, (case, gt) in enumerate(gts.items(), start=1):
@@ -349,7 +351,7 @@ def unrotate(volume: Volume, rotation: np.ndarray, centre: Sequence[float], targ
     return resample_labels(rotate_volume(volume, np.asarray(rotation).T, centre), target, method="nearest")
 
 
-def pose_check(gts: dict[str, Volume], refiner: Refiner, log: Log = _stderr) -> dict[str, Any]:
+def pose_check(gts: dict[str, Volume], refiner: ModelRunner, log: Log = _stderr) -> dict[str, Any]:
     """The default method at 5 mm sagittal on each spine upright and rotated 30 degrees about each LPS axis."""
     method = refiner.default_method
     poses = {"upright": np.eye(3)}
@@ -429,7 +431,7 @@ def benchmark(
     paths = find_case_paths(Path(data), cases)
     refiner = None
     if ceiling or pose or any(m in MODEL_METHODS for m in chosen):
-        refiner = Refiner(Path(weights) if weights else default_bundle_dir("lsd-ebm"), threads)
+        refiner = ModelRunner(Path(weights) if weights else default_bundle_dir("lsd-ebm"), threads)
         lacking = [m for m in chosen if m in MODEL_METHODS and m not in refiner.options]
         if lacking:
             raise ValueError(f"the {refiner.bundle.kind} bundle at {refiner.bundle.dir} cannot run {lacking}")

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         decisions: dict[str, int] = {}
         start = time.perf_counter()
         for name, gt, native, seed in inputs:
-            result = refine_volume(native, sessions, RefineOptions(sampler), seed=seed)
+            result = refine_volume(native, sessions, RefineOptions(sampler, fine_inputs="refine"), seed=seed)
             rows += score_case(name, resample_labels(result.labels, gt.geometry, method="nearest"), gt)
             for v in result.vertebrae:
                 key = "diverged" if v.reason.startswith("sampler diverged") else v.decision

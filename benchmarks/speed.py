@@ -289,7 +289,7 @@ class VertrefineSide:
     def __init__(self, bundle_dir: Path, device: str = "auto", threads: int = 0) -> None:
         bundle = load_bundle(bundle_dir)
         self.sessions, _ = open_sessions(bundle, device, threads)
-        self.options = RefineOptions(SamplerSettings.from_manifest(bundle.sampler))
+        self.options = RefineOptions(SamplerSettings.from_manifest(bundle.sampler), fine_inputs="refine")
 
     def refine(self, volume: Volume, seed: int) -> tuple[Volume, dict[str, float]]:
         """Refine ``volume`` as the CLI does; (labels, seconds per stage and total)."""

@@ -57,7 +57,7 @@ def input_rows(inputs: Sequence[tuple[str, Volume, Volume, int]]) -> list[dict[s
 def run(args: argparse.Namespace) -> dict[str, Any]:
     bundle = load_bundle(args.bundle)
     sessions = open_sessions(bundle, "cpu", args.threads)[0]
-    settings: dict[str, RefineOptions] = {"vae (encoder mean)": RefineOptions(None)}
+    settings: dict[str, RefineOptions] = {"vae (encoder mean)": RefineOptions(None, fine_inputs="refine")}
     for t_refine, steps, guidance, guided in itertools.product(
         args.t_refine, args.langevin_steps, args.guidance, args.guidance_steps
     ):
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sampler = SamplerSettings.from_manifest(
             bundle.sampler, t_refine=t_refine, langevin_steps=steps, guidance=guidance, guidance_steps=guided
         )
-        settings[name] = RefineOptions(sampler)
+        settings[name] = RefineOptions(sampler, fine_inputs="refine")
     inputs = thick_inputs(args.data, args.cases, args.slice_mm, args.axis)
     rows: dict[str, list[dict[str, Any]]] = {"input": input_rows(inputs)}
     vertebrae = len(rows["input"])
