@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,10 @@ def test_the_sidecar_records_input_digest_command_time_warnings_extras_and_grids
     }
     assert record["command"].startswith("vertrefine refine ") and "--samples 2" in record["command"]
     assert str(out / "qc.png") in record["command"]
+    words = shlex.split(record["command"])  # retypeable: the input is a bare argument, as the user gave it
+    assert words[2] == str(tmp_path / "in.nii.gz") and "input_path" not in words
+    retyped = invoke(*words[1:], "-o", out / "again.nii.gz")  # the same command, another output
+    assert retyped.exit_code == 0, retyped.output
     created = datetime.fromisoformat(record["created_utc"].replace("Z", "+00:00"))
     assert record["created_utc"].endswith("Z") and started - timedelta(seconds=2) <= created <= datetime.now(
         timezone.utc

@@ -733,9 +733,11 @@ def _command_line(ctx: typer.Context) -> str:
             if opts:
                 words.append(max(opts, key=len))
             continue
-        flag = max(param.opts, key=len)
-        for item in value if isinstance(value, (list, tuple)) and param.multiple else [value]:
-            words += [flag, str(item.value if isinstance(item, Enum) else item)]
+        items = value if isinstance(value, (list, tuple)) and (param.multiple or param.nargs != 1) else [value]
+        for item in items:
+            text = str(item.value if isinstance(item, Enum) else item)
+            # a positional argument is its value alone; an option its flag and value
+            words += [text] if param.param_type_name == "argument" else [max(param.opts, key=len), text]
     return shlex.join(words)
 
 
