@@ -189,6 +189,16 @@ def test_a_totalsegmentator_map_refines_only_its_vertebrae_keeping_ids_and_organ
     assert sidecar["passed_through_labels"] == [SPLEEN, KIDNEY_RIGHT, LIVER]
 
 
+def test_labels_naming_an_organ_of_the_numbering_are_refused_in_one_line(ts_map, tmp_path):
+    # --labels 20-24 is VerSe's lumbar spine, but in TotalSegmentator's numbering 5 is the liver: never reshape it
+    source = tmp_path / "ts.nii.gz"
+    io.write_label_map(ts_map, source)
+    result = invoke("refine", source, "-o", tmp_path / "o.nii.gz", "--model", "vae", "--labels", f"{LIVER},30")
+    (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert result.exit_code == 2 and "liver" in line and "not a vertebra" in line and "Traceback" not in result.output
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
 def test_labels_by_level_choose_in_the_map_s_own_numbering(ts_map, vae):
     result = refine_volume(ts_map, vae, RefineOptions(None, labels=parse_label_selection("vertebrae_L3")))
     assert [v.instance.label for v in result.vertebrae] == [TS_L3]

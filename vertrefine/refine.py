@@ -322,11 +322,23 @@ def refined_instances(
     vertebrae of ``scheme`` (every component of a binary mask)."""
     if labels is not None:
         wanted = LabelSelection.of(labels).resolve(scheme)
+        organs = sorted({i.label for i in instances if i.label in wanted and _named_non_vertebra(scheme, i.label)})
+        if organs:  # a numbering that names a structure is trusted over --labels: never reshape an organ
+            named = ", ".join(f"{label} ({scheme.name(label)})" for label in organs)
+            raise SettingsError(
+                f"--labels names {named}, which the file's numbering ({scheme.title}) says is not a vertebra; "
+                "leave it out, or pass --label-scheme with the file's real numbering"
+            )
         return [i for i in instances if i.label in wanted]
     if scheme.binary or any(i.instance_id != i.label for i in instances):
         return list(instances)
     vertebrae = scheme.vertebrae(i.label for i in instances)
     return [i for i in instances if i.label in vertebrae]
+
+
+def _named_non_vertebra(scheme: LabelScheme, label: int) -> bool:
+    """True when ``scheme`` names ``label`` as a structure that is not a vertebra (an organ, a disc)."""
+    return not scheme.is_vertebra(label) and int(label) in scheme.names
 
 
 def prepare_case(

@@ -340,6 +340,8 @@ class RefineJob:
                 mesh = vertebra_mesh(vertebra.probability, owned, vertebra.box, refined.working, self.options.threshold)
                 if mesh is not None:
                     stl = mesh_dir / stl_name(vertebra.name)
+                    if stl in meshes:  # two structures of one name (SEG segments all labelled "Vertebra")
+                        stl = mesh_dir / stl_name(f"{vertebra.name}_{vertebra.instance.label}")
                     written.append(stl)
                     write_stl(mesh, stl)
                     meshes.append(stl)
