@@ -377,3 +377,16 @@ def test_an_empty_segment_of_a_seg_keeps_its_place_so_later_segments_keep_their_
         (1, "spleen"), (2, "liver"), (3, "kidney"),
     ]  # fmt: skip
     np.testing.assert_array_equal(io.read_label_map(tmp_path / "seg" / "out.dcm").array, volume.array)
+
+
+def test_a_seg_with_two_segments_of_one_level_is_refused_not_merged(ts_seg, tmp_path):
+    # segment 4 (the real L4) mislabelled L3: reading it as one L3 would lose a segment and refine two bones as one
+    seg = pydicom.dcmread(ts_seg)
+    item = next(s for s in seg.SegmentSequence if int(s.SegmentNumber) == 4)
+    item.SegmentLabel = "vertebrae_L3"
+    item.SegmentedPropertyTypeCodeSequence[0].CodeValue = codes.SCT.L3Vertebra.value
+    item.SegmentedPropertyTypeCodeSequence[0].CodeMeaning = codes.SCT.L3Vertebra.meaning
+    twin = tmp_path / "twin.dcm"
+    seg.save_as(twin)
+    with pytest.raises(InputError, match="segments 3 and 4 both name L3"):
+        io.read_label_map(twin)

@@ -162,14 +162,23 @@ def _is_vertebra_code(description: Dataset) -> bool:
     return any(str(item.get("CodeValue", "")) == GENERIC_VERTEBRA.value for item in items)
 
 
-def segment_labels(seg: hd.seg.Segmentation) -> dict[int, int]:
+def segment_labels(seg: hd.seg.Segmentation, path: Path | None = None) -> dict[int, int]:
     """Label id for each segment number: a named or coded vertebra level gets its VerSe id; any other
     segment keeps its segment number, or the next free id when that number is taken. Which segments are
-    vertebrae is told by their codes and labels (:func:`segment_scheme`), never by these ids."""
+    vertebrae is told by their codes and labels (:func:`segment_scheme`), never by these ids.
+
+    Two segments naming one level would become one label (one of them lost): refused, InputError."""
     levels: dict[int, int | None] = {}
     for number in seg.segment_numbers:
         level = segment_level(seg.get_segment_description(number))
         levels[number] = None if level is None else label_for_level(level)
+        twins = [n for n, label in levels.items() if label is not None and label == levels[number] and n != number]
+        if twins:
+            raise InputError(
+                path,
+                f"segments {twins[0]} and {number} both name {level}: one would overwrite the other",
+                "name each segment by its own level (or code it only as 'Vertebra') and export the SEG again",
+            )
     used = {label for label in levels.values() if label is not None}
     result: dict[int, int] = {}
     for number, label in levels.items():
@@ -214,7 +223,7 @@ def read_seg(file: Path, *, nearby: Sequence[DicomSeries] = ()) -> Volume:
         raise InputError(file, f"cannot read this DICOM SEG ({type(exc).__name__}: {exc})", "re-export it") from exc
     if volume_geometry is None:
         raise InputError(file, "its frames do not form a regular 3D volume", "pass a SEG of a 3D series")
-    labels = segment_labels(seg)
+    labels = segment_labels(seg, file)
     shape = tuple(int(n) for n in volume_geometry.spatial_shape)
     array = np.zeros(shape, dtype=np.uint16 if max(labels.values(), default=0) < 65536 else np.int32)
     fractional = seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
