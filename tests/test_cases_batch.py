@@ -74,6 +74,10 @@ def test_plan_folder_mode_maps_names_and_dicom_to_seg(tmp_path):
     plan = plan_cases(folder, tmp_path / "out")
     assert [(c.name, d.name) for c, d in plan] == [("a", "a.nii.gz"), ("ct_series", "ct_series.dcm")]
     assert not (tmp_path / "out").exists()  # planning checks the outputs and creates nothing
+    for name in ("out.nii.gz", "OUT.NII", "out.dcm"):  # a file name for a folder of cases: refused, nothing made
+        with pytest.raises(OutputError, match="must be a folder"):
+            plan_cases(folder, tmp_path / name)
+        assert not (tmp_path / name).exists()
 
 
 def test_plan_missing_input_and_empty_folder(tmp_path):

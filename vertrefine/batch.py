@@ -92,8 +92,8 @@ def plan_cases(input_path: Path, output: Path) -> Plan:
             raise OutputError(f"{destination}: {UNSUPPORTED_OUTPUT}")
         check_writable_file(destination, "-o")
         return [(cases[0], destination)]
-    if output.exists() and not output.is_dir():
-        raise OutputError(f"{output}: the input is a folder, so -o must be a folder too")
+    if (output.exists() and not output.is_dir()) or (not output.exists() and output_format(output) is not None):
+        raise OutputError(f"{output}: the input is a folder, so -o must be a folder too (not a file name)")
     if _same_path(input_path, output):
         raise OutputError(f"{output}: -o is the input folder; choose another folder so inputs are kept")
     check_writable_folder(output, "-o")
