@@ -275,16 +275,21 @@ LABELS_HELP = (
 )
 
 
+def _parsed(text: str | None, parse: Callable[[str], Any], option: str) -> Any:
+    """An option's text parsed by ``parse`` (None when not given); a ValueError is a usage error naming it."""
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
 def _label_set(text: str | None) -> Any:
     """--labels as a :class:`vertrefine.labels.LabelSelection` (None when not given)."""
     from .labels import parse_label_selection
 
-    if text is None:
-        return None
-    try:
-        return parse_label_selection(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--labels") from None
+    return _parsed(text, parse_label_selection, "--labels")
 
 
 SEED_HELP = "Seed; a case's seed comes from this and its name, not from its place in a folder."
@@ -305,24 +310,14 @@ def _shard(text: str | None) -> Any:
     """--shard K/N as a :class:`vertrefine.cases.Shard` (None when not given)."""
     from .cases import Shard
 
-    if text is None:
-        return None
-    try:
-        return Shard.parse(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--shard") from None
+    return _parsed(text, Shard.parse, "--shard")
 
 
 def _orientation(text: str | None) -> str | None:
     """--assume-orientation: a valid three-letter code (upper-case) or None."""
     from .nifti import parse_orientation
 
-    if text is None:
-        return None
-    try:
-        return parse_orientation(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--assume-orientation") from None
+    return _parsed(text, parse_orientation, "--assume-orientation")
 
 
 @app.command()
