@@ -567,7 +567,7 @@ def training_step_times(bundle_dir: Path, steps: int, batch: int = 8, epoch_patc
     schedule = DiffusionSchedule(**manifest["schedule"])
     recipe = TrainConfig.from_dict(dict(config))  # the run's own training options
     langevin = LangevinConfig(
-        recipe.sampler_settings(),
+        recipe.chain,
         posterior_steps=recipe.posterior_steps,
         posterior_step_size=recipe.posterior_step_size,
     )

@@ -1,5 +1,6 @@
 """The refine pipeline with the shipped bundles: grids, labels, seeds, grouping, maps and meshes."""
 
+import json
 from dataclasses import replace
 from functools import partial
 
@@ -486,6 +487,11 @@ def test_the_refiner_is_the_pipeline_built_once_and_refuses_what_it_cannot_run(t
         Refiner.from_bundle(model="vae", device="cpu", threshold=1.5)
     copy = tmp_path / "bundle"
     shutil.copytree(default_bundle_dir("vae"), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["sampler_defaults"]["threshold"] = 0.4  # the bundle's threshold is refine's default
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert Refiner.from_bundle(copy, device="cpu").options.threshold == 0.4
+    assert Refiner.from_bundle(copy, device="cpu", threshold=0.6).options.threshold == 0.6
     (copy / next(p.name for p in copy.glob("*.onnx"))).write_bytes(b"damaged")
     with pytest.raises(InputError, match="checksum does not match"):
         Refiner.from_bundle(copy, device="cpu")

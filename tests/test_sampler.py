@@ -131,3 +131,17 @@ def test_diverged_flags_non_finite_and_exploding_latents():
     start = np.zeros_like(z)
     start[3] = 2.0  # a chain that started far out may end far out: relative to its start
     assert diverged(z, start).tolist() == [False, True, True, False, False]
+
+
+def test_forward_diffusion_uses_the_schedules_noise_scale_and_manifests_need_the_chain():
+    """The noise scale of q(z_t | z_0) is the training schedule's: a bundle cannot state a second one."""
+    z0 = np.ones((2, 3), dtype=np.float32)
+    quiet = DiffusionSchedule(noise_scale=0.0)
+    assert np.allclose(diffuse(z0, 6, quiet, np.random.default_rng(0)), quiet.a_s_cum[6])
+    noisy = diffuse(z0, 6, SCHEDULE, np.random.default_rng(0))
+    assert not np.allclose(noisy, SCHEDULE.a_s_cum[6])
+    keys = SamplerSettings.manifest_keys()
+    assert set(keys) == {"t_refine", "langevin_steps", "step_size", "noise_scale", "init"}
+    old = {"t_refine": 3, "langevin_steps": 5, "step_size": 0.01, "noise_scale": 0.01, "init": "noise"}
+    settings = SamplerSettings.from_manifest({**old, "diffusion_noise_scale": 1.0, "threshold": 0.5}, t_refine=2)
+    assert (settings.t_refine, settings.langevin_steps, settings.init, settings.guidance) == (2, 5, "noise", 0.0)

@@ -13,6 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from vertrefine.errors import InputError, VertrefineError  # noqa: E402
+from vertrefine.sampler import SamplerSettings  # noqa: E402
+from vertrefine.schedule import DiffusionSchedule  # noqa: E402
 from vertrefine.synth import write_synth_dataset  # noqa: E402
 from vertrefine.train import loop  # noqa: E402
 from vertrefine.train.config import PRESETS, TrainConfig  # noqa: E402
@@ -58,7 +60,8 @@ def cache_dir(tmp_path_factory):
 
 
 def micro_config(tmp_path, cache_dir, name="run", **changes) -> TrainConfig:
-    return TrainConfig(out=str(tmp_path / name), cache_dir=str(cache_dir), **{**MICRO, **changes})
+    """A micro run's config, built as from the command line's options (``langevin_steps`` included)."""
+    return TrainConfig.from_dict({"out": str(tmp_path / name), "cache_dir": str(cache_dir), **MICRO, **changes})
 
 
 def final_weights(run_dir):
@@ -209,12 +212,35 @@ def test_config_presets_merge_and_json_round_trip(tmp_path):
     default = TrainConfig.from_options(out=tmp_path / "d", data_dir=tmp_path, model="lebm")
     assert (default.latent, default.latent_grid, default.lr, default.energy_lr) == (8, 16, 3e-4, 1e-4)
     paper = TrainConfig.from_options("paper", out=tmp_path / "p", data_dir=tmp_path)
-    assert (paper.latent, paper.latent_grid, paper.energy_hidden, paper.langevin_steps) == (100, 0, 1000, 60)
+    assert (paper.latent, paper.latent_grid, paper.energy_hidden, paper.chain.langevin_steps) == (100, 0, 1000, 60)
     assert TrainConfig.from_options("tiny", out=tmp_path / "t", model="lebm").energy_lr == 1e-4  # per-model value
     with pytest.raises(InputError, match="--data is required"):
         TrainConfig.from_options(out=tmp_path / "d")
     with pytest.raises(InputError, match="model must be one of"):
         replace(default, model="gan")
+
+
+def test_the_training_chain_is_the_one_sampler_settings_type_and_old_configs_still_load(tmp_path):
+    """--langevin-steps sets the chain the energy trains with, which the bundle's sampler defaults are."""
+    config = TrainConfig.from_options(out=tmp_path / "r", data_dir=tmp_path, langevin_steps=7, timesteps=5)
+    assert isinstance(config.chain, SamplerSettings) and config.chain.langevin_steps == 7
+    assert TrainConfig.from_json(config.to_json()) == config
+    assert json.loads(config.to_json())["chain"]["langevin_steps"] == 7
+    exported = config.sampler_defaults()  # t_refine below the schedule's last step, every step guided
+    assert (exported.t_refine, exported.guidance_steps, exported.langevin_steps) == (4, 4, 7)
+    assert config.schedule() == DiffusionSchedule(timesteps=5, noise_scale=config.diffusion_noise_scale)
+    # a run folder's config.json from before the chain was one field: flat langevin_* keys
+    flat = {k: v for k, v in config.as_dict().items() if k != "chain"}
+    flat.update(langevin_steps=7, langevin_step_size=0.002, langevin_noise_scale=0.01, langevin_init="noise")
+    old = TrainConfig.from_dict(flat)
+    assert (old.chain.langevin_steps, old.chain.step_size, old.chain.init) == (7, 0.002, "noise")
+    with pytest.raises(InputError, match="init must be"):
+        TrainConfig.from_dict({**flat, "langevin_init": "random"})
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(config.to_json())
+    with pytest.raises(InputError, match="cannot change langevin_steps"):
+        TrainConfig.from_options(out=tmp_path / "r", resume=True, langevin_steps=8)
+    assert TrainConfig.from_options(out=tmp_path / "r", resume=True, langevin_steps=7).chain == config.chain
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -17,12 +17,12 @@ from typing import Any
 
 from .conventions import MODEL_KINDS, PATCH_SIZE
 from .errors import InputError
+from .sampler import SamplerSettings
 from .schedule import DiffusionSchedule
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "energy": "energy.onnx"}
-SAMPLER_KEYS = ("t_refine", "langevin_steps", "step_size", "noise_scale", "init")
 RANGED_OPTIONS = ("t_refine", "langevin_steps", "step_size", "guidance", "guidance_steps")
 """Sampler settings a manifest's ``validated.ranges`` may bound (refine's --t-refine, --langevin-steps,
 --step-size, --guidance; export's defaults, also --guidance-steps)."""
@@ -172,7 +172,7 @@ def _check_fields(path: Path, manifest: dict) -> None:
     sampler = manifest.get("sampler_defaults")
     if not isinstance(sampler, dict):
         raise bad("sampler_defaults must be an object")
-    missing = [k for k in SAMPLER_KEYS if k not in sampler]
+    missing = [k for k in SamplerSettings.manifest_keys() if k not in sampler]
     if kind != "vae" and missing:
         raise bad(f"sampler_defaults lacks {', '.join(missing)}")
     _check_validated(manifest, bad)

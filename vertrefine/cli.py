@@ -404,7 +404,10 @@ def refine(
     ] = "auto",
     samples: Annotated[int, typer.Option(min=1, help="Chains per vertebra; the mean probability is kept.")] = 1,
     seed: Annotated[int, typer.Option(min=0, help=SEED_HELP)] = 0,
-    threshold: Annotated[float, typer.Option(min=0.01, max=0.99, help="Probability threshold.")] = 0.5,
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=0.01, max=0.99, help="Probability threshold (default: the bundle's, 0.5 when shipped)."),
+    ] = None,
     labels: Annotated[str | None, typer.Option(help=LABELS_HELP)] = None,
     label_scheme: Annotated[
         LabelSchemeName, typer.Option("--label-scheme", help=LABEL_SCHEME_HELP)

@@ -857,13 +857,15 @@ class Refiner:
         langevin_steps: int | None = None,
         step_size: float | None = None,
         guidance: float | None = None,
+        threshold: float | None = None,
         **options: Any,
     ) -> Refiner:
         """Load a bundle (a folder; default: the installed bundle of ``model``, 'lsd-ebm'), check its files
         against its manifest, open its sessions on ``device`` ('auto', 'cpu', 'cuda') and bind the options.
 
-        The sampler settings default to the bundle's manifest and are bounded by the ranges it was validated
-        for; ``options`` are the other :class:`RefineOptions` fields (samples, threshold, spacing, ...).
+        The sampler settings and the probability ``threshold`` default to the bundle's manifest
+        (``sampler_defaults``), the sampler settings bounded by the ranges it was validated for; ``options``
+        are the other :class:`RefineOptions` fields (samples, spacing, ...).
         Raises :class:`vertrefine.errors.InputError` for a missing or damaged bundle and
         :class:`vertrefine.errors.SettingsError` for settings it cannot run: another kind than ``model``, an
         LEBM bundle (its posterior sampling needs the decoder's gradient, which ONNX bundles do not carry),
@@ -904,8 +906,10 @@ class Refiner:
                 )
             if options.get("samples", 1) > 1:
                 raise SettingsError("--samples needs the sampling lsd-ebm model; the vae decodes one mean per vertebra")
+        if threshold is None:
+            threshold = float(loaded.sampler.get("threshold", RefineOptions.threshold))
         try:
-            refine_options = RefineOptions(sampler=sampler, **options)
+            refine_options = RefineOptions(sampler=sampler, threshold=threshold, **options)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
         sessions, note = open_sessions(loaded, device, threads)

@@ -22,7 +22,7 @@ and its row returned as NaN (:func:`diverged`); refine keeps the input for that 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -53,16 +53,24 @@ class SamplerSettings:
     """Multiplies the Langevin noise sqrt(step_size); 1 is exact Langevin, the paper's code uses 0.01."""
     init: str = "previous"
     """'previous': start each chain at z_{t+1} (the equations); 'noise': at fresh N(0, I) (the paper's code)."""
-    diffusion_noise_scale: float = 1.0
-    """Multiplies the noise of the forward diffusion to t_refine (must match training)."""
-    guidance: float = 0.0
+    guidance: float = field(default=0.0, metadata={"manifest": "optional"})
     """Weight gamma of the data-consistency step after each guided reverse step (0 = none; --guidance)."""
-    guidance_steps: int = 1000
+    guidance_steps: int = field(default=1000, metadata={"manifest": "optional"})
     """How many of the last reverse steps are guided (all by default)."""
+
+    # The forward diffusion's noise scale is the schedule's (DiffusionSchedule.noise_scale): it is fixed by
+    # training, so it is no sampler setting. Earlier manifests repeat it in ``sampler_defaults`` as
+    # ``diffusion_noise_scale``; :meth:`from_manifest` ignores that key (export always wrote the schedule's).
+
+    @classmethod
+    def manifest_keys(cls) -> tuple[str, ...]:
+        """The fields a bundle manifest's ``sampler_defaults`` must hold (guidance may be left out: none)."""
+        return tuple(f.name for f in fields(cls) if f.metadata.get("manifest") != "optional")
 
     @classmethod
     def from_manifest(cls, defaults: dict, **overrides: float | int | str | None) -> SamplerSettings:
-        """Settings from a bundle's ``sampler_defaults``, with the non-None ``overrides`` on top."""
+        """Settings from a bundle's ``sampler_defaults``, with the non-None ``overrides`` on top (other keys of
+        ``defaults``, such as the LEBM's posterior settings and the threshold, are not sampler settings)."""
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in defaults.items() if k in names}
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -105,10 +113,11 @@ def _stop_diverged(z: np.ndarray, start: np.ndarray) -> np.ndarray:
     return z
 
 
-def diffuse(z0: np.ndarray, t: int, schedule: DiffusionSchedule, rng: np.random.Generator, noise_scale: float = 1.0):
-    """z_t ~ q(z_t | z_0) for every row of ``z0`` [B, *Z] (float32)."""
+def diffuse(z0: np.ndarray, t: int, schedule: DiffusionSchedule, rng: np.random.Generator) -> np.ndarray:
+    """z_t ~ q(z_t | z_0) = N(a_s_cum[t] z_0, (noise_scale sigmas_cum[t])^2 I) for every row of ``z0`` [B, *Z]
+    (float32; ``noise_scale`` is the schedule's, as in training)."""
     noise = rng.standard_normal(z0.shape).astype(np.float32)
-    return (schedule.a_s_cum[t] * z0 + noise_scale * schedule.sigmas_cum[t] * noise).astype(np.float32)
+    return (schedule.a_s_cum[t] * z0 + schedule.noise_scale * schedule.sigmas_cum[t] * noise).astype(np.float32)
 
 
 def reverse_step(
@@ -154,7 +163,7 @@ def refine_latents(
     if settings.t_refine > schedule.timesteps:
         raise ValueError(f"t_refine {settings.t_refine} exceeds the schedule's {schedule.timesteps} steps")
     z0 = np.asarray(z0, dtype=np.float32)
-    z = diffuse(z0, settings.t_refine, schedule, rng, settings.diffusion_noise_scale)
+    z = diffuse(z0, settings.t_refine, schedule, rng)
     for t in range(settings.t_refine - 1, -1, -1):
         z = _stop_diverged(reverse_step(energy_and_grad, z, t, schedule, settings, rng), z0)
         if guide is not None and settings.guidance > 0 and t < settings.guidance_steps:

@@ -18,8 +18,21 @@ from typing import Any
 from ..conventions import DEVICES, MODEL_KINDS
 from ..errors import InputError
 from ..sampler import SamplerSettings
+from ..schedule import DiffusionSchedule
 
-LANGEVIN_INITS = ("previous", "noise")
+T_REFINE = 6
+"""Default refinement depth t_refine written into the bundle (the paper: 6 of T = 20)."""
+GUIDANCE = 0.5
+"""Default data-consistency weight written into the bundle (`vertrefine export --guidance` sets another)."""
+CHAIN_OPTIONS = {
+    "langevin_steps": "langevin_steps",
+    "langevin_step_size": "step_size",
+    "langevin_noise_scale": "noise_scale",
+    "langevin_init": "init",
+}
+"""Training's options for its Langevin chain (``train --langevin-steps``; presets; run folders' config.json
+before the chain was one field) -> the :class:`vertrefine.sampler.SamplerSettings` field each sets."""
+DEFAULT_CHAIN = SamplerSettings(t_refine=T_REFINE, langevin_steps=20, guidance=GUIDANCE)
 TINY_SYNTH_SEED = 500_000
 """First synthetic spine seed of ``--preset tiny`` (disjoint from the seeds tests and benchmarks use)."""
 
@@ -69,11 +82,12 @@ class TrainConfig:
     timesteps: int = 20
     """Diffusion steps T (CLI --steps)."""
     diffusion_noise_scale: float = 1.0
-    """Multiplies the noise of q(z_t | z_0); 1 = the equations, 0.1 = the paper's code."""
-    langevin_steps: int = 20
-    langevin_step_size: float = 0.01
-    langevin_noise_scale: float = 0.01
-    langevin_init: str = "previous"
+    """Multiplies the noise of q(z_t | z_0); 1 = the equations, 0.1 = the paper's code (the schedule's
+    ``noise_scale``, :meth:`schedule`)."""
+    chain: SamplerSettings = DEFAULT_CHAIN
+    """The reverse chain: training draws the energy's negative samples with its Langevin fields
+    (``langevin_steps``, ``step_size``, ``noise_scale``, ``init``; set by :data:`CHAIN_OPTIONS`), and the
+    exported bundle's sampler defaults are this chain (t_refine at most T - 1, every reverse step guided)."""
     posterior_steps: int = 5
     """LEBM: posterior Langevin steps through the decoder."""
     posterior_step_size: float = 1e-4
@@ -118,29 +132,28 @@ class TrainConfig:
             problems.append(f"preset must be one of {', '.join(PRESET_NAMES)} (got {self.preset!r})")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
-        if self.langevin_init not in LANGEVIN_INITS:
-            problems.append(f"langevin_init must be one of {', '.join(LANGEVIN_INITS)}")
+        if not isinstance(self.chain, SamplerSettings):
+            problems.append(f"chain must be sampler settings (got {type(self.chain).__name__})")
         for name in ("epochs", "batch_size", "latent", "energy_hidden", "checkpoint_every", "synth_cases"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("langevin_steps", "posterior_steps", "num_workers", "degraded_variants", "seed"):
+        for name in ("posterior_steps", "num_workers", "degraded_variants", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative (got {getattr(self, name)})")
         if not self.kl_weight >= 0:
             problems.append(f"kl_weight must not be negative (got {self.kl_weight})")
-        for name in ("lr", "energy_lr", "langevin_step_size", "posterior_step_size"):
+        for name in ("lr", "energy_lr", "posterior_step_size"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be positive (got {getattr(self, name)})")
         if not 2 <= self.timesteps <= 500:
             problems.append(f"timesteps (--steps) must be in 2..500 (got {self.timesteps})")
-        elif self.model == "lsd-ebm":  # refine's chain runs with this step size: it must be stable
-            from ..bundle import derived_ranges
-            from ..schedule import DiffusionSchedule
+        elif self.model == "lsd-ebm" and isinstance(self.chain, SamplerSettings):
+            from ..bundle import derived_ranges  # refine's chain runs with this step size: it must be stable
 
-            most = derived_ranges(DiffusionSchedule(timesteps=self.timesteps))["step_size"][1]
-            if self.langevin_step_size > most:
+            most = derived_ranges(self.schedule())["step_size"][1]
+            if self.chain.step_size > most:
                 problems.append(
-                    f"langevin_step_size {self.langevin_step_size:g} is over {most:g}, where the Langevin chain of "
+                    f"langevin_step_size {self.chain.step_size:g} is over {most:g}, where the Langevin chain of "
                     f"the first of {self.timesteps} diffusion steps stays stable (2 sigma_1^2): use fewer --steps"
                 )
         if not 0.0 < self.val_fraction < 1.0:
@@ -190,6 +203,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The config saved by :meth:`as_dict` (also the flat ``langevin_*`` keys of earlier run folders)."""
+        data = _with_chain(dict(data), DEFAULT_CHAIN)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -211,17 +226,15 @@ class TrainConfig:
         except (OSError, ValueError) as exc:
             raise InputError(path, f"cannot read the training config ({exc})", "check the run folder") from None
 
-    def sampler_settings(self, **more: Any) -> SamplerSettings:
-        """The reverse chain this run trains its energy with, as the one sampler-settings type refine runs
-        (its ``langevin_*`` and ``diffusion_noise_scale`` options); ``more`` sets the other fields."""
-        return SamplerSettings(
-            langevin_steps=self.langevin_steps,
-            step_size=self.langevin_step_size,
-            noise_scale=self.langevin_noise_scale,
-            init=self.langevin_init,
-            diffusion_noise_scale=self.diffusion_noise_scale,
-            **more,
-        )
+    def schedule(self) -> DiffusionSchedule:
+        """The run's latent diffusion schedule (``timesteps``, ``diffusion_noise_scale``)."""
+        return DiffusionSchedule(timesteps=self.timesteps, noise_scale=self.diffusion_noise_scale)
+
+    def sampler_defaults(self) -> SamplerSettings:
+        """The sampler settings the exported bundle gives refine: :attr:`chain` with t_refine below the
+        schedule's last step (almost pure noise) and no more guided steps than reverse steps."""
+        t_refine = min(self.chain.t_refine, self.timesteps - 1)
+        return replace(self.chain, t_refine=t_refine, guidance_steps=min(self.chain.guidance_steps, t_refine))
 
     def model_config_dict(self) -> dict[str, Any]:
         """The keyword arguments of :class:`vertrefine.train.models.ModelConfig` for this run."""
@@ -255,7 +268,7 @@ class TrainConfig:
             for k, v in options.items()
         }
         given = {k: v for k, v in given.items() if v is not None}
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | set(CHAIN_OPTIONS)
         unknown = sorted(set(given) - known)
         if unknown:
             raise InputError(None, f"unknown training options: {', '.join(unknown)}")
@@ -271,7 +284,7 @@ class TrainConfig:
             changed = sorted(
                 k
                 for k, v in given.items()
-                if k not in RESUME_OVERRIDABLE and _normalise(v) != _normalise(getattr(saved, k))
+                if k not in RESUME_OVERRIDABLE and _normalise(v) != _normalise(_saved_value(saved, k))
             )
             if changed:
                 raise InputError(
@@ -288,7 +301,31 @@ class TrainConfig:
         base = dict(PRESETS[name])
         per_model = base.pop("per_model", {})
         base.update(per_model.get(given.get("model", base.get("model", cls.model)), {}))
-        return cls(**{**base, **given, "out": str(out), "preset": name, "resume": False})
+        values = _with_chain(base, DEFAULT_CHAIN, given)
+        return cls(**{**values, "out": str(out), "preset": name, "resume": False})
+
+
+def _saved_value(saved: TrainConfig, option: str) -> Any:
+    """The value of training option ``option`` (a field, or one of :data:`CHAIN_OPTIONS`) in ``saved``."""
+    if option in CHAIN_OPTIONS:
+        return getattr(saved.chain, CHAIN_OPTIONS[option])
+    return getattr(saved, option)
+
+
+def _with_chain(values: dict[str, Any], default: SamplerSettings, more: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``values`` updated by ``more`` with its chain options (:data:`CHAIN_OPTIONS`, a ``chain`` dict of
+    config.json) folded into one ``chain`` :class:`SamplerSettings` (``default`` where none is given).
+
+    Raises InputError (one line) for chain settings SamplerSettings refuses."""
+    merged = {**values, **(more or {})}
+    chain = merged.get("chain", default)
+    flat = {CHAIN_OPTIONS[k]: merged.pop(k) for k in list(merged) if k in CHAIN_OPTIONS}
+    try:
+        chain = SamplerSettings(**chain) if isinstance(chain, dict) else chain
+        merged["chain"] = replace(chain, **flat) if flat else chain
+    except (TypeError, ValueError) as exc:
+        raise InputError(None, f"invalid training options: Langevin chain: {exc}") from None
+    return merged
 
 
 def _normalise(value: Any) -> Any:
@@ -341,4 +378,4 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 PRESET_NAMES = tuple(PRESETS)
 
-__all__ = ["PAPER_LR", "MODEL_KINDS", "PRESETS", "PRESET_NAMES", "RESUME_OVERRIDABLE", "TrainConfig"]
+__all__ = ["CHAIN_OPTIONS", "PAPER_LR", "MODEL_KINDS", "PRESETS", "PRESET_NAMES", "RESUME_OVERRIDABLE", "TrainConfig"]

@@ -55,7 +55,6 @@ from ..bundle import (
     MAX_FILE_BYTES,
     ORIENTATION,
     RANGED_OPTIONS,
-    SAMPLER_KEYS,
     derived_ranges,
     io_spec,
     model_names,
@@ -65,6 +64,7 @@ from ..bundle import (
 )
 from ..conventions import MODEL_KINDS, WORKING_SPACING_MM
 from ..errors import InputError, OutputError
+from ..sampler import SamplerSettings
 from ..schedule import DiffusionSchedule
 from .models import ModelConfig, VertebraModel, conv_flops, count_parameters
 
@@ -377,7 +377,7 @@ def export_bundle(
 ) -> Path:
     """Export ``model`` as a bundle folder ``out_dir`` (new, empty, or an earlier bundle, replaced).
 
-    ``sampler_defaults`` must hold t_refine, langevin_steps, step_size, noise_scale and init for lebm and
+    ``sampler_defaults`` must hold :meth:`vertrefine.sampler.SamplerSettings.manifest_keys` for lebm and
     lsd-ebm. ``exporter``: "torchscript" (default), "dynamo" (needs onnxscript), or "auto" (dynamo, else
     TorchScript). ``validated``: the manifest's ``validated`` section ({"ranges": {setting: [low, high]},
     "basis": text}) for an lsd-ebm: the sampler ranges refine accepts; None writes the ranges derived from
@@ -390,7 +390,7 @@ def export_bundle(
         raise ValueError(f"unknown model kind {config.kind!r}")
     if config.kind == "lsd-ebm" and schedule.timesteps != config.timesteps:
         raise ValueError(f"schedule has {schedule.timesteps} steps but the model was built for {config.timesteps}")
-    missing = [k for k in SAMPLER_KEYS if k not in sampler_defaults]
+    missing = [k for k in SamplerSettings.manifest_keys() if k not in sampler_defaults]
     if config.has_energy and missing:
         raise ValueError(f"sampler_defaults lacks {', '.join(missing)}")
     sampler = _jsonable(sampler_defaults, "sampler_defaults")
@@ -552,6 +552,7 @@ def export_run(
         )
     recipe = dict(meta["recipe"], checkpoint=meta["checkpoint"])
     sampler = dict(meta["sampler_defaults"])
+    sampler.pop("diffusion_noise_scale", None)  # older checkpoints repeat the schedule's noise_scale here
     if sampler_overrides:
         sampler.update(sampler_overrides)
         recipe["sampler_overrides"] = dict(sampler_overrides)

@@ -45,7 +45,6 @@ from torch.utils.data import DataLoader
 
 from ..atomic import atomic_path
 from ..errors import InputError, VertrefineError
-from ..schedule import DiffusionSchedule
 from .checkpoints import CHECKPOINT_FORMAT, checkpoint_dir, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from .config import RESUME_OVERRIDABLE, TINY_SYNTH_SEED, TrainConfig
 from .distributed import (
@@ -63,11 +62,6 @@ from .models import ModelConfig, VertebraModel, count_parameters
 from .objectives import LangevinConfig, make_objective
 
 EventCallback = Callable[[str, dict[str, Any]], None]
-
-T_REFINE = 6
-"""Default refinement depth t_refine written into the bundle (the paper: 6 of T = 20)."""
-GUIDANCE = 0.5
-"""Default data-consistency weight written into the bundle (`vertrefine export --guidance` sets another)."""
 
 # Options whose change on resume cannot alter the numbers (paths may move with the run folder).
 _RESUME_FREE = RESUME_OVERRIDABLE | {"out", "resume"}
@@ -283,12 +277,10 @@ def _metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _sampler_defaults(config: TrainConfig) -> dict[str, Any]:
-    """The bundle's sampler defaults: the chain the energy was trained with (:meth:`TrainConfig.sampler_settings`),
-    refined from t_refine with the default guidance, plus the LEBM posterior settings and the threshold."""
-    t_refine = min(T_REFINE, config.timesteps - 1)  # the schedule's last step is almost pure noise
-    chain = config.sampler_settings(t_refine=t_refine, guidance=GUIDANCE, guidance_steps=t_refine)  # all guided
+    """The bundle's sampler defaults (:meth:`TrainConfig.sampler_defaults`, the chain the energy was trained
+    with), plus the LEBM posterior settings and the threshold."""
     return {
-        **asdict(chain),
+        **asdict(config.sampler_defaults()),
         "posterior_steps": config.posterior_steps,
         "posterior_step_size": config.posterior_step_size,
         "threshold": 0.5,
@@ -399,7 +391,7 @@ def _train(config: TrainConfig, procs: Processes, on_event: EventCallback | None
     if checkpoint is not None and checkpoint.get("cache_fingerprint") not in (None, cache.fingerprint):
         emit("warning", {"message": "the patch cache changed since the checkpoint: the resumed run sees other data"})
 
-    schedule = DiffusionSchedule(timesteps=config.timesteps, noise_scale=config.diffusion_noise_scale)
+    schedule = config.schedule()
     model_config = ModelConfig(**config.model_config_dict())
     torch.manual_seed(config.seed)
     model = VertebraModel(model_config).to(device)
@@ -431,7 +423,7 @@ def _train(config: TrainConfig, procs: Processes, on_event: EventCallback | None
         model.to(device)
 
     langevin = LangevinConfig(
-        config.sampler_settings(),
+        config.chain,
         posterior_steps=config.posterior_steps,
         posterior_step_size=config.posterior_step_size,
     )
