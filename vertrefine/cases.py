@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import InputError
 from .filetypes import case_name, is_dicom_file
 from .filetypes import is_nifti_name as is_nifti
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,10 @@ class Shard:
         """Whether case ``name`` belongs to this part."""
         digest = hashlib.sha256(f"vertrefine-shard:{name}".encode()).digest()
         return int.from_bytes(digest[:8], "big") % self.count == self.index - 1
+
+    def select(self, items: Sequence[T], name: Callable[[T], str]) -> list[T]:
+        """The ``items`` (cases, pairs; in order) whose ``name(item)`` this part :meth:`holds`."""
+        return [item for item in items if self.holds(name(item))]
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"

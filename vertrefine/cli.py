@@ -450,7 +450,7 @@ def refine(
     plan = plan_cases(input_path, output)  # every output is checked before the model is opened
     if part is not None:
         total = len(plan)
-        plan = [(case, destination) for case, destination in plan if part.holds(case.name)]
+        plan = part.select(plan, lambda planned: planned[0].name)
         err.print(f"[dim]note:[/] shard {part}: {len(plan)} of {total} cases", highlight=False)
     check_refine_outputs(plan, source_series, assume_orientation=orientation)
     refiner = Refiner.from_bundle(
@@ -627,8 +627,7 @@ def score(
     A ground truth without its prediction is scored as an empty prediction (DSC 0), listed, and makes
     the exit code 1.
     """
-    from .cases import case_name
-    from .score import pair_files, score_pairs, summarize, write_csv, write_json
+    from .score import pair_files, score_pairs, summarize, with_missing, write_csv, write_json
 
     selection = _label_set(labels)
     pairs, only_pred, only_gt = pair_files(pred, gt)
@@ -638,11 +637,11 @@ def score(
         err.print(f"[red]missing prediction:[/] {path} has none; scored as an empty prediction", highlight=False)
     if not pairs:
         raise fail(f"no pairs of files with the same name in {pred} and {gt}")
-    pairs = sorted([*pairs, *((case_name(path), None, path) for path in only_gt)], key=lambda p: p[0])
+    pairs = with_missing(pairs, only_gt)
     part = _shard(shard)
     if part is not None:
         total = len(pairs)
-        pairs = [pair for pair in pairs if part.holds(pair[0])]
+        pairs = part.select(pairs, lambda pair: pair[0])
         err.print(f"[dim]note:[/] shard {part}: {len(pairs)} of {total} cases", highlight=False)
 
     with progress_bar() as progress:

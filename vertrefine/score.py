@@ -96,6 +96,14 @@ def pair_files(pred: str | Path, gt: str | Path) -> tuple[list[Pair], list[Path]
     return pairs, unpaired_pred, unpaired_gt
 
 
+def with_missing(pairs: Sequence[Pair], unpaired_gt: Sequence[Path]) -> list[Pair]:
+    """Every ground truth to score, by name: ``pairs`` plus ``(name, None, gt)`` for each ground truth
+    without its prediction, which :func:`score_pairs` scores as an empty prediction (DSC 0) and lists as
+    missing."""
+    missing = [(case_name(path), None, path) for path in unpaired_gt]
+    return sorted([*pairs, *missing], key=lambda pair: pair[0])
+
+
 # --------------------------------------------------------------------------------------------- one case
 
 
