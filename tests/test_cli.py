@@ -117,7 +117,7 @@ def test_bad_paths_and_grids_give_one_error_line(spines, tmp_path):
     image = nib.load(spines / "spine_00123.nii.gz")
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, :-3], image.affine), other_grid / "spine_00123.nii.gz")
     result = invoke("score", other_grid / "spine_00123.nii.gz", spines / "spine_00123.nii.gz", "--region", "image")
-    assert result.exit_code == 1 and "--resample" in result.output
+    assert result.exit_code == 2 and "--resample" in result.output  # one pair: a usage error
     resampled = invoke(
         "score", other_grid / "spine_00123.nii.gz", spines / "spine_00123.nii.gz", "--region", "image", "--resample"
     )

@@ -141,9 +141,8 @@ def test_labels_accepts_ids_and_levels_in_any_scheme_spelling():
     assert selection.resolve(TOTALSEGMENTATOR) == frozenset({28, 29, 30, 32})
     assert parse_label_selection("T12-L1").resolve(VERSE) == frozenset({19, 20, 28})  # T13 lies between
     assert parse_label_selection("20-22, 26").resolve(TOTALSEGMENTATOR) == frozenset({20, 21, 22, 26})
-    assert [canonical_level(n) for n in ("l3", "L3 vertebra", "vertebrae_S1", "Sacrum", "liver")] == [
-        "L3", "L3", "S1", "sacrum", None,
-    ]  # fmt: skip
+    names = ("l3", "L3 vertebra", "vertebrae_S1", "Sacrum", "liver", "Vertebra L4", "vertebra  t12", "Lumbar spine")
+    assert [canonical_level(n) for n in names] == ["L3", "L3", "S1", "sacrum", None, "L4", "T12", None]
     for bad, words in (("L5-L1", "backwards"), ("20-L5", "mixes"), ("liver", "neither"), ("0", "background")):
         with pytest.raises(ValueError, match=words):
             parse_label_selection(bad)

@@ -686,6 +686,8 @@ def score(
             highlight=False,
             soft_wrap=True,
         )
+    if result.errors and len(pairs) == 1 and pred.is_file() and gt.is_file():
+        raise typer.Exit(2)  # one pair of files is no batch: its bad input is a usage error, as for refine
     if result.errors or result.missing:
         raise typer.Exit(1)
 

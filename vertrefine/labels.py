@@ -68,15 +68,16 @@ LUMBAR_LABELS: tuple[int, ...] = (20, 21, 22, 23, 24)
 def canonical_level(name: str) -> str | None:
     """The level a name stands for, in any scheme's spelling, or None.
 
-    'L1', 'l1', 'L1 vertebra', 'vertebrae_L1' (TotalSegmentator), 'vertebra_L1' -> 'L1';
+    'L1', 'l1', 'L1 vertebra', 'vertebrae_L1' (TotalSegmentator), 'vertebra_L1', 'Vertebra L1' -> 'L1';
     'Sacrum', 'vertebrae_S1' -> 'sacrum', 'S1'. Organ names and other text -> None.
     """
-    key = name.strip().upper().replace("-", "_")
+    key = " ".join(name.strip().upper().replace("-", "_").split())
     for suffix in (" VERTEBRA", "_VERTEBRA", " VERTEBRAE", "_VERTEBRAE"):
         if key.endswith(suffix):
             key = key[: -len(suffix)].strip()
-    if key.startswith(("VERTEBRAE_", "VERTEBRA_")):
-        key = key.split("_", 1)[1]
+    for prefix in ("VERTEBRAE_", "VERTEBRA_", "VERTEBRAE ", "VERTEBRA "):
+        if key.startswith(prefix):
+            key = key[len(prefix) :].strip()
     return _CANONICAL.get(key)
 
 
