@@ -29,6 +29,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,10 @@ import numpy as np
 import torch
 
 from benchmarks.real import case_seed, condition_key, dsc_change, find_case_paths, load_ground_truth
-from vertrefine.bundle import load_bundle
 from vertrefine.degrade import degrade
 from vertrefine.guidance import DataConsistency, SlabObservation
-from vertrefine.refine import RefineOptions, finish_case, prepare_case
-from vertrefine.runtime import BundleSessions, open_sessions
-from vertrefine.sampler import SamplerSettings, refine_latents
+from vertrefine.refine import Refiner
+from vertrefine.sampler import refine_latents
 from vertrefine.score import score_case, summarize
 from vertrefine.spatial import resample_labels
 from vertrefine.train.export import load_checkpoint_model
@@ -87,12 +86,11 @@ class LikelihoodGradient:
         return out
 
 
-def refine_with(
-    native: Volume, sessions: BundleSessions, settings: SamplerSettings, make_guide, seed: int
-) -> tuple[Volume, float]:
-    """(1 mm labels, seconds in the chain) of ``native`` refined with the guide ``make_guide(prepared)``."""
-    options = RefineOptions(settings, fine_inputs="refine")
-    prepared = prepare_case(native, sessions, options)
+def refine_with(native: Volume, refiner: Refiner, make_guide, seed: int) -> tuple[Volume, float]:
+    """(1 mm labels, seconds in the chain) of ``native`` refined by ``refiner``'s sampler with the guide
+    ``make_guide(prepared)`` in place of refine's own."""
+    sessions, settings = refiner.sessions, refiner.options.sampler
+    prepared = refiner.prepare(native)
     guide = make_guide(prepared) if make_guide is not None else None
     start = time.perf_counter()
     z = refine_latents(
@@ -100,30 +98,30 @@ def refine_with(
         np.random.default_rng(seed), guide,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    result = finish_case(prepared, z[None], sessions, options)
+    result = refiner.finish(prepared, z[None])
     return result.working_labels, seconds
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    bundle = load_bundle(args.bundle)
-    sessions = open_sessions(bundle, "cpu", args.threads)[0]
+    refiner = Refiner.from_bundle(args.bundle, device="cpu", threads=args.threads, fine_inputs="refine")
+    sessions, base = refiner.sessions, refiner.options.sampler
     decoder = load_checkpoint_model(args.run)[0].decoder.eval()
     paths = find_case_paths(args.data, args.cases)
-    base = SamplerSettings.from_manifest(bundle.sampler)
-    forms: dict[str, tuple[SamplerSettings, Any]] = {
-        "none": (SamplerSettings.from_manifest(bundle.sampler, guidance=0.0), None)
-    }
+
+    def chain(guidance: float) -> Refiner:
+        """The bundle's sampler defaults with the guidance weight ``guidance``."""
+        return refiner.with_options(sampler=replace(base, guidance=guidance))
+
+    forms: dict[str, tuple[Refiner, Any]] = {"none": (chain(guidance=0.0), None)}
     for gamma in args.gammas:
-        settings = SamplerSettings.from_manifest(bundle.sampler, guidance=gamma)
         forms[f"gradient-free gamma={gamma:g}"] = (
-            settings,
+            chain(guidance=gamma),
             lambda p: DataConsistency(lambda x: sessions.encode(x)[0], sessions.decode_chunks, p.observations),
         )
     for eta in args.etas:
-        settings = SamplerSettings.from_manifest(bundle.sampler, guidance=1.0)
         forms[f"likelihood gradient eta={eta:g}"] = (
-            settings,
+            chain(guidance=1.0),
             lambda p, eta=eta: LikelihoodGradient(decoder, p.observations, eta),
         )
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in ["input", *forms]}
@@ -138,8 +136,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 name = f"{case} {condition_key(slice_mm, axis)}"
                 rows["input"] += score_case(name, resample_labels(native, gt.geometry, method="nearest"), gt)
                 vertebrae += len(gt.labels)
-                for form, (settings, make_guide) in forms.items():
-                    labels, took = refine_with(native, sessions, settings, make_guide, seed)
+                for form, (form_refiner, make_guide) in forms.items():
+                    labels, took = refine_with(native, form_refiner, make_guide, seed)
                     seconds[form] += took
                     rows[form] += score_case(name, resample_labels(labels, gt.geometry, method="nearest"), gt)
                 print(name, {f: round(rows[f][-1]["dsc"], 3) for f in rows}, flush=True)

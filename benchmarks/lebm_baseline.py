@@ -29,8 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vertrefine.bundle import default_bundle_dir, load_bundle
-from vertrefine.runtime import BundleSessions, open_sessions
+from vertrefine.bundle import load_bundle
+from vertrefine.refine import Refiner
+from vertrefine.runtime import BundleSessions
 from vertrefine.train.from_bundle import model_from_bundle
 from vertrefine.train.models import EnergyMLP, ModelConfig, VertebraModel
 from vertrefine.train.patch_cache import PatchCache, block_mean, split_indices
@@ -132,15 +133,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    bundle_dir = args.bundle or default_bundle_dir("lsd-ebm")
+    shipped = Refiner.from_bundle(args.bundle, device="cpu")  # default: the shipped lsd-ebm; its encoder is used
+    bundle_dir = shipped.bundle.dir
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cache = PatchCache.open(args.cache)
     train, _ = split_indices(cache, 0.1, 0)
     start = time.perf_counter()
-    latents = clean_latents(open_sessions(load_bundle(bundle_dir), "cpu", 0)[0], cache, train)
+    latents = clean_latents(shipped.sessions, cache, train)
     encode_s = time.perf_counter() - start
     print(f"encoded {len(train)} clean training patches in {encode_s:.0f} s")
-    config = ModelConfig.from_dict({**load_bundle(bundle_dir).manifest["model_config"], "kind": "lebm"})
+    config = ModelConfig.from_dict({**shipped.bundle.manifest["model_config"], "kind": "lebm"})
     start = time.perf_counter()
     energy, log = train_prior(latents, config, args.updates, args.batch, args.lr, args.seed)
     train_s = time.perf_counter() - start

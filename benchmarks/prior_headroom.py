@@ -22,23 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
-from vertrefine.bundle import default_bundle_dir, load_bundle
 from vertrefine.degrade import degrade
-from vertrefine.refine import RefineOptions, prepare_case
-from vertrefine.runtime import BundleSessions, open_sessions
+from vertrefine.refine import Refiner
+from vertrefine.runtime import BundleSessions
 from vertrefine.sampler import SamplerSettings, refine_latents
 from vertrefine.schedule import DiffusionSchedule
 from vertrefine.spatial import find_instances, resample_labels
 from vertrefine.synth import synth_spine
 
 
-def held_out(sessions: BundleSessions, spines: int, first_seed: int, slice_mm: float, axis: str):
-    """Degraded-patch latents [n, L], true-patch latents [n, L] and true masks [n, P, P, P] in the same boxes."""
-    options = RefineOptions(None, fine_inputs="refine")
+def held_out(refiner: Refiner, spines: int, first_seed: int, slice_mm: float, axis: str):
+    """Degraded-patch latents [n, L], true-patch latents [n, L] and true masks [n, P, P, P] in the same boxes
+    (``refiner``: its first stage crops and encodes the degraded vertebrae)."""
+    sessions = refiner.sessions
     mu_degraded, truths = [], []
     for seed in range(first_seed, first_seed + spines):
         truth = synth_spine(seed)
-        prepared = prepare_case(degrade(truth, slice_mm=slice_mm, axis=axis, seed=seed), sessions, options)
+        prepared = refiner.prepare(degrade(truth, slice_mm=slice_mm, axis=axis, seed=seed))
         true_ids, true_instances = find_instances(resample_labels(truth, prepared.working))
         by_label = {i.label: i for i in true_instances}
         for instance, box in zip(prepared.instances, prepared.boxes, strict=True):
@@ -95,10 +95,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     start = time.perf_counter()
-    sessions, _ = open_sessions(load_bundle(default_bundle_dir("lsd-ebm")), "cpu", args.threads)
+    shipped = Refiner.from_bundle(model="lsd-ebm", device="cpu", threads=args.threads, fine_inputs="refine")
+    encoder_mean = shipped.with_options(sampler=None)  # its encoding; the chains below run on the latents
+    sessions = shipped.sessions
     schedule = sessions.bundle.diffusion_schedule()
     defaults = sessions.bundle.sampler
-    mu_degraded, mu_true, truths = held_out(sessions, args.spines, args.first_seed, args.slice_mm, args.axis)
+    mu_degraded, mu_true, truths = held_out(encoder_mean, args.spines, args.first_seed, args.slice_mm, args.axis)
     print(f"{args.spines} spines, {len(truths)} vertebrae, {args.axis} {args.slice_mm:g} mm")
     print(f"{'latent decoded':46s} {'DSC':>14s} {'rms to true latent':>19s}")
 

@@ -30,11 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vertrefine.bundle import default_bundle_dir, load_bundle
 from vertrefine.degrade import degrade
-from vertrefine.refine import RefineOptions, finish_case, prepare_case, refine_volume
-from vertrefine.runtime import BundleSessions, open_sessions
-from vertrefine.sampler import SamplerSettings
+from vertrefine.refine import Refiner
 from vertrefine.score import METRIC_KEYS, score_case, summarize
 from vertrefine.spatial import crop_instances
 from vertrefine.synth import synth_spine
@@ -51,26 +48,25 @@ class LebmModel:
     def __init__(self, prior: Path | None, threads: int, step_size: float) -> None:
         from benchmarks.lebm_baseline import LebmRefiner  # torch: only when the LEBM row is asked for
 
-        bundle_dir = default_bundle_dir("lsd-ebm")
-        self.sessions, _ = open_sessions(load_bundle(bundle_dir), "cpu", threads)
-        self.refiner = LebmRefiner(bundle_dir, prior, LEBM_POSTERIOR_STEPS, step_size)
+        shipped = Refiner.from_bundle(model="lsd-ebm", device="cpu", threads=threads, fine_inputs="refine")
+        self.refiner = shipped.with_options(sampler=None)  # its latents come from the posterior chain below
+        self.posterior = LebmRefiner(shipped.bundle.dir, prior, LEBM_POSTERIOR_STEPS, step_size)
 
     def refine(self, volume: Volume, seed: int) -> Volume:
-        options = RefineOptions(None, fine_inputs="refine")
-        prepared = prepare_case(volume, self.sessions, options)
+        prepared = self.refiner.prepare(volume)
         patches = np.stack([p for _, _, p in crop_instances(prepared.instance_array, prepared.instances)])
-        z = self.refiner.posterior(prepared.mu, patches, seed)
-        return finish_case(prepared, z[None], self.sessions, options).labels
+        z = self.posterior.posterior(prepared.mu, patches, seed)
+        return self.refiner.finish(prepared, z[None]).labels
 
 
 class BundleModel:
     """A vae or lsd-ebm bundle, run as `vertrefine refine` runs it."""
 
-    def __init__(self, sessions: BundleSessions, options: RefineOptions) -> None:
-        self.sessions, self.options = sessions, options
+    def __init__(self, refiner: Refiner) -> None:
+        self.refiner = refiner
 
     def refine(self, volume: Volume, seed: int) -> Volume:
-        return refine_volume(volume, self.sessions, self.options, seed=seed).labels
+        return self.refiner(volume, seed=seed).labels
 
 
 def _models(args: argparse.Namespace) -> dict[str, BundleModel | LebmModel]:
@@ -85,16 +81,15 @@ def _models(args: argparse.Namespace) -> dict[str, BundleModel | LebmModel]:
                 raise SystemExit("quality: the LEBM row needs lebm=PRIOR.pt (python -m benchmarks.lebm_baseline)")
             models[kind] = LebmModel(Path(path), args.threads, args.lebm_step_size)
             continue
-        bundle = load_bundle(Path(path) if path else default_bundle_dir(kind))
-        sessions = open_sessions(bundle, "cpu", args.threads)[0]
-        if bundle.kind == "vae":
-            options = RefineOptions(None, fine_inputs="refine")
-        else:
-            overrides = dict(t_refine=args.t_refine, langevin_steps=args.langevin_steps, step_size=args.step_size)
-            options = RefineOptions(
-                SamplerSettings.from_manifest(bundle.sampler, **overrides), samples=args.samples, fine_inputs="refine"
-            )
-        models[kind] = BundleModel(sessions, options)
+        sampling = {}  # the command line's sampler settings: for the sampling lsd-ebm only, as refine takes them
+        if kind != "vae":
+            sampling = dict(t_refine=args.t_refine, langevin_steps=args.langevin_steps, step_size=args.step_size)
+            sampling["samples"] = args.samples
+        bundle = Path(path) if path else None
+        refiner = Refiner.from_bundle(
+            bundle, model=kind, device="cpu", threads=args.threads, fine_inputs="refine", **sampling
+        )
+        models[kind] = BundleModel(refiner)
     return models
 
 

@@ -21,7 +21,8 @@ ground truth's 1 mm grid:
 
 - ``input``: the thick input, nearest neighbour (always run: the changes below are measured from it);
 - ``sdf``: classical shape-based interpolation (per-label signed distances, ``resample_labels``' default);
-- ``vae``: ``refine_volume`` decoding the encoder's mean (``RefineOptions(sampler=None, fine_inputs="refine")``);
+- ``vae``: the :class:`~vertrefine.refine.Refiner` decoding the encoder's mean (``sampler=None``,
+  ``fine_inputs="refine"``);
 - ``lsd-ebm-noguide``: the bundle's sampler with data-consistency guidance 0;
 - ``lsd-ebm``: the bundle's sampler defaults (the model: every vertebra written as refined);
 - ``refine``: ``vertrefine refine``'s defaults, i.e. ``lsd-ebm`` plus the agreement gate that keeps the
@@ -63,16 +64,14 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from benchmarks.quality import NAMES, _cell, paired_difference
-from vertrefine.bundle import MANIFEST_NAME, Bundle, default_bundle_dir, load_bundle, sha256_file
+from vertrefine.bundle import MANIFEST_NAME, sha256_file
 from vertrefine.cases import find_cases
 from vertrefine.degrade import SLICE_AXES, degrade
 from vertrefine.errors import InputError
 from vertrefine.info import PACKAGES, package_version
 from vertrefine.io import read_label_map
 from vertrefine.metrics import METRIC_KEYS
-from vertrefine.refine import RefineOptions, refine_volume
-from vertrefine.runtime import open_sessions
-from vertrefine.sampler import SamplerSettings
+from vertrefine.refine import Refiner
 from vertrefine.score import _plain, score_case, summarize
 from vertrefine.spatial import resample_labels, to_working_grid, working_geometry
 from vertrefine.volume import Geometry, Volume
@@ -155,35 +154,36 @@ def find_case_paths(data: Path, cases: Sequence[str]) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------- methods
 
 
-def method_options(bundle: Bundle) -> dict[str, RefineOptions]:
-    """Refine options of each model method this bundle can run (the lsd-ebm rows need an lsd-ebm bundle)."""
-    options = {"vae": RefineOptions(sampler=None, on_disagree="write", fine_inputs="refine")}
-    if bundle.kind == "lsd-ebm":
-        unguided = SamplerSettings.from_manifest(bundle.sampler, guidance=0.0)
-        options["lsd-ebm-noguide"] = RefineOptions(unguided, on_disagree="write", fine_inputs="refine")
-        options["lsd-ebm"] = RefineOptions(
-            SamplerSettings.from_manifest(bundle.sampler), on_disagree="write", fine_inputs="refine"
-        )
-        options["refine"] = RefineOptions(SamplerSettings.from_manifest(bundle.sampler))  # as refine runs
-    return options
+def method_refiners(refiner: Refiner) -> dict[str, Refiner]:
+    """The model methods this bundle can run, each a Refiner over ``refiner``'s sessions (the lsd-ebm rows
+    need an lsd-ebm bundle). ``refiner``: the bundle as ``vertrefine refine`` runs it (its sampler defaults)."""
+    written = {"on_disagree": "write", "fine_inputs": "refine"}  # every vertebra written as refined
+    methods = {"vae": refiner.with_options(sampler=None, **written)}
+    sampler = refiner.options.sampler
+    if sampler is not None:
+        methods["lsd-ebm-noguide"] = refiner.with_options(sampler=dataclasses.replace(sampler, guidance=0.0), **written)
+        methods["lsd-ebm"] = refiner.with_options(**written)
+        methods["refine"] = refiner  # as refine runs
+    return methods
 
 
 class ModelRunner:
-    """The model rows: one bundle's ONNX sessions (CPU) and the refine options of each model method."""
+    """The model rows: one bundle's ONNX sessions (CPU) and a Refiner over them per model method."""
 
-    def __init__(self, bundle_dir: Path, threads: int) -> None:
-        self.bundle = load_bundle(bundle_dir)
-        self.sessions = open_sessions(self.bundle, "cpu", threads)[0]
-        self.options = method_options(self.bundle)
+    def __init__(self, bundle_dir: Path | None, threads: int) -> None:
+        """``bundle_dir`` None: the shipped lsd-ebm bundle."""
+        refiner = Refiner.from_bundle(bundle_dir, device="cpu", threads=threads)
+        self.bundle = refiner.bundle
+        self.refiners = method_refiners(refiner)
 
     @property
     def default_method(self) -> str:
         """What `vertrefine refine` runs with this bundle."""
-        return "lsd-ebm" if "lsd-ebm" in self.options else "vae"
+        return "lsd-ebm" if "lsd-ebm" in self.refiners else "vae"
 
     def refine(self, method: str, volume: Volume, seed: int) -> Volume:
         """``volume`` refined by ``method``: the label map on its 1 mm working grid."""
-        return refine_volume(volume, self.sessions, self.options[method], seed=seed).working_labels
+        return self.refiners[method](volume, seed=seed).working_labels
 
     def describe(self) -> dict[str, Any]:
         """The bundle's folder, kind, checksums and sampler defaults, and each method's sampler settings."""
@@ -196,20 +196,21 @@ class ModelRunner:
             "files_sha256": {name: entry["sha256"] for name, entry in files.items()},
             "sampler_defaults": self.bundle.sampler,
             "methods": {
-                m: None if o.sampler is None else dataclasses.asdict(o.sampler) for m, o in self.options.items()
+                m: None if r.options.sampler is None else dataclasses.asdict(r.options.sampler)
+                for m, r in self.refiners.items()
             },
         }
 
 
-def predict(method: str, native: Volume, gt: Volume, seed: int, refiner: ModelRunner | None) -> Volume:
+def predict(method: str, native: Volume, gt: Volume, seed: int, runner: ModelRunner | None) -> Volume:
     """The label map ``method`` makes of the thick input ``native``, on the ground truth's grid."""
     if method == "input":
         return resample_labels(native, gt.geometry, method="nearest")
     if method == "sdf":
         return resample_labels(native, gt.geometry)
-    if refiner is None:
+    if runner is None:
         raise ValueError(f"method {method!r} needs a model bundle")
-    return resample_labels(refiner.refine(method, native, seed), gt.geometry, method="nearest")
+    return resample_labels(runner.refine(method, native, seed), gt.geometry, method="nearest")
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -257,7 +258,7 @@ def run_condition(
     slice_mm: float,
     axis: str,
     methods: Sequence[str],
-    refiner: ModelRunner | None,
+    runner: ModelRunner | None,
     log: Log = _stderr,
 ) -> dict[str, Any]:
     """Every case degraded at ``slice_mm`` / ``axis`` and each method's result scored against the ground truth."""
@@ -273,7 +274,7 @@ def run_condition(
         case_dsc = {}
         for method in methods:
             start = time.perf_counter()
-            pred = predict(method, native, gt, seed, refiner)
+            pred = predict(method, native, gt, seed, runner)
             seconds[method] += time.perf_counter() - start
             case_rows = score_case(case, pred, gt, region="patch")
             rows[method] += case_rows
@@ -290,11 +291,11 @@ def run_condition(
     return {"slice_mm": slice_mm, "axis": axis, "seeds": seeds, "native_spacing_mm": native_spacing, "methods": results}
 
 
-def ceiling_check(gts: dict[str, Volume], refiner: ModelRunner, log: Log = _stderr) -> dict[str, Any]:
+def ceiling_check(gts: dict[str, Volume], runner: ModelRunner, log: Log = _stderr) -> dict[str, Any]:
     """Each clean ground-truth vertebra encoded and its mean decoded: how well the autoencoder can do at best."""
     rows: list[dict[str, Any]] = []
     for n, (case, gt) in enumerate(gts.items(), start=1):
-        pred = resample_labels(refiner.refine("vae", gt, seed=0), gt.geometry, method="nearest")
+        pred = resample_labels(runner.refine("vae", gt, seed=0), gt.geometry, method="nearest")
         case_rows = score_case(case, pred, gt, region="patch")
         rows += case_rows
         log(f"ceiling [{n}/{len(gts)}] {case}: DSC {_mean_dsc(case_rows):.3f}")
@@ -351,9 +352,9 @@ def unrotate(volume: Volume, rotation: np.ndarray, centre: Sequence[float], targ
     return resample_labels(rotate_volume(volume, np.asarray(rotation).T, centre), target, method="nearest")
 
 
-def pose_check(gts: dict[str, Volume], refiner: ModelRunner, log: Log = _stderr) -> dict[str, Any]:
+def pose_check(gts: dict[str, Volume], runner: ModelRunner, log: Log = _stderr) -> dict[str, Any]:
     """The default method at 5 mm sagittal on each spine upright and rotated 30 degrees about each LPS axis."""
-    method = refiner.default_method
+    method = runner.default_method
     poses = {"upright": np.eye(3)}
     poses.update({name: axis_rotation(a, POSE_DEGREES) for a, name in enumerate(LPS_AXES)})
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {p: {"input": [], method: [], "floor": []} for p in poses}
@@ -368,7 +369,7 @@ def pose_check(gts: dict[str, Volume], refiner: ModelRunner, log: Log = _stderr)
             on_working = resample_labels(rotated, working_geometry(rotated.geometry), method="nearest")
             rows[pose]["floor"] += score_case(case, unrotate(on_working, r, centre, gt.geometry), gt)
             rows[pose]["input"] += score_case(case, unrotate(native, r, centre, gt.geometry), gt)
-            refined = refiner.refine(method, native, seed)
+            refined = runner.refine(method, native, seed)
             case_rows = score_case(case, unrotate(refined, r, centre, gt.geometry), gt)
             rows[pose][method] += case_rows
             line.append(f"{pose.split()[0]} {_mean_dsc(case_rows):.3f}")
@@ -429,18 +430,18 @@ def benchmark(
     chosen = [m for m in METHODS if m in methods or m == "input"]
     start = time.perf_counter()
     paths = find_case_paths(Path(data), cases)
-    refiner = None
+    runner = None
     if ceiling or pose or any(m in MODEL_METHODS for m in chosen):
-        refiner = ModelRunner(Path(weights) if weights else default_bundle_dir("lsd-ebm"), threads)
-        lacking = [m for m in chosen if m in MODEL_METHODS and m not in refiner.options]
+        runner = ModelRunner(Path(weights) if weights else None, threads)
+        lacking = [m for m in chosen if m in MODEL_METHODS and m not in runner.refiners]
         if lacking:
-            raise ValueError(f"the {refiner.bundle.kind} bundle at {refiner.bundle.dir} cannot run {lacking}")
+            raise ValueError(f"the {runner.bundle.kind} bundle at {runner.bundle.dir} cannot run {lacking}")
     gts = {}
     for case, path in paths.items():
         gts[case] = load_ground_truth(path)
         log(f"{case}: vertebrae {gts[case].labels}, 1 mm grid {gts[case].geometry.shape}")
     conditions = {
-        condition_key(mm, axis): run_condition(gts, mm, axis, chosen, refiner, log) for axis in axes for mm in slice_mm
+        condition_key(mm, axis): run_condition(gts, mm, axis, chosen, runner, log) for axis in axes for mm in slice_mm
     }
     settings = {
         "data": str(data),
@@ -455,11 +456,11 @@ def benchmark(
     }
     return {
         "settings": settings,
-        "bundle": refiner.describe() if refiner else None,
+        "bundle": runner.describe() if runner else None,
         "machine": machine_info(),
         "conditions": conditions,
-        "ceiling": ceiling_check(gts, refiner, log) if ceiling and refiner else None,
-        "pose": pose_check(gts, refiner, log) if pose and refiner else None,
+        "ceiling": ceiling_check(gts, runner, log) if ceiling and runner else None,
+        "pose": pose_check(gts, runner, log) if pose and runner else None,
         "seconds": time.perf_counter() - start,
     }
 

@@ -25,9 +25,8 @@ from typing import Any
 from benchmarks.guidance_forms import report
 from benchmarks.real import dsc_change
 from benchmarks.tune_defaults import input_rows, thick_inputs
-from vertrefine.bundle import MANIFEST_NAME, RANGED_OPTIONS, load_bundle, read_manifest, sha256_file
-from vertrefine.refine import RefineOptions, refine_volume
-from vertrefine.runtime import open_sessions
+from vertrefine.bundle import MANIFEST_NAME, RANGED_OPTIONS, read_manifest, sha256_file
+from vertrefine.refine import Refiner
 from vertrefine.sampler import SamplerSettings
 from vertrefine.score import score_case, summarize
 from vertrefine.spatial import resample_labels
@@ -49,8 +48,9 @@ def _settings(bundle_sampler: dict, option: str, value: float, extra: dict[str, 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    bundle = load_bundle(args.bundle)
-    sessions = open_sessions(bundle, "cpu", args.threads)[0]
+    # the sweeps leave the validated ranges on purpose: each swept sampler goes in by Refiner.with_options
+    refiner = Refiner.from_bundle(args.bundle, device="cpu", threads=args.threads, fine_inputs="refine")
+    bundle = refiner.bundle
     inputs = thick_inputs(args.data, args.cases, args.slice_mm, args.axis)
     baseline = input_rows(inputs)
     input_dsc = summarize(baseline)["overall"]["dsc"]["mean"]
@@ -65,9 +65,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def _measure(sampler: SamplerSettings) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         decisions: dict[str, int] = {}
+        swept = refiner.with_options(sampler=sampler)
         start = time.perf_counter()
         for name, gt, native, seed in inputs:
-            result = refine_volume(native, sessions, RefineOptions(sampler, fine_inputs="refine"), seed=seed)
+            result = swept(native, seed=seed)
             rows += score_case(name, resample_labels(result.labels, gt.geometry, method="nearest"), gt)
             for v in result.vertebrae:
                 key = "diverged" if v.reason.startswith("sampler diverged") else v.decision

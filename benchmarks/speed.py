@@ -101,12 +101,11 @@ import numpy as np
 import torch
 
 from benchmarks.onnx_latency import balls
-from vertrefine.bundle import default_bundle_dir, load_bundle, read_manifest
+from vertrefine.bundle import default_bundle_dir, read_manifest
 from vertrefine.degrade import degrade
 from vertrefine.io import read_label_map, write_label_map
-from vertrefine.refine import RefineOptions, refine_volume, refined_instances
-from vertrefine.runtime import cuda_usable, open_sessions
-from vertrefine.sampler import SamplerSettings
+from vertrefine.refine import Refiner, refined_instances
+from vertrefine.runtime import cuda_usable
 from vertrefine.schedule import DiffusionSchedule
 from vertrefine.spatial import (
     crop_instances,
@@ -287,14 +286,13 @@ class VertrefineSide:
     name = "vertrefine"
 
     def __init__(self, bundle_dir: Path, device: str = "auto", threads: int = 0) -> None:
-        bundle = load_bundle(bundle_dir)
-        self.sessions, _ = open_sessions(bundle, device, threads)
-        self.options = RefineOptions(SamplerSettings.from_manifest(bundle.sampler), fine_inputs="refine")
+        self.refiner = Refiner.from_bundle(bundle_dir, device=device, threads=threads, fine_inputs="refine")
+        self.sessions = self.refiner.sessions
 
     def refine(self, volume: Volume, seed: int) -> tuple[Volume, dict[str, float]]:
         """Refine ``volume`` as the CLI does; (labels, seconds per stage and total)."""
         start = time.perf_counter()
-        refined = refine_volume(volume, self.sessions, self.options, seed=seed)
+        refined = self.refiner(volume, seed=seed)
         total = time.perf_counter() - start
         s = refined.seconds
         return refined.labels, _stages(total, s["encode"], s.get("sample", 0.0), s["decode"])

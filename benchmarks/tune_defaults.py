@@ -22,10 +22,8 @@ from typing import Any
 
 from benchmarks.guidance_forms import TRAINING_CASES, report
 from benchmarks.real import case_seed, condition_key, dsc_change, find_case_paths, load_ground_truth
-from vertrefine.bundle import load_bundle
 from vertrefine.degrade import degrade
-from vertrefine.refine import RefineOptions, refine_volume
-from vertrefine.runtime import open_sessions
+from vertrefine.refine import Refiner
 from vertrefine.sampler import SamplerSettings
 from vertrefine.score import score_case, summarize
 from vertrefine.spatial import resample_labels
@@ -55,9 +53,9 @@ def input_rows(inputs: Sequence[tuple[str, Volume, Volume, int]]) -> list[dict[s
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    bundle = load_bundle(args.bundle)
-    sessions = open_sessions(bundle, "cpu", args.threads)[0]
-    settings: dict[str, RefineOptions] = {"vae (encoder mean)": RefineOptions(None, fine_inputs="refine")}
+    refiner = Refiner.from_bundle(args.bundle, device="cpu", threads=args.threads, fine_inputs="refine")
+    defaults = refiner.bundle.sampler
+    settings: dict[str, Refiner] = {"vae (encoder mean)": refiner.with_options(sampler=None)}
     for t_refine, steps, guidance, guided in itertools.product(
         args.t_refine, args.langevin_steps, args.guidance, args.guidance_steps
     ):
@@ -65,18 +63,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue  # the guided-step count means nothing without guidance
         name = f"t={t_refine} K={steps} gamma={guidance:g} guided={guided if guided < 1000 else 'all'}"
         sampler = SamplerSettings.from_manifest(
-            bundle.sampler, t_refine=t_refine, langevin_steps=steps, guidance=guidance, guidance_steps=guided
+            defaults, t_refine=t_refine, langevin_steps=steps, guidance=guidance, guidance_steps=guided
         )
-        settings[name] = RefineOptions(sampler, fine_inputs="refine")
+        settings[name] = refiner.with_options(sampler=sampler)  # the grid may leave the validated ranges
     inputs = thick_inputs(args.data, args.cases, args.slice_mm, args.axis)
     rows: dict[str, list[dict[str, Any]]] = {"input": input_rows(inputs)}
     vertebrae = len(rows["input"])
     summary: dict[str, Any] = {}
-    for setting, options in settings.items():
+    for setting, setting_refiner in settings.items():
         rows[setting], seconds = [], 0.0
         for name, gt, native, seed in inputs:
             start = time.perf_counter()
-            result = refine_volume(native, sessions, options, seed=seed)
+            result = setting_refiner(native, seed=seed)
             seconds += time.perf_counter() - start
             rows[setting] += score_case(name, resample_labels(result.working_labels, gt.geometry, method="nearest"), gt)
         overall = summarize(rows[setting])["overall"]

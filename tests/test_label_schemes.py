@@ -7,7 +7,6 @@ descriptions) and keeps every other structure voxel for voxel.
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import highdicom as hd
 import numpy as np
@@ -20,7 +19,6 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from vertrefine import io
-from vertrefine.bundle import default_bundle_dir, load_bundle
 from vertrefine.cli import app
 from vertrefine.errors import InputError
 from vertrefine.labels import (
@@ -37,14 +35,9 @@ from vertrefine.labels import (
     parse_label_selection,
     recognise_scheme,
 )
-from vertrefine.refine import RefineOptions as Options
-from vertrefine.refine import prepare_case, refine_volume
-from vertrefine.runtime import open_sessions
+from vertrefine.refine import Refiner
 from vertrefine.synth import synth_spine
 from vertrefine.volume import Geometry, Volume
-
-# The synthetic spines are 1 mm: refine them (by default refine writes inputs finer than 1.5 mm unchanged).
-RefineOptions = partial(Options, fine_inputs="refine")
 
 runner = CliRunner()
 SPLEEN, KIDNEY_RIGHT, LIVER = 1, 2, 5  # TotalSegmentator v2 'total'
@@ -56,8 +49,9 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def vae():
-    return open_sessions(load_bundle(default_bundle_dir("vae")), "cpu")[0]
+def vae() -> Refiner:
+    # the synthetic spines are 1 mm: refine them (by default refine writes inputs finer than 1.5 mm unchanged)
+    return Refiner.from_bundle(model="vae", device="cpu", fine_inputs="refine")
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -199,10 +193,10 @@ def test_labels_naming_an_organ_of_the_numbering_are_refused_in_one_line(ts_map,
 
 
 def test_labels_by_level_choose_in_the_map_s_own_numbering(ts_map, vae):
-    result = refine_volume(ts_map, vae, RefineOptions(None, labels=parse_label_selection("vertebrae_L3")))
+    result = vae.with_options(labels=parse_label_selection("vertebrae_L3"))(ts_map)
     assert [v.instance.label for v in result.vertebrae] == [TS_L3]
     np.testing.assert_array_equal(result.labels.array == 30, ts_map.array == 30)  # L2 not chosen: unchanged
-    read_as_verse = refine_volume(ts_map, vae, RefineOptions(None, labels=frozenset({30}), label_scheme="verse"))
+    read_as_verse = vae.with_options(labels=frozenset({30}), label_scheme="verse")(ts_map)
     assert [v.name for v in read_as_verse.vertebrae] == ["label 30"]
 
 
@@ -212,15 +206,15 @@ def test_a_map_numbered_from_the_feet_up_is_refused_under_auto_and_read_when_nam
         np.select([spine.array == 22, spine.array == 23, spine.array == 24], [4, 3, 2], 0).astype(np.uint8)
     )
     with pytest.raises(InputError, match="--label-scheme"):
-        prepare_case(mr, vae, RefineOptions(None))
-    result = refine_volume(mr, vae, RefineOptions(None, label_scheme="totalsegmentator-vertebrae-mr"))
+        vae.prepare(mr)
+    result = vae.with_options(label_scheme="totalsegmentator-vertebrae-mr")(mr)
     assert [(v.instance.label, v.name) for v in result.vertebrae] == [(4, "L3"), (3, "L4"), (2, "L5")]
 
 
 def test_a_file_without_vertebrae_in_its_numbering_says_what_to_do(ts_map, vae):
     organs_only = ts_map.with_array(np.where(ts_map.array >= 29, 0, ts_map.array).astype(np.uint8))
     with pytest.raises(InputError, match="no vertebra to refine.*--label-scheme"):
-        prepare_case(organs_only, vae, RefineOptions(None, label_scheme="totalsegmentator"))
+        vae.with_options(label_scheme="totalsegmentator").prepare(organs_only)
 
 
 # --- one label, one vertebra; components only for binary masks --------------------------------------
@@ -231,7 +225,7 @@ def test_a_vertebra_split_by_a_pedicle_break_is_refined_as_one(vae):
     broken = spine.array.copy()
     broken[:, 40:44, :] = 0  # cuts the pedicles: two large pieces of label 22
     assert ndimage.label(broken > 0, np.ones((3, 3, 3)))[1] == 2
-    result = refine_volume(spine.with_array(broken), vae, RefineOptions(None))
+    result = vae(spine.with_array(broken))
     assert [(v.instance.instance_id, v.name) for v in result.vertebrae] == [(22, "L3")]
     assert not result.from_binary_mask and result.labels.labels == [22]
 
@@ -240,7 +234,7 @@ def test_a_binary_component_too_large_for_one_vertebra_passes_through_with_label
     spine = synth_spine(11, levels=("L1", "L2", "L3", "L4", "L5"))
     touching = ndimage.binary_dilation(spine.array > 0, iterations=2)  # thick slices make vertebrae touch
     mask = spine.with_array(touching.astype(np.uint8))
-    result = refine_volume(mask, vae, RefineOptions(None))
+    result = vae(mask)
     assert result.vertebrae == []
     ((instance, reason),) = result.passed_through
     assert "too large" in reason and "label each vertebra" in reason

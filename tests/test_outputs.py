@@ -35,7 +35,7 @@ def no_compute(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was opened before the outputs were checked")
 
-    monkeypatch.setattr("vertrefine.runtime.open_sessions", refuse)
+    monkeypatch.setattr("vertrefine.refine.Refiner.from_bundle", refuse)  # what `vertrefine refine` opens it with
 
 
 def test_unwritable_outputs_are_refused_before_the_model_is_opened_and_leave_nothing(spine_file, tmp_path, no_compute):

@@ -2,44 +2,33 @@
 
 import json
 from dataclasses import replace
-from functools import partial
 
 import numpy as np
 import pytest
 
-from vertrefine.bundle import default_bundle_dir, load_bundle
-from vertrefine.refine import (
-    RefineOptions as Options,
-)
-from vertrefine.refine import (
-    RowNoise,
-    finish_case,
-    prepare_case,
-    refine_volume,
-    refined_instances,
-    sample_latents,
-)
-from vertrefine.runtime import open_sessions
+from vertrefine.bundle import default_bundle_dir
+from vertrefine.errors import SettingsError
+from vertrefine.refine import Refiner, RowNoise, refine_volume, refined_instances
 from vertrefine.sampler import SamplerSettings
 from vertrefine.spatial import crop, find_instances, resample_labels
 from vertrefine.synth import synth_spine
 from vertrefine.volume import Geometry, Volume
 
-# The synthetic spines are 1 mm: refine them (by default refine writes inputs finer than 1.5 mm unchanged).
-RefineOptions = partial(Options, fine_inputs="refine")
 FAST = SamplerSettings(t_refine=3, langevin_steps=10)
 
 
+# The synthetic spines are 1 mm: refine them (by default refine writes inputs finer than 1.5 mm unchanged).
 @pytest.fixture(scope="module")
-def lsd():
-    sessions, note = open_sessions(load_bundle(default_bundle_dir("lsd-ebm")), "cpu")
-    assert note is None
-    return sessions
+def lsd() -> Refiner:
+    """The shipped LSD-EBM bundle with a short chain (FAST)."""
+    refiner = Refiner.from_bundle(model="lsd-ebm", device="cpu", fine_inputs="refine")
+    assert refiner.note is None
+    return refiner.with_options(sampler=FAST)
 
 
 @pytest.fixture(scope="module")
-def vae():
-    return open_sessions(load_bundle(default_bundle_dir("vae")), "cpu")[0]
+def vae() -> Refiner:
+    return Refiner.from_bundle(model="vae", device="cpu", fine_inputs="refine")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +41,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_refine_keeps_label_ids_and_shape_of_each_vertebra(two_vertebrae, lsd):
-    result = refine_volume(two_vertebrae, lsd, RefineOptions(FAST), seed=0)
+    result = lsd(two_vertebrae, seed=0)
     assert result.labels.geometry == two_vertebrae.geometry
     assert result.labels.labels == [21, 22]
     for label in (21, 22):
@@ -63,26 +52,21 @@ def test_refine_keeps_label_ids_and_shape_of_each_vertebra(two_vertebrae, lsd):
 
 
 def test_same_seed_same_output_and_another_seed_differs(two_vertebrae, lsd):
-    options = RefineOptions(FAST)
-    first = refine_volume(two_vertebrae, lsd, options, seed=5).labels.array
-    again = refine_volume(two_vertebrae, lsd, options, seed=5).labels.array
-    other = refine_volume(two_vertebrae, lsd, options, seed=6)
+    first = lsd(two_vertebrae, seed=5).labels.array
+    again = lsd(two_vertebrae, seed=5).labels.array
+    other = lsd(two_vertebrae, seed=6)
     np.testing.assert_array_equal(first, again)
     assert any(
         not np.array_equal(v.probability, w.probability)
-        for v, w in zip(refine_volume(two_vertebrae, lsd, options, seed=5).vertebrae, other.vertebrae, strict=True)
+        for v, w in zip(lsd(two_vertebrae, seed=5).vertebrae, other.vertebrae, strict=True)
     )
 
 
 def test_a_case_samples_the_same_alone_or_in_a_group(two_vertebrae, lsd):
-    options = RefineOptions(FAST)
     other = synth_spine(12, levels=("L4",))
-    alone = sample_latents(lsd, [prepare_case(two_vertebrae, lsd, options)], options, [np.random.default_rng(3)])
-    group = sample_latents(
-        lsd,
-        [prepare_case(other, lsd, options), prepare_case(two_vertebrae, lsd, options)],
-        options,
-        [np.random.default_rng(9), np.random.default_rng(3)],
+    alone = lsd.sample([lsd.prepare(two_vertebrae)], [np.random.default_rng(3)])
+    group = lsd.sample(
+        [lsd.prepare(other), lsd.prepare(two_vertebrae)], [np.random.default_rng(9), np.random.default_rng(3)]
     )
     np.testing.assert_allclose(group[1], alone[0], rtol=0, atol=1e-5)
 
@@ -96,9 +80,8 @@ def test_row_noise_takes_each_case_rows_from_its_own_generator():
 
 
 def test_vae_decodes_the_mean_whatever_the_seed(two_vertebrae, vae):
-    options = RefineOptions(None)
-    a = refine_volume(two_vertebrae, vae, options, seed=1).labels.array
-    b = refine_volume(two_vertebrae, vae, options, seed=2).labels.array
+    a = vae(two_vertebrae, seed=1).labels.array
+    b = vae(two_vertebrae, seed=2).labels.array
     np.testing.assert_array_equal(a, b)
 
 
@@ -108,26 +91,26 @@ def test_structures_that_are_not_vertebrae_pass_through_unchanged(two_vertebrae,
     array[-6:, -6:, -6:] = 120  # another structure (a disc, as SPINEPS numbers them)
     array[-12:-6, -6:, -6:] = 90  # an id VerSe does not use: --label-scheme verse says how to read it
     volume = two_vertebrae.with_array(array)
-    result = refine_volume(volume, vae, RefineOptions(None, label_scheme="verse"))
+    result = vae.with_options(label_scheme="verse")(volume)
     for label in (26, 90, 120):
         np.testing.assert_array_equal(result.labels.array == label, array == label)
     assert [v.instance.label for v in result.vertebrae] == [21, 22]
-    only_l2 = refine_volume(volume, vae, RefineOptions(None, labels=frozenset({21}), label_scheme="verse"))
+    only_l2 = vae.with_options(labels=frozenset({21}), label_scheme="verse")(volume)
     np.testing.assert_array_equal(only_l2.labels.array == 22, array == 22)
     without_90 = two_vertebrae.with_array(np.where(array == 90, 0, array))  # VerSe ids and 100+: auto reads VerSe
-    assert [v.instance.label for v in refine_volume(without_90, vae, RefineOptions(None)).vertebrae] == [21, 22]
+    assert [v.instance.label for v in vae(without_90).vertebrae] == [21, 22]
 
 
 def test_binary_mask_components_are_refined_and_written_back_with_the_mask_value(two_vertebrae, vae):
     binary = two_vertebrae.with_array((two_vertebrae.array > 0).astype(np.uint8))
     instance_array, instances = find_instances(binary)
     assert len(refined_instances(instances, None)) == 2
-    result = refine_volume(binary, vae, RefineOptions(None))
+    result = vae(binary)
     assert result.labels.labels == [1]
     assert _dice(result.labels.array == 1, binary.array == 1) > 0.8
     assert [v.name for v in result.vertebrae] == ["vertebra_1", "vertebra_2"]
     one = binary.with_array(np.where(two_vertebrae.array == 21, 1, 0).astype(np.uint8))  # one vertebra, value 1
-    (single,) = refine_volume(one, vae, RefineOptions(None)).vertebrae
+    (single,) = vae(one).vertebrae
     assert single.name == "vertebra_1" and single.decision == "refined"  # not "C1", not too large for a C1
 
 
@@ -152,7 +135,7 @@ def _grids(volume: Volume) -> dict[str, Volume]:
 @pytest.mark.parametrize("kind", ["flipped", "oblique", "anisotropic"])
 def test_output_lies_on_the_input_grid(two_vertebrae, vae, kind):
     volume = _grids(two_vertebrae)[kind]
-    result = refine_volume(volume, vae, RefineOptions(None, spacing="input"))
+    result = vae.with_options(spacing="input")(volume)
     assert result.labels.geometry == volume.geometry
     assert result.labels.array.shape == volume.array.shape
     assert result.labels.array.dtype == volume.array.dtype
@@ -167,7 +150,7 @@ def test_a_thick_slice_input_gets_a_1mm_grid_with_its_orientation_and_extent(two
     t = np.deg2rad(15)
     direction = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])  # oblique in-plane
     volume = Volume(thick.copy(), Geometry(thick.shape, (0.8, 0.8, 5.0), g.origin, tuple(direction.ravel())))
-    result = refine_volume(volume, vae, RefineOptions(None, keep_maps=True))
+    result = vae.with_options(keep_maps=True)(volume)
     out = result.labels.geometry
     assert out.spacing == (1.0, 1.0, 1.0) and out.direction == volume.geometry.direction
     extent = lambda geo: np.array(geo.size_ijk) * np.array(geo.spacing)  # noqa: E731
@@ -175,18 +158,18 @@ def test_a_thick_slice_input_gets_a_1mm_grid_with_its_orientation_and_extent(two
     corner = lambda geo: geo.index_to_physical(np.full(3, -0.5) * 1.0)  # noqa: E731
     np.testing.assert_allclose(corner(out), corner(volume.geometry), atol=1e-6)  # the same physical box
     assert result.probability.geometry == out and result.labels.labels == [21, 22]
-    assert refine_volume(volume, vae, RefineOptions(None, spacing="input")).labels.geometry == volume.geometry
-    assert refine_volume(volume, vae, RefineOptions(None, spacing=2.0)).labels.geometry.spacing == (2.0, 2.0, 2.0)
+    assert vae.with_options(spacing="input")(volume).labels.geometry == volume.geometry
+    assert vae.with_options(spacing=2.0)(volume).labels.geometry.spacing == (2.0, 2.0, 2.0)
     fine = _grids(two_vertebrae)["flipped"]  # 1 mm input: its own grid by default
-    assert refine_volume(fine, vae, RefineOptions(None)).labels.geometry == fine.geometry
+    assert vae(fine).labels.geometry == fine.geometry
 
 
 def test_samples_give_mean_probability_and_uncertainty_maps(two_vertebrae, lsd):
-    options = RefineOptions(FAST, samples=3, keep_maps=True)
-    prepared = prepare_case(two_vertebrae, lsd, options)
-    (z,) = sample_latents(lsd, [prepared], options, [np.random.default_rng(0)])
+    three = lsd.with_options(samples=3, keep_maps=True)
+    prepared = three.prepare(two_vertebrae)
+    (z,) = three.sample([prepared], [np.random.default_rng(0)])
     assert z.shape == (3, 2, *lsd.bundle.latent_shape)
-    result = finish_case(prepared, z, lsd, options)
+    result = three.finish(prepared, z)
     probability, std = result.probability.array, result.uncertainty.array
     assert result.probability.geometry == two_vertebrae.geometry
     assert probability.min() >= 0 and probability.max() <= 1 and std.min() >= 0
@@ -199,7 +182,7 @@ def test_samples_give_mean_probability_and_uncertainty_maps(two_vertebrae, lsd):
 def test_meshes_are_closed_and_lie_on_their_vertebra_in_patient_coordinates(two_vertebrae, vae):
     from vertrefine.mesh import vertebra_mesh
 
-    result = refine_volume(two_vertebrae, vae, RefineOptions(None))
+    result = vae(two_vertebrae)
     for vertebra in result.vertebrae:
         owned = np.ones(vertebra.probability.shape, dtype=bool)
         mesh = vertebra_mesh(vertebra.probability, owned, vertebra.box, result.working)
@@ -216,7 +199,7 @@ def test_no_vertebra_labels_is_a_clear_error(two_vertebrae, vae):
     only_sacrum = two_vertebrae.with_array(np.where(two_vertebrae.array > 0, 26, 0).astype(np.uint8))
     sacrum_and_other = only_sacrum.with_array(np.where(two_vertebrae.array == 21, 90, only_sacrum.array))
     with pytest.raises(InputError, match="--labels"):
-        refine_volume(sacrum_and_other, vae, RefineOptions(None))
+        vae(sacrum_and_other)
 
 
 def _slab_agreement(result, thick: Volume) -> float:
@@ -240,19 +223,23 @@ def test_guidance_makes_the_result_agree_with_the_thick_slices(two_vertebrae, ls
 
         gap = ndimage.binary_dilation(thick.array == 21, iterations=3) & (thick.array == 22)
         thick = thick.with_array(((thick.array > 0) & ~gap).astype(np.uint8))
-    plain_options = RefineOptions(with_(FAST, guidance=0.0), spacing="input", on_disagree="write")
-    plain = refine_volume(thick, lsd, plain_options, seed=1)
-    guided_options = RefineOptions(with_(FAST, guidance=0.7), spacing="input", on_disagree="write")
-    prepared = prepare_case(thick, lsd, guided_options)
+    plain = lsd.with_options(sampler=with_(FAST, guidance=0.0), spacing="input", on_disagree="write")(thick, seed=1)
+    guided_refiner = lsd.with_options(sampler=with_(FAST, guidance=0.7), spacing="input", on_disagree="write")
+    prepared = guided_refiner.prepare(thick)
     assert len(prepared.observations) == 2 and all(o is not None and o.slabs > 0 for o in prepared.observations)
-    guided = refine_volume(thick, lsd, guided_options, seed=1)
+    guided = guided_refiner(thick, seed=1)
     assert _slab_agreement(guided, thick) > _slab_agreement(plain, thick)
-    fine = prepare_case(two_vertebrae, lsd, guided_options)  # a 1 mm input: nothing to guide by
+    fine = guided_refiner.prepare(two_vertebrae)  # a 1 mm input: nothing to guide by
     assert fine.observations == []
 
 
 class WrongShape:
     """Sessions whose decoder draws a cube where the second vertebra should be (a model gone wrong)."""
+
+    @classmethod
+    def refiner(cls, refiner: Refiner, wrong_row: int, **options) -> Refiner:
+        """``refiner`` with these sessions around its own and ``options`` changed."""
+        return Refiner(cls(refiner.sessions, wrong_row), refiner.with_options(**options).options)
 
     def __init__(self, sessions, wrong_row: int) -> None:
         self._sessions, self.wrong_row = sessions, wrong_row
@@ -272,8 +259,7 @@ class WrongShape:
 
 @pytest.mark.parametrize("on_disagree", ["keep-input", "write"])
 def test_a_vertebra_that_disagrees_with_the_input_is_flagged_and_kept_as_input(two_vertebrae, vae, on_disagree):
-    broken = WrongShape(vae, wrong_row=1)
-    result = refine_volume(two_vertebrae, broken, RefineOptions(None, on_disagree=on_disagree))
+    result = WrongShape.refiner(vae, wrong_row=1, on_disagree=on_disagree)(two_vertebrae)
     good, wrong = result.vertebrae
     assert good.decision == "refined" and good.reason == "" and good.agreement_dsc > 0.8
     assert wrong.agreement_dsc < 0.6 and wrong.agreement_hd95_mm > 5
@@ -288,8 +274,8 @@ def test_a_vertebra_that_disagrees_with_the_input_is_flagged_and_kept_as_input(t
     else:
         assert wrong.decision == "refined, flagged" and "check it" in wrong.reason
         assert _dice(l3, two_vertebrae.array == wrong.instance.label) < 0.85
-    with pytest.raises(ValueError, match="on_disagree"):
-        RefineOptions(None, on_disagree="ignore")
+    with pytest.raises(SettingsError, match="on_disagree"):
+        vae.with_options(on_disagree="ignore")
 
 
 def _with_structure(spine: Volume, label: int, where: tuple[slice, ...]) -> Volume:
@@ -309,7 +295,7 @@ def test_an_implausible_input_vertebra_passes_through_unchanged_with_a_warning(
     two_vertebrae, vae, kind, label, where, words
 ):
     volume = _with_structure(two_vertebrae, label, where)
-    result = refine_volume(volume, vae, RefineOptions(None))
+    result = vae(volume)
     np.testing.assert_array_equal(result.labels.array == label, volume.array == label)  # voxel for voxel
     assert [v.instance.label for v in result.vertebrae] == [21, 22]  # the real ones are refined
     (row,) = [r for r in result.vertebra_rows() if r["label"] == label]
@@ -323,7 +309,7 @@ def test_a_liver_sized_blob_is_not_refined_as_a_vertebra(vae):
     k, j, i = np.ogrid[:150, :150, :150]
     blob = ((k - 75) ** 2 / 60**2 + (j - 75) ** 2 / 50**2 + (i - 75) ** 2 / 45**2 <= 1).astype(np.uint8) * 20
     volume = Volume(blob, g)
-    result = refine_volume(volume, vae, RefineOptions(None))
+    result = vae(volume)
     assert result.vertebrae == [] and "too large" in result.warnings[0]
     np.testing.assert_array_equal(result.labels.array, blob)
 
@@ -336,7 +322,7 @@ def test_an_emptied_result_is_not_written_the_input_is_kept(two_vertebrae, vae):
                 probability[[(start + n) % 2 == self.wrong_row for n in range(len(probability))]] = 0.0
                 yield start, probability
 
-    result = refine_volume(two_vertebrae, Empty(vae, wrong_row=0), RefineOptions(None, on_disagree="write"))
+    result = Empty.refiner(vae, wrong_row=0, on_disagree="write")(two_vertebrae)
     emptied = result.vertebrae[0]
     assert emptied.decision == "kept input" and emptied.reason == "implausible result: empty result"
     label = emptied.instance.label
@@ -363,13 +349,12 @@ def test_a_vertebra_cut_by_the_border_is_refined_only_inside_or_passed_through(t
     cut = Volume(
         two_vertebrae.array[k_mid:].copy(), replace(g, shape=(g.shape[0] - k_mid, *g.shape[1:]), origin=origin)
     )
-    balls = BallDecoder(vae, wrong_row=-1)
-    result = refine_volume(cut, balls, RefineOptions(None, on_disagree="write"))
+    result = BallDecoder.refiner(vae, wrong_row=-1, on_disagree="write")(cut)
     assert result.labels.geometry == cut.geometry  # nothing is written beyond the image
     upper, lower = result.vertebrae
     assert upper.fov_fraction == 1.0 and 0.5 < lower.fov_fraction < 0.9
     assert [r["fov_fraction"] for r in result.vertebra_rows()] == [1.0, round(lower.fov_fraction, 3)]
-    strict = refine_volume(cut, balls, RefineOptions(None, on_disagree="write", min_fov_fraction=0.95))
+    strict = BallDecoder.refiner(vae, wrong_row=-1, on_disagree="write", min_fov_fraction=0.95)(cut)
     kept = strict.vertebrae[1]
     assert kept.decision == "kept input" and "field of view" in kept.reason
     np.testing.assert_array_equal(strict.labels.array == 22, cut.array == 22)  # passed through unchanged
@@ -391,7 +376,7 @@ class ExtraPieces(WrongShape):
 
 
 def test_specks_are_dropped_and_a_result_in_large_pieces_is_flagged(two_vertebrae, vae):
-    result = refine_volume(two_vertebrae, ExtraPieces(vae, wrong_row=-1), RefineOptions(None, on_disagree="write"))
+    result = ExtraPieces.refiner(vae, wrong_row=-1, on_disagree="write")(two_vertebrae)
     first, second = result.vertebrae
     assert len(first.pieces_ml) == 1 and first.decision == "refined"  # the speck is gone
     box_slices, patch_slices = first.box.slices(result.working_after.shape)
@@ -414,7 +399,7 @@ def test_a_fine_input_is_refined_on_its_own_grid_and_left_as_it_is_outside_the_v
     near = (fine.array == 0) & np.roll(fine.array == 21, 10, axis=2)  # another structure touching L2
     array[near] = 121
     volume = fine.with_array(array)
-    result = refine_volume(volume, vae, RefineOptions(None))
+    result = vae(volume)
     assert result.labels.geometry == fine_grid and result.labels.array.dtype == array.dtype
     for label in (120, 121):
         np.testing.assert_array_equal(result.labels.array == label, array == label)
@@ -427,7 +412,7 @@ def test_a_fine_input_is_refined_on_its_own_grid_and_left_as_it_is_outside_the_v
 
 def test_a_fine_input_is_written_unchanged_by_default_with_one_warning(two_vertebrae, vae):
     # 1 mm is already CT-like: the model could only approximate it (its reconstruction is about 0.92 DSC)
-    result = refine_volume(two_vertebrae, vae, Options(None))
+    result = vae.with_options(fine_inputs="keep")(two_vertebrae)  # refine's default
     np.testing.assert_array_equal(result.labels.array, two_vertebrae.array)
     assert result.vertebrae == [] and [r["decision"] for r in result.vertebra_rows()] == ["passed through"] * 2
     (warning,) = result.warnings  # one line for the case, naming both vertebrae and the way to refine anyway
@@ -435,14 +420,14 @@ def test_a_fine_input_is_written_unchanged_by_default_with_one_warning(two_verte
     assert result.summary.startswith("2 passed through")
     array = two_vertebrae.array[::2].copy()  # 2 mm along k: coarse, refined
     thick = Volume(array, replace(two_vertebrae.geometry, shape=array.shape, spacing=(1.0, 1.0, 2.0)))
-    assert [v.decision for v in refine_volume(thick, vae, Options(None)).vertebrae] == ["refined", "refined"]
+    assert [v.decision for v in vae.with_options(fine_inputs="keep")(thick).vertebrae] == ["refined", "refined"]
 
 
 def test_a_diverging_chain_keeps_the_input_and_says_the_sampler_diverged(two_vertebrae, lsd):
     """A step size far beyond what the schedule allows (the API does not bound it; the CLI does) makes every
     chain diverge: no vertebra may vanish or grow, each keeps the input's voxels and the reason says why."""
-    options = RefineOptions(SamplerSettings(t_refine=3, langevin_steps=10, step_size=0.5), samples=2, keep_maps=True)
-    result = refine_volume(two_vertebrae, lsd, options, seed=0)
+    diverging = SamplerSettings(t_refine=3, langevin_steps=10, step_size=0.5)
+    result = lsd.with_options(sampler=diverging, samples=2, keep_maps=True)(two_vertebrae, seed=0)
     assert [v.decision for v in result.vertebrae] == ["kept input", "kept input"]
     assert all(v.reason.startswith("sampler diverged (2 of 2 chains") for v in result.vertebrae)
     np.testing.assert_array_equal(result.labels.array, two_vertebrae.array)  # voxel for voxel
@@ -457,7 +442,7 @@ def test_an_empty_decode_keeps_the_input(two_vertebrae, vae):
             for start, probability in self._sessions.decode_chunks(z):
                 yield start, np.zeros_like(probability)
 
-    result = refine_volume(two_vertebrae, Empty(vae, wrong_row=0), RefineOptions(None))
+    result = Empty.refiner(vae, wrong_row=0)(two_vertebrae)
     assert [v.decision for v in result.vertebrae] == ["kept input", "kept input"]
     assert all("empty result" in v.reason for v in result.vertebrae)
     np.testing.assert_array_equal(result.labels.array, two_vertebrae.array)
@@ -466,14 +451,13 @@ def test_an_empty_decode_keeps_the_input(two_vertebrae, vae):
 def test_the_refiner_is_the_pipeline_built_once_and_refuses_what_it_cannot_run(two_vertebrae, lsd, tmp_path):
     import shutil
 
-    from vertrefine.errors import InputError, SettingsError
-    from vertrefine.refine import Refiner
+    from vertrefine.errors import InputError
 
     refiner = Refiner.from_bundle(device="cpu", t_refine=3, langevin_steps=10, fine_inputs="refine")
     sampler = refiner.options.sampler
     assert refiner.bundle.kind == "lsd-ebm" and (sampler.t_refine, sampler.langevin_steps) == (3, 10)
     assert sampler.guidance == refiner.bundle.sampler["guidance"] and refiner.note is None  # the bundle's default
-    same = refine_volume(two_vertebrae, lsd, refiner.options, seed=4)
+    same = refine_volume(two_vertebrae, lsd.sessions, refiner.options, seed=4)
     np.testing.assert_array_equal(refiner(two_vertebrae, seed=4).labels.array, same.labels.array)
     with pytest.raises(SettingsError, match="--step-size 40 is outside"):
         Refiner.from_bundle(device="cpu", step_size=40.0)
@@ -495,3 +479,18 @@ def test_the_refiner_is_the_pipeline_built_once_and_refuses_what_it_cannot_run(t
     (copy / next(p.name for p in copy.glob("*.onnx"))).write_bytes(b"damaged")
     with pytest.raises(InputError, match="checksum does not match"):
         Refiner.from_bundle(copy, device="cpu")
+
+
+def test_with_options_shares_the_open_sessions_and_changes_only_the_options_given(two_vertebrae, vae):
+    kept = vae.with_options(fine_inputs="keep", on_disagree="write")
+    assert kept.sessions is vae.sessions and kept.note == vae.note  # nothing is loaded or opened again
+    assert kept.options == replace(vae.options, fine_inputs="keep", on_disagree="write")
+    assert vae.options.fine_inputs == "refine"  # the Refiner it came from is unchanged
+    np.testing.assert_array_equal(kept(two_vertebrae).labels.array, two_vertebrae.array)  # 1 mm: written unchanged
+    assert vae(two_vertebrae).vertebrae != []
+    with pytest.raises(SettingsError, match="threshold must be in"):
+        vae.with_options(threshold=1.5)
+    with pytest.raises(SettingsError, match="vae bundle has no energy"):
+        vae.with_options(sampler=FAST)
+    with pytest.raises(TypeError):
+        vae.with_options(treshold=0.4)

@@ -13,8 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from vertrefine.bundle import load_bundle  # noqa: E402
-from vertrefine.runtime import open_sessions  # noqa: E402
+from vertrefine.refine import Refiner  # noqa: E402
 from vertrefine.sampler import SamplerSettings, reverse_step  # noqa: E402
 from vertrefine.schedule import DiffusionSchedule  # noqa: E402
 from vertrefine.train.export import export_bundle  # noqa: E402
@@ -108,7 +107,7 @@ class _Replay:
 def test_reference_reverse_step_matches_refines_numpy_sampler_on_onnx(tiny):
     """Same start and noise: the torch autograd reference and refine's numpy + ONNX sampler agree."""
     folder, side = tiny
-    sessions, _ = open_sessions(load_bundle(folder), "cpu", 1)
+    sessions = Refiner.from_bundle(folder, device="cpu", threads=1).sessions  # as refine opens the bundle
     settings = speed.ReferenceSettings(langevin_steps=3)
     t, seed = 2, 5
     z_next = torch.randn(1, TINY["latent"], generator=torch.Generator().manual_seed(4))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -932,6 +932,29 @@ class Refiner:
     def finish(self, prepared: PreparedCase, z: np.ndarray, status: Status = _quiet) -> RefinedCase:
         """Stage 3 of a batch: :func:`finish_case`."""
         return finish_case(prepared, z, self.sessions, self.options, status)
+
+    def with_options(self, **changes: Any) -> Refiner:
+        """A Refiner over the same open sessions with some :class:`RefineOptions` fields changed
+        (:func:`dataclasses.replace`), so a sweep over settings loads and opens the bundle once::
+
+            unguided = refiner.with_options(sampler=replace(refiner.options.sampler, guidance=0.0))
+            mean_only = refiner.with_options(sampler=None)        # decode the encoder's mean (the VAE row)
+
+        Unlike :meth:`from_bundle`, a ``sampler`` given here is not bounded by the bundle's validated ranges
+        (benchmarks measure outside them). Raises :class:`vertrefine.errors.SettingsError` for a value
+        :class:`RefineOptions` refuses or a sampler for a bundle without an energy (a VAE), TypeError for a
+        name that is not a field.
+        """
+        try:
+            options = replace(self.options, **changes)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        if options.sampler is not None and not self.bundle.has_energy:
+            raise SettingsError(
+                f"{self.bundle.dir}: a {self.bundle.kind} bundle has no energy to sample with; "
+                "use an lsd-ebm bundle, or sampler=None to decode the encoder's mean"
+            )
+        return Refiner(self.sessions, options, self.note)
 
 
 def _flag(setting: str) -> str:
