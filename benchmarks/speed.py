@@ -93,7 +93,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,7 @@ from vertrefine.degrade import degrade
 from vertrefine.io import read_label_map, write_label_map
 from vertrefine.refine import Refiner, refined_instances
 from vertrefine.runtime import cuda_usable
+from vertrefine.sampler import SamplerSettings
 from vertrefine.schedule import DiffusionSchedule
 from vertrefine.spatial import (
     crop_instances,
@@ -134,16 +135,11 @@ STAGES = ("encode", "sample", "decode", "other")
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ReferenceSettings:
-    """The original code's refinement settings (DESIGN.md section 3)."""
-
-    t_refine: int = 6
-    langevin_steps: int = 300
-    step_size: float = 0.01
-    noise_scale: float = 0.01
-    """Multiplies sqrt(step_size): the Langevin noise std is sqrt(0.01) * 0.01."""
-    threshold: float = 0.5
+REFERENCE = SamplerSettings(t_refine=6, langevin_steps=300, step_size=0.01, noise_scale=0.01, init="noise")
+"""The original code's refinement settings (DESIGN.md section 3): each reverse step's chain starts at fresh
+N(0, I) noise (init 'noise'), and the Langevin noise std is sqrt(0.01) * 0.01; no guidance."""
+REFERENCE_THRESHOLD = 0.5
+"""The original code's probability threshold."""
 
 
 def reference_potential_grad(
@@ -161,7 +157,7 @@ def reference_reverse_step(
     z_next: torch.Tensor,
     t: int,
     schedule: DiffusionSchedule,
-    settings: ReferenceSettings,
+    settings: SamplerSettings,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """z_t from z_{t+1}: K Langevin steps on U from fresh N(0, I) noise, then divided by a_s[t+1]."""
@@ -180,7 +176,7 @@ def reference_sample(
     energy: torch.nn.Module,
     mu: torch.Tensor,
     schedule: DiffusionSchedule,
-    settings: ReferenceSettings,
+    settings: SamplerSettings,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Diffuse the encoder's mean to t_refine with the schedule's q, then the reverse chain t_refine - 1 .. 0."""
@@ -227,7 +223,7 @@ class ReferenceSide:
     def __init__(
         self,
         bundle_dir: Path,
-        settings: ReferenceSettings | None = None,
+        settings: SamplerSettings | None = None,
         device: str = "cpu",
         verify: bool = True,
     ) -> None:
@@ -237,12 +233,12 @@ class ReferenceSide:
         self.schedule = DiffusionSchedule(**manifest["schedule"])
         self.spacing = float(manifest["spacing_mm"])
         self.patch = int(manifest["patch_size"])
-        self.settings = settings or ReferenceSettings()
+        self.settings = settings or REFERENCE
         if self.model.energy is None:
             raise ValueError(f"{bundle_dir}: the reference needs an lsd-ebm bundle (it has no energy)")
 
     def refine_patch(
-        self, patch: np.ndarray, generator: torch.Generator, settings: ReferenceSettings | None = None
+        self, patch: np.ndarray, generator: torch.Generator, settings: SamplerSettings | None = None
     ) -> tuple[np.ndarray, dict[str, float]]:
         """One vertebra's 128^3 patch -> its refined binary mask, and seconds of encode / sample / decode."""
         settings = settings or self.settings
@@ -256,12 +252,12 @@ class ReferenceSide:
         _sync(self.device)
         sampled = time.perf_counter()
         with torch.no_grad():
-            mask = (self.model.decoder(z)[0, 0] > settings.threshold).cpu().numpy()
+            mask = (self.model.decoder(z)[0, 0] > REFERENCE_THRESHOLD).cpu().numpy()
         decoded = time.perf_counter()
         return mask, {"encode": encoded - start, "sample": sampled - encoded, "decode": decoded - sampled}
 
     def refine(
-        self, volume: Volume, seed: int, settings: ReferenceSettings | None = None
+        self, volume: Volume, seed: int, settings: SamplerSettings | None = None
     ) -> tuple[Volume, dict[str, float]]:
         """Refine every vertebra of ``volume``, one after the other; (labels, seconds per stage and total)."""
         start = time.perf_counter()
@@ -319,7 +315,7 @@ def warm_up(reference: Any, vertrefine: Any, spine: tuple[int, Volume], vertebra
     Langevin steps instead of 300, which touches every kernel as well."""
     for side in (reference, vertrefine):
         if isinstance(side, ReferenceSide):
-            side.refine(vertebra[1], vertebra[0], ReferenceSettings(langevin_steps=5))
+            side.refine(vertebra[1], vertebra[0], replace(REFERENCE, langevin_steps=5))
         elif side is not None:
             side.refine(spine[1], spine[0])
             side.refine(vertebra[1], vertebra[0])
@@ -723,7 +719,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads_option": args.threads,
         "machine": machine(),
         "load_average_before": os.getloadavg(),
-        "reference_settings": asdict(ReferenceSettings()),
+        "reference_settings": {**asdict(REFERENCE), "threshold": REFERENCE_THRESHOLD},
     }
     m = results["machine"]
     print(f"bundle {bundle_dir}; {'quick' if quick else 'full'} run")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def test_reference_reverse_step_is_the_explicit_langevin_chain(tiny):
     """Two steps of the reference (autograd) against the same chain written with the explicit gradient."""
     _, side = tiny
     energy, schedule = side.model.energy, side.schedule
-    settings = speed.ReferenceSettings(langevin_steps=2)
+    settings = replace(speed.REFERENCE, langevin_steps=2)
     t = 4
     z_next = torch.randn(1, TINY["latent"], generator=torch.Generator().manual_seed(2))
     got = speed.reference_reverse_step(energy, z_next, t, schedule, settings, torch.Generator().manual_seed(3))
@@ -108,7 +109,7 @@ def test_reference_reverse_step_matches_refines_numpy_sampler_on_onnx(tiny):
     """Same start and noise: the torch autograd reference and refine's numpy + ONNX sampler agree."""
     folder, side = tiny
     sessions = Refiner.from_bundle(folder, device="cpu", threads=1).sessions  # as refine opens the bundle
-    settings = speed.ReferenceSettings(langevin_steps=3)
+    settings = replace(speed.REFERENCE, langevin_steps=3)
     t, seed = 2, 5
     z_next = torch.randn(1, TINY["latent"], generator=torch.Generator().manual_seed(4))
     got = speed.reference_reverse_step(
@@ -127,7 +128,7 @@ def test_reference_pipeline_runs_one_vertebra_after_the_other(tiny):
     array[4:16, 8:22, 8:22] = 21
     array[22:34, 8:22, 8:22] = 20
     volume = Volume(array, Geometry(shape=array.shape, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)))
-    labels, seconds = side.refine(volume, seed=0, settings=speed.ReferenceSettings(langevin_steps=2))
+    labels, seconds = side.refine(volume, seed=0, settings=replace(speed.REFERENCE, langevin_steps=2))
     assert labels.array.shape == array.shape
     assert set(np.unique(labels.array)) <= {0, 20, 21}
     assert set(seconds) == {"total", "encode", "sample", "decode", "other"}
