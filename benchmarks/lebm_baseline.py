@@ -87,11 +87,23 @@ def train_prior(
     return energy, log
 
 
+def require_flat_latent(bundle_dir: Path) -> None:
+    """The LEBM baseline's energy is Pang et al.'s MLP on a flat latent vector: a bundle with a spatial latent
+    (the shipped one, [8, 16, 16, 16]) is refused with SystemExit naming what to pass instead."""
+    shape = load_bundle(bundle_dir).manifest.get("latent_shape", [])
+    if len(shape) != 1:
+        raise SystemExit(
+            f"{bundle_dir}: the LEBM baseline needs a flat-latent bundle (latent_shape [L]), this one is {shape}; "
+            "use a flat-latent lsd-ebm bundle (a `vertrefine train --preset paper` run's) as the shipped one"
+        )
+
+
 class LebmRefiner:
     """Posterior Langevin through the frozen torch decoder, with the trained LEBM prior."""
 
     def __init__(self, bundle_dir: Path, prior_path: Path | None, steps: int, step_size: float) -> None:
         """``prior_path`` None: E = 0, the posterior under the VAE's N(0, I) prior (an ablation)."""
+        require_flat_latent(bundle_dir)
         self.model: VertebraModel = model_from_bundle(bundle_dir)
         self.model.eval()
         self.steps, self.step_size = steps, step_size
@@ -135,6 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     shipped = Refiner.from_bundle(args.bundle, device="cpu")  # default: the shipped lsd-ebm; its encoder is used
     bundle_dir = shipped.bundle.dir
+    require_flat_latent(bundle_dir)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cache = PatchCache.open(args.cache)
     train, _ = split_indices(cache, 0.1, 0)
