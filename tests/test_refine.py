@@ -10,11 +10,17 @@ from vertrefine.bundle import default_bundle_dir
 from vertrefine.errors import SettingsError
 from vertrefine.refine import Refiner, RowNoise, refine_volume, refined_instances
 from vertrefine.sampler import SamplerSettings
+from vertrefine.sidecar import vertebra_records
 from vertrefine.spatial import crop, find_instances, resample_labels
 from vertrefine.synth import synth_spine
 from vertrefine.volume import Geometry, Volume
 
 FAST = SamplerSettings(t_refine=3, langevin_steps=10)
+
+
+def _sidecar_rows(result):
+    """The per-vertebra rows of the result's sidecar, as written to JSON."""
+    return [row.to_dict() for row in vertebra_records(result)]
 
 
 # The synthetic spines are 1 mm: refine them (by default refine writes inputs finer than 1.5 mm unchanged).
@@ -46,7 +52,7 @@ def test_refine_keeps_label_ids_and_shape_of_each_vertebra(two_vertebrae, lsd):
     assert result.labels.labels == [21, 22]
     for label in (21, 22):
         assert _dice(result.labels.array == label, two_vertebrae.array == label) > 0.8
-    rows = result.vertebra_rows()
+    rows = _sidecar_rows(result)
     assert [r["level"] for r in rows] == ["L2", "L3"]  # superior first
     assert all(40 < r["volume_before_ml"] < 90 and 40 < r["volume_after_ml"] < 90 for r in rows)
 
@@ -263,7 +269,7 @@ def test_a_vertebra_that_disagrees_with_the_input_is_flagged_and_kept_as_input(t
     good, wrong = result.vertebrae
     assert good.decision == "refined" and good.reason == "" and good.agreement_dsc > 0.8
     assert wrong.agreement_dsc < 0.6 and wrong.agreement_hd95_mm > 5
-    rows = result.vertebra_rows()
+    rows = _sidecar_rows(result)
     assert rows[1]["decision"] == wrong.decision and rows[1]["agreement_dsc"] == round(wrong.agreement_dsc, 4)
     l3 = result.labels.array == wrong.instance.label
     if on_disagree == "keep-input":
@@ -298,9 +304,9 @@ def test_an_implausible_input_vertebra_passes_through_unchanged_with_a_warning(
     result = vae(volume)
     np.testing.assert_array_equal(result.labels.array == label, volume.array == label)  # voxel for voxel
     assert [v.instance.label for v in result.vertebrae] == [21, 22]  # the real ones are refined
-    (row,) = [r for r in result.vertebra_rows() if r["label"] == label]
+    (row,) = [r for r in _sidecar_rows(result) if r["label"] == label]
     assert row["decision"] == "passed through" and words in row["reason"]
-    assert set(row) == set(result.vertebra_rows()[0])  # every vertebra has the same sidecar keys
+    assert set(row) == set(_sidecar_rows(result)[0])  # every vertebra has the same sidecar keys
     assert any(line.startswith("T12:") and words in line for line in result.warnings)
 
 
@@ -353,7 +359,7 @@ def test_a_vertebra_cut_by_the_border_is_refined_only_inside_or_passed_through(t
     assert result.labels.geometry == cut.geometry  # nothing is written beyond the image
     upper, lower = result.vertebrae
     assert upper.fov_fraction == 1.0 and 0.5 < lower.fov_fraction < 0.9
-    assert [r["fov_fraction"] for r in result.vertebra_rows()] == [1.0, round(lower.fov_fraction, 3)]
+    assert [r["fov_fraction"] for r in _sidecar_rows(result)] == [1.0, round(lower.fov_fraction, 3)]
     strict = BallDecoder.refiner(vae, wrong_row=-1, on_disagree="write", min_fov_fraction=0.95)(cut)
     kept = strict.vertebrae[1]
     assert kept.decision == "kept input" and "field of view" in kept.reason
@@ -414,7 +420,7 @@ def test_a_fine_input_is_written_unchanged_by_default_with_one_warning(two_verte
     # 1 mm is already CT-like: the model could only approximate it (its reconstruction is about 0.92 DSC)
     result = vae.with_options(fine_inputs="keep")(two_vertebrae)  # refine's default
     np.testing.assert_array_equal(result.labels.array, two_vertebrae.array)
-    assert result.vertebrae == [] and [r["decision"] for r in result.vertebra_rows()] == ["passed through"] * 2
+    assert result.vertebrae == [] and [r["decision"] for r in _sidecar_rows(result)] == ["passed through"] * 2
     (warning,) = result.warnings  # one line for the case, naming both vertebrae and the way to refine anyway
     assert warning.startswith("L2, L3: input already finer than 1.5 mm") and "--fine-inputs refine" in warning
     assert result.summary.startswith("2 passed through")
@@ -433,7 +439,7 @@ def test_a_diverging_chain_keeps_the_input_and_says_the_sampler_diverged(two_ver
     np.testing.assert_array_equal(result.labels.array, two_vertebrae.array)  # voxel for voxel
     assert np.isfinite(result.probability.array).all() and np.isfinite(result.uncertainty.array).all()
     assert all(line.endswith("; kept input") and "sampler diverged" in line for line in result.warnings)
-    assert [r["decision"] for r in result.vertebra_rows()] == ["kept input", "kept input"]
+    assert [r["decision"] for r in _sidecar_rows(result)] == ["kept input", "kept input"]
 
 
 def test_an_empty_decode_keeps_the_input(two_vertebrae, vae):

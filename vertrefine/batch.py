@@ -24,19 +24,28 @@ from .outputs import check_writable_file, check_writable_folder
 
 Status = Callable[[str], None]
 """Shows what a case is doing now (e.g. "encode 5 vertebrae") next to the progress bar."""
-CaseFn = Callable[[str, Path, Path, Status], Any]
-"""(case name, input path, output path, status) -> a short note for the final table, or, with a
-``complete`` function, the case's intermediate state."""
-CompleteFn = Callable[[list[tuple[str, Any]], Status], list["str | BaseException"]]
-"""(group of (case name, state), status) -> per case, in order, its note or the exception it failed with."""
+CaseFn = Callable[[Case, Path, Status], Any]
+"""(case found, its output path, status) -> a short note for the final table, or, with a ``complete``
+function, the case's intermediate state (refine: its :class:`vertrefine.refine.PreparedCase`)."""
+CompleteFn = Callable[[list[tuple[Case, Path, Any]], Status], list["str | BaseException"]]
+"""(group of (case, output path, state), status) -> per case, in order, its note or the exception it
+failed with."""
 
 
 @dataclass
 class CaseOutcome:
+    """The last stage of a case (found :class:`vertrefine.cases.Case` -> prepared
+    :class:`vertrefine.refine.PreparedCase` -> refined :class:`vertrefine.refine.RefinedCase` -> outcome):
+    what the batch report shows for it."""
+
     case: str
-    status: str  # "done" | "skipped" | "failed"
+    """The case's name."""
+    status: str
+    """'done', 'skipped' or 'failed'."""
     detail: str
+    """done: the note (a summary line, then one line per warning); skipped or failed: the reason."""
     seconds: float
+    """Wall-clock seconds the case took (its share of its group's)."""
 
 
 EventFn = Callable[[str, dict[str, Any]], None]
@@ -121,7 +130,7 @@ def run_batch(
         destination.parent.mkdir(parents=True, exist_ok=True)
     single = len(plan) == 1
     outcomes: list[CaseOutcome] = []
-    pending: list[tuple[str, Any, float]] = []
+    pending: list[tuple[Case, Path, Any, float]] = []  # (case, output, state, seconds so far)
 
     def record(outcome: CaseOutcome) -> None:
         outcomes.append(outcome)
@@ -136,22 +145,23 @@ def run_batch(
     def flush() -> None:
         if not pending:
             return
-        names = ", ".join(name for name, _, _ in pending)
+        names = ", ".join(case.name for case, _, _, _ in pending)
         start = time.perf_counter()
 
         def status(text: str) -> None:
             on_event("status", {"text": f"{names}: {text}"})
 
         try:
-            results: list[str | BaseException] = complete([(n, s) for n, s, _ in pending], status)  # type: ignore[misc]
+            group = [(case, destination, state) for case, destination, state, _ in pending]
+            results: list[str | BaseException] = complete(group, status)  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - the whole group failed; the batch goes on
             results = [exc] * len(pending)
         share = (time.perf_counter() - start) / len(pending)
-        for (name, _, seconds), result in zip(pending, results, strict=True):
+        for (case, _, _, seconds), result in zip(pending, results, strict=True):
             if isinstance(result, BaseException):
-                failed(name, result, seconds + share)
+                failed(case.name, result, seconds + share)
             else:
-                record(CaseOutcome(name, "done", result, seconds + share))
+                record(CaseOutcome(case.name, "done", result, seconds + share))
         pending.clear()
 
     on_event("start", {"total": len(plan), "label": label})
@@ -166,14 +176,14 @@ def run_batch(
             record(CaseOutcome(case.name, "skipped", "output exists", 0.0))
             continue
         try:
-            result = one_case(case.name, case.path, destination, status)
+            result = one_case(case, destination, status)
         except Exception as exc:  # noqa: BLE001 - a batch goes on past any failed case
             failed(case.name, exc, time.perf_counter() - start)
             continue
         if complete is None:
             record(CaseOutcome(case.name, "done", result, time.perf_counter() - start))
         else:
-            pending.append((case.name, result, time.perf_counter() - start))
+            pending.append((case, destination, result, time.perf_counter() - start))
             if len(pending) >= max(1, group_size):
                 flush()
     flush()

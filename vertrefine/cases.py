@@ -17,9 +17,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Case:
+    """An input found on disk: the first stage of a case (found -> prepared
+    :class:`vertrefine.refine.PreparedCase` -> refined :class:`vertrefine.refine.RefinedCase` -> outcome
+    :class:`vertrefine.batch.CaseOutcome`)."""
+
     name: str
     """File name without .nii.gz/.nii/.dcm (any case), or the DICOM folder's name."""
     path: Path
+    """The NIfTI or DICOM SEG file, or the folder of a DICOM series."""
 
 
 Plan = list[tuple[Case, Path]]

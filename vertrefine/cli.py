@@ -553,7 +553,7 @@ def degrade(
 ) -> None:
     """Simulate a thick-slice MRI segmentation of a label map, on the input's grid (or --native)."""
     from .batch import plan_cases
-    from .cases import case_seed
+    from .cases import Case, case_seed
     from .degrade import degrade as degrade_volume
     from .degrade import option_problem
     from .io import read_label_map, write_label_map
@@ -583,11 +583,11 @@ def degrade(
     plan = plan_cases(input_path, output)  # every output is checked before any case runs
     require_seg_sources(plan, None, None)
 
-    def one_case(name: str, source: Path, destination: Path, _status: Callable[[str], None]) -> str:
-        volume = read_label_map(source, series_uid=series_uid, assume_orientation=orientation)
-        degraded = degrade_volume(volume, seed=case_seed(seed, name), **knobs)
+    def one_case(case: Case, destination: Path, _status: Callable[[str], None]) -> str:
+        volume = read_label_map(case.path, series_uid=series_uid, assume_orientation=orientation)
+        degraded = degrade_volume(volume, seed=case_seed(seed, case.name), **knobs)
         write_label_map(degraded, destination, like=volume)
-        return "\n".join([f"seed {case_seed(seed, name)}", *volume.source.warnings])
+        return "\n".join([f"seed {case_seed(seed, case.name)}", *volume.source.warnings])
 
     code = _run_batch(plan, one_case, label="degrade", skip_existing=skip_existing)
     raise typer.Exit(code)

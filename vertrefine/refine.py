@@ -142,7 +142,12 @@ class RefineOptions:
 
 @dataclass
 class PreparedCase:
-    """A case read, on its 1 mm working grid, with its vertebrae cropped and encoded."""
+    """A case read, on its 1 mm working grid, with its vertebrae cropped and encoded.
+
+    The second stage of a case (found :class:`vertrefine.cases.Case` -> prepared -> refined
+    :class:`RefinedCase` -> :class:`vertrefine.batch.CaseOutcome`): what :func:`prepare_case` makes and
+    :func:`sample_latents` / :func:`finish_case` use.
+    """
 
     volume: Volume
     working: Geometry
@@ -207,7 +212,12 @@ class RefinedVertebra:
 
 @dataclass
 class RefinedCase:
-    """The result on the input grid, plus what --mesh, --qc and the sidecar need."""
+    """The result on the output grid, plus what --mesh, --qc and the sidecar need.
+
+    The third stage of a case (found :class:`vertrefine.cases.Case` -> prepared :class:`PreparedCase` ->
+    refined -> :class:`vertrefine.batch.CaseOutcome`): what :func:`finish_case` returns. Its per-vertebra
+    numbers as the sidecar writes them: :func:`vertrefine.sidecar.vertebra_records`.
+    """
 
     labels: Volume
     """The result on the output grid (:attr:`RefineOptions.spacing`), input label ids."""
@@ -261,56 +271,6 @@ class RefinedCase:
     def working_labels(self) -> Volume:
         """The refined label map on the 1 mm working grid (input label ids; pass-through structures left out)."""
         return Volume(restore_labels(self.working_after, [v.instance for v in self.vertebrae]), self.working)
-
-    def vertebra_rows(self) -> list[dict]:
-        """Per vertebra: label, level, volumes before and after (mL, 1 mm grid), overlap of after with before."""
-        voxel_ml = float(np.prod(self.working.spacing)) / 1000.0
-        rows = []
-        for v in self.vertebrae:
-            before = self.working_before == v.instance.instance_id
-            after = self.working_after == v.instance.instance_id
-            overlap = int(np.count_nonzero(before & after))
-            total = v.instance.voxels + v.voxels_after
-            row = {
-                "name": v.name,
-                "label": v.instance.label,
-                "level": None if v.from_binary_mask else self.scheme.level(v.instance.label),
-                "instance": v.instance.instance_id,
-                "centroid_lps_mm": [round(c, 2) for c in v.instance.centroid_lps],
-                "volume_before_ml": round(v.instance.voxels * voxel_ml, 3),
-                "volume_after_ml": round(v.voxels_after * voxel_ml, 3),
-                "dice_after_vs_before": round(2 * overlap / total, 4) if total else None,
-                "agreement_dsc": None if v.agreement_dsc is None else round(v.agreement_dsc, 4),
-                "agreement_hd95_mm": None if v.agreement_hd95_mm is None else round(v.agreement_hd95_mm, 2),
-                "fov_fraction": None if v.fov_fraction is None else round(v.fov_fraction, 3),
-                "pieces_ml": v.pieces_ml,
-                "decision": v.decision,
-                "reason": v.reason,
-            }
-            if v.std is not None:
-                inside = v.probability >= 0.5
-                row["mean_std_inside"] = round(float(v.std[inside].mean()), 4) if inside.any() else None
-            rows.append(row)
-        for inst, reason in self.passed_through:
-            rows.append(
-                {
-                    "name": self.name_of(inst),
-                    "label": inst.label,
-                    "level": None if self.from_binary_mask else self.scheme.level(inst.label),
-                    "instance": inst.instance_id,
-                    "centroid_lps_mm": [round(c, 2) for c in inst.centroid_lps],
-                    "volume_before_ml": round(inst.voxels * voxel_ml, 3),
-                    "volume_after_ml": round(inst.voxels * voxel_ml, 3),
-                    "dice_after_vs_before": 1.0,
-                    "agreement_dsc": None,
-                    "agreement_hd95_mm": None,
-                    "fov_fraction": None,
-                    "pieces_ml": None,
-                    "decision": "passed through",
-                    "reason": reason,
-                }
-            )
-        return rows
 
 
 def refined_instances(
@@ -827,7 +787,7 @@ class Refiner:
 
         refiner = Refiner.from_bundle()                       # the shipped LSD-EBM bundle, default settings
         volume = read_label_map("case.nii.gz")
-        result = refiner(volume, seed=0)                      # a RefinedCase: labels, per-vertebra rows
+        result = refiner(volume, seed=0)                      # a RefinedCase: labels, vertebrae, warnings
         write_label_map(result.labels, "refined.nii.gz", like=volume)
 
     Batches use the three stages :meth:`prepare`, :meth:`sample` (one chain over the vertebrae of several

@@ -1,31 +1,25 @@
-"""Refine over a file or a folder: the two batch stages, the optional outputs and the JSON sidecar.
+"""Refine over a file or a folder: refine's output checks, the two batch stages and the optional outputs.
 
 ``RefineJob.prepare`` reads and encodes one case; ``RefineJob.complete`` samples a whole group of cases
-at once, then decodes and writes each. Per case, the extras (sidecar, meshes, QC image, probability and
-uncertainty maps) are written first and the label map last, each atomically: a case whose label map
-exists is finished, which is what ``--skip-existing`` relies on to resume an interrupted batch.
+at once, then decodes and writes each. Per case, the extras (the sidecar, :class:`vertrefine.sidecar.Sidecar`;
+meshes, QC image, probability and uncertainty maps) are written first and the label map last, each
+atomically: a case whose label map exists is finished, which is what ``--skip-existing`` relies on to
+resume an interrupted batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_path
 from .batch import Status
-from .bundle import MANIFEST_NAME, sha256_file
-from .cases import Plan, case_name, case_seed
+from .cases import Case, Plan, case_name, case_seed
 from .dicom_seg import seg_source_geometry
 from .errors import InputError, OutputError, SettingsError
 from .filetypes import NIFTI_SUFFIXES, SEG_SUFFIXES, is_nifti_name
@@ -33,8 +27,7 @@ from .io import is_dicom_output, read_label_map, write_label_map
 from .nifti import read_nifti_geometry, write_scalar_nifti
 from .outputs import check_writable_file, check_writable_folder, require_seg_sources
 from .refine import PreparedCase, RefinedCase, Refiner
-from .runtime import BundleSessions
-from .volume import Volume
+from .sidecar import Sidecar, bundle_digests, sidecar_path
 
 
 @dataclass(frozen=True)
@@ -103,11 +96,6 @@ def _make_folder(folder: Path, created: list[Path] | None) -> None:
         created += missing
 
 
-def sidecar_path(destination: Path) -> Path:
-    """``case.json`` beside the output ``case.nii.gz`` / ``case.dcm``."""
-    return destination.with_name(f"{case_name(destination)}.json")
-
-
 def check_sidecars(plan: Plan) -> None:
     """Refuse, before any case runs, an output whose sidecar would also be another output's.
 
@@ -132,35 +120,6 @@ def check_sidecars(plan: Plan) -> None:
                 "give this output another name (or folder), or remove the other"
             )
         seen[sidecar] = destination
-
-
-def input_sha256(volume: Volume) -> dict[str, Any]:
-    """SHA-256 of the files a label map was read from: ``{"sha256": hex, "files": n}``.
-
-    A NIfTI or SEG file: its own digest. A DICOM image series: the digest of the text ``sha256sum``
-    prints for its files ('<hex>  <name>' lines sorted by name, names relative to the series' folder),
-    i.e. ``sha256sum * | sha256sum`` in a folder that holds only that series.
-    """
-    source = volume.source
-    if source.kind == "dicom-series":
-        files = [Path(f) for f in source.meta["series"].files]
-        root = Path(os.path.commonpath([f.parent for f in files]))
-        lines = sorted((f.relative_to(root).as_posix(), sha256_file(f)) for f in files)
-        text = "".join(f"{digest}  {name}\n" for name, digest in lines)
-        return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "files": len(files)}
-    if source.path is None or not Path(source.path).is_file():
-        return {"sha256": None, "files": 0}
-    return {"sha256": sha256_file(Path(source.path)), "files": 1}
-
-
-def bundle_digests(sessions: BundleSessions) -> dict[str, Any]:
-    bundle = sessions.bundle
-    return {
-        "kind": bundle.kind,
-        "path": str(bundle.dir),
-        "manifest_sha256": sha256_file(bundle.dir / MANIFEST_NAME),
-        "files_sha256": {name: bundle.manifest["files"][name]["sha256"] for name in bundle.files},
-    }
 
 
 def check_refine_outputs(
@@ -196,14 +155,6 @@ def check_refine_outputs(
         )
 
 
-@dataclass
-class _Case:
-    name: str
-    source: Path
-    destination: Path
-    prepared: PreparedCase
-
-
 class RefineJob:
     """What one ``vertrefine refine`` run needs for every case: the :class:`Refiner`, seed and extra outputs."""
 
@@ -235,52 +186,71 @@ class RefineJob:
         self.note = note
         self._schemes_said: set[str] = set()
 
-    def prepare(self, name: str, source: Path, destination: Path, status: Status) -> _Case:
+    def prepare(self, case: Case, destination: Path, status: Status) -> PreparedCase:
+        """Stage 1 of a case (:data:`vertrefine.batch.CaseFn`): read it and :meth:`Refiner.prepare` it.
+
+        ``destination`` is not needed yet: :func:`vertrefine.batch.run_batch` hands it to :meth:`complete`.
+        """
         start = time.perf_counter()
         status("read")
-        volume = read_label_map(source, series_uid=self.series_uid, assume_orientation=self.assume_orientation)
+        volume = read_label_map(case.path, series_uid=self.series_uid, assume_orientation=self.assume_orientation)
         read_seconds = time.perf_counter() - start
         prepared = self.refiner.prepare(volume, status)
         prepared.seconds = {"read": read_seconds, **prepared.seconds}
         if self.note is not None and prepared.scheme.key not in self._schemes_said:
             self._schemes_said.add(prepared.scheme.key)
-            self.note(f"{name}: {prepared.scheme_note}")
-        return _Case(name, source, destination, prepared)
+            self.note(f"{case.name}: {prepared.scheme_note}")
+        return prepared
 
-    def case_seed(self, case: _Case) -> int:
+    def case_seed(self, case: Case) -> int:
         """The case's seed: from its name and ``--seed`` (:func:`vertrefine.cases.case_seed`)."""
         return case_seed(self.seed, case.name)
 
-    def complete(self, group: list[tuple[str, _Case]], status: Status) -> list[str | BaseException]:
-        cases = [case for _, case in group]
-        generators = [np.random.default_rng(self.case_seed(case)) for case in cases]
-        latents = self.refiner.sample([c.prepared for c in cases], generators, status)
+    def complete(self, group: list[tuple[Case, Path, PreparedCase]], status: Status) -> list[str | BaseException]:
+        """Stage 2 of a group of cases (:data:`vertrefine.batch.CompleteFn`): one sampler run over all of
+        them, then each case finished and written; per case its summary line(s) or the exception it failed
+        with."""
+        generators = [np.random.default_rng(self.case_seed(case)) for case, _, _ in group]
+        latents = self.refiner.sample([prepared for _, _, prepared in group], generators, status)
         results: list[str | BaseException] = []
-        for (name, case), z in zip(group, latents, strict=True):
+        for (case, destination, prepared), z in zip(group, latents, strict=True):
             try:
-                results.append(self._finish(name, case, z, status))
+                results.append(self._finish(case, destination, prepared, z, status))
             except Exception as exc:  # noqa: BLE001 - one case's failure must not stop its group
                 results.append(exc)
         return results
 
-    def _finish(self, name: str, case: _Case, z: np.ndarray, status: Status) -> str:
+    def _finish(self, case: Case, destination: Path, prepared: PreparedCase, z: np.ndarray, status: Status) -> str:
         start = time.perf_counter()
-        refined = self.refiner.finish(case.prepared, z, status)
+        refined = self.refiner.finish(prepared, z, status)
         status("write")
-        warnings = [*case.prepared.volume.source.warnings, *refined.warnings]
         written: list[Path] = []
         try:  # a case that fails while writing leaves none of its files (no stale sidecar)
             write_start = time.perf_counter()
-            extras = self._write_extras(name, case, refined, written)
+            extras = self._write_extras(case.name, prepared, refined, written)
             refined.seconds["write_extras"] = time.perf_counter() - write_start
-            refined.seconds["total"] = sum(case.prepared.seconds.values()) + time.perf_counter() - start
-            written.append(sidecar_path(case.destination))
-            self._write_sidecar(case, refined, extras, warnings)
+            refined.seconds["total"] = sum(prepared.seconds.values()) + time.perf_counter() - start
+            sidecar = Sidecar.of(
+                prepared,
+                refined,
+                refiner=self.refiner,
+                source=case.path,
+                destination=destination,
+                model=self.digests,
+                extra_outputs=extras,
+                seed=self.seed,
+                case_seed=self.case_seed(case),
+                threads=self.threads,
+                command=self.command,
+                source_series=self.source_series,
+            )
+            written.append(sidecar_path(destination))
+            sidecar.write(sidecar_path(destination))
             made = {v.instance.label for v in refined.vertebrae if v.decision != "kept input"}
             write_label_map(
                 refined.labels,
-                case.destination,
-                like=case.prepared.volume,
+                destination,
+                like=prepared.volume,
                 source_images=self.source_series,
                 scheme=refined.scheme,
                 refined=made,
@@ -291,19 +261,21 @@ class RefineJob:
                     path.rmdir() if path.is_dir() else path.unlink()
             raise
         message = f"{refined.summary}; seed {self.case_seed(case)}"
-        if not refined.labels.geometry.same_grid(case.prepared.volume.geometry, tol=1e-6):
+        if not refined.labels.geometry.same_grid(prepared.volume.geometry, tol=1e-6):
             spacing = "x".join(f"{v:g}" for v in refined.labels.geometry.spacing)
-            coarse = "x".join(f"{v:g}" for v in case.prepared.volume.geometry.spacing)
+            coarse = "x".join(f"{v:g}" for v in prepared.volume.geometry.spacing)
             message += f"; written on a {spacing} mm grid (input {coarse} mm; --spacing input keeps it)"
-        return "\n".join([message, *warnings])
+        return "\n".join([message, *sidecar.warnings])
 
-    def _write_extras(self, name: str, case: _Case, refined: RefinedCase, written: list[Path]) -> dict[str, Any]:
+    def _write_extras(
+        self, name: str, prepared: PreparedCase, refined: RefinedCase, written: list[Path]
+    ) -> dict[str, Any]:
         """Write the asked-for extra outputs; return their paths by kind.
 
         Each file, and each folder made for one, is appended to ``written`` before it is written.
         """
         paths: dict[str, Any] = {}
-        like = case.prepared.volume
+        like = prepared.volume
         prob_path = self.extras.path("probability", name, written)
         if prob_path is not None and refined.probability is not None:
             written.append(prob_path)
@@ -347,51 +319,3 @@ class RefineJob:
                     meshes.append(stl)
             paths["meshes"] = meshes
         return paths
-
-    def _write_sidecar(self, case: _Case, refined: RefinedCase, extras: dict[str, Any], warnings: list[str]) -> None:
-        sampler = self.options.sampler
-        volume = case.prepared.volume
-        refined_labels = {v.instance.label for v in refined.vertebrae}
-        record = {
-            "vertrefine": __version__,
-            "command": self.command,
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "input": str(case.source),
-            "input_sha256": input_sha256(volume),
-            "output": str(case.destination),
-            "extra_outputs": {kind: value for kind, value in extras.items()},
-            "source_series": None if self.source_series is None else str(self.source_series),
-            "model": self.digests,
-            "device": self.sessions.device,
-            "providers": self.sessions.providers,
-            "threads": self.threads or "all",
-            "seed": self.seed,
-            "case_seed": self.case_seed(case),
-            "settings": {
-                "samples": self.options.samples,
-                "threshold": self.options.threshold,
-                "min_agreement": self.options.min_agreement,
-                "on_disagree": self.options.on_disagree,
-                "sampler": None if sampler is None else asdict(sampler),
-            },
-            "input_grid": volume.geometry.to_record(),
-            "working_grid": refined.working.to_record(),
-            "output_grid": refined.labels.geometry.to_record(),
-            "pose_frames": self.options.pose,
-            "label_scheme": refined.scheme.key,
-            "passed_through_labels": sorted(set(volume.labels) - refined_labels),
-            "warnings": warnings,
-            "seconds": {k: round(v, 3) for k, v in refined.seconds.items()},
-            "vertebrae": refined.vertebra_rows(),
-        }
-        path = sidecar_path(case.destination)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(record, indent=2, default=_plain) + "\n", encoding="utf-8")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
