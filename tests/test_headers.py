@@ -64,8 +64,8 @@ def test_an_unoriented_nifti_is_refused_by_every_command_with_one_line_naming_it
         line = error_line(result)
         assert str(source) in line and "qform_code and sform_code are both 0" in line, line
         assert "--assume-orientation" in line
-    scored = invoke("score", source, source)  # score lists each case it could not score, exit code 1
-    assert scored.exit_code == 1 and "Traceback" not in scored.output
+    scored = invoke("score", source, source)  # one pair of files that cannot be scored: bad input, exit code 2
+    assert scored.exit_code == 2 and "Traceback" not in scored.output
     assert "qform_code and sform_code are both 0" in scored.output and "--assume-orientation" in scored.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["noorient.nii.gz"]  # nothing written
 
