@@ -147,3 +147,36 @@ def test_empty_and_bad_arguments():
         degrade(empty, axis="oblique")
     with pytest.raises(ValueError):
         degrade(empty, slice_mm=0.0)
+
+
+def test_degrade_file_writes_what_degrade_returns_and_leaves_the_input(small, tmp_path):
+    from vertrefine.degrade import degrade_file
+    from vertrefine.io import read_label_map, write_label_map
+
+    source = tmp_path / "case.nii.gz"
+    write_label_map(small, source)
+    before = source.read_bytes()
+    lines = degrade_file(source, tmp_path / "out.nii.gz", seed=11, slice_mm=5.0)
+    assert lines[0] == "seed 11"
+    expected = degrade(read_label_map(source), seed=11, slice_mm=5.0)
+    written = read_label_map(tmp_path / "out.nii.gz")
+    assert np.array_equal(written.array, expected.array)
+    assert np.allclose(written.geometry.spacing, small.geometry.spacing)
+    assert source.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("output", "knobs", "named"),
+    [
+        ("out.dcm", dict(native=True), "--native writes NIfTI only"),
+        ("out.nii.gz", dict(slice_mm=30.0), "--slice-mm must be in 0.5..20"),
+        ("out.nii.gz", dict(island_radius_mm=(4.0, 2.0)), "--island-radius-mm takes the smallest radius first"),
+    ],
+)
+def test_check_options_names_the_option(output, knobs, named):
+    from vertrefine.degrade import check_options
+    from vertrefine.errors import SettingsError
+
+    with pytest.raises(SettingsError, match=named):
+        check_options(output, **knobs)
+    check_options("out.nii.gz", native=True, slice_mm=5.0)  # valid: no error

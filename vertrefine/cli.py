@@ -25,7 +25,6 @@ from rich.table import Table
 from . import __version__
 from .conventions import DEVICES, MODEL_KINDS
 from .errors import VertrefineError
-from .filetypes import output_format
 from .labels import SCHEME_CHOICES
 from .train.config import PRESET_NAMES
 
@@ -554,13 +553,10 @@ def degrade(
     """Simulate a thick-slice MRI segmentation of a label map, on the input's grid (or --native)."""
     from .batch import plan_cases
     from .cases import Case, case_seed
-    from .degrade import degrade as degrade_volume
-    from .degrade import option_problem
-    from .io import read_label_map, write_label_map
+    from .degrade import check_options, degrade_file
     from .outputs import require_seg_sources
 
     orientation = _orientation(assume_orientation)
-
     knobs = dict(
         slice_mm=slice_mm,
         axis=axis.value,
@@ -574,20 +570,16 @@ def degrade(
         island_radius_mm=island_radius_mm,
         native=native,
     )
-    if native and output_format(output) == "dicom-seg":
-        raise fail(f"{output}: --native writes NIfTI only (a DICOM SEG needs a source series on its grid)")
-    problem = option_problem(**knobs)
-    if problem is not None:
-        name, message = problem
-        raise fail(f"--{name.replace('_', '-')} {message}")
+    check_options(output, **knobs)
     plan = plan_cases(input_path, output)  # every output is checked before any case runs
     require_seg_sources(plan, None, None)
 
     def one_case(case: Case, destination: Path, _status: Callable[[str], None]) -> str:
-        volume = read_label_map(case.path, series_uid=series_uid, assume_orientation=orientation)
-        degraded = degrade_volume(volume, seed=case_seed(seed, case.name), **knobs)
-        write_label_map(degraded, destination, like=volume)
-        return "\n".join([f"seed {case_seed(seed, case.name)}", *volume.source.warnings])
+        seed_of_case = case_seed(seed, case.name)
+        lines = degrade_file(
+            case.path, destination, seed=seed_of_case, series_uid=series_uid, assume_orientation=orientation, **knobs
+        )
+        return "\n".join(lines)
 
     code = _run_batch(plan, one_case, label="degrade", skip_existing=skip_existing)
     raise typer.Exit(code)

@@ -22,16 +22,22 @@ By default the boundary error and the posterior loss grow with the slice thickne
 
 The slice axis is the array axis closest to the physical axis the name implies (sagittal = left-right,
 coronal = anterior-posterior, axial = superior-inferior), read from the volume's direction matrix, so any
-grid orientation works (on an oblique grid the slabs follow the nearest array axis). numpy/scipy only.
+grid orientation works (on an oblique grid the slabs follow the nearest array axis). The simulation is
+numpy/scipy only; :func:`check_options` and :func:`degrade_file` are what the ``degrade`` command runs per
+run and per case (read, degrade with the case's seed, write beside the input's header).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from .errors import SettingsError
+from .filetypes import output_format
+from .io import read_label_map, write_label_map
 from .volume import Geometry, Volume
 
 AMPLITUDE_PER_SLICE_MM = 0.4
@@ -72,6 +78,53 @@ def option_problem(**knobs: float | tuple[float, float] | None) -> tuple[str, st
         if len(values) == 2 and values[0] > values[1]:
             return name, f"takes the smallest radius first, got {values[0]:g} > {values[1]:g}"
     return None
+
+
+def check_options(output: str | Path, *, native: bool = False, **knobs: float | tuple[float, float] | None) -> None:
+    """Refuse, before any case runs, knobs outside :data:`OPTION_RANGES` and ``native`` with a DICOM SEG output.
+
+    ``native`` writes on the simulated acquisition's own grid, which no source series defines, so its output
+    must be NIfTI (a SEG references a series on its grid).
+
+    Raises:
+        SettingsError: naming the option as the command line spells it (``--slice-mm``) or the output.
+    """
+    if native and output_format(output) == "dicom-seg":
+        raise SettingsError(f"{output}: --native writes NIfTI only (a DICOM SEG needs a source series on its grid)")
+    problem = option_problem(**knobs)
+    if problem is not None:
+        name, message = problem
+        raise SettingsError(f"--{name.replace('_', '-')} {message}")
+
+
+def degrade_file(
+    source: str | Path,
+    destination: str | Path,
+    *,
+    seed: int,
+    series_uid: str | None = None,
+    assume_orientation: str | None = None,
+    **knobs: object,
+) -> list[str]:
+    """Read one label map, :func:`degrade` it with ``seed`` and write it (atomically) to ``destination``.
+
+    Args:
+        source: NIfTI file, DICOM SEG or DICOM series folder/file (see :func:`vertrefine.io.read_label_map`).
+        destination: output path; its suffix picks the format, and the input's header is kept (``like``).
+        seed: this case's seed (the command uses :func:`vertrefine.cases.case_seed` of ``--seed`` and the name).
+        series_uid, assume_orientation: as for :func:`vertrefine.io.read_label_map`.
+        **knobs: the keyword arguments of :func:`degrade` but ``seed``.
+
+    Returns:
+        The lines to report for this case: its seed, then the reader's warnings.
+
+    Raises:
+        InputError: the source cannot be read as a label map. OutputError: the destination cannot be written.
+    """
+    volume = read_label_map(source, series_uid=series_uid, assume_orientation=assume_orientation)
+    degraded = degrade(volume, seed=seed, **knobs)  # type: ignore[arg-type]
+    write_label_map(degraded, destination, like=volume)
+    return [f"seed {seed}", *volume.source.warnings]
 
 
 def slice_array_axis(geometry: Geometry, axis: str) -> int:
