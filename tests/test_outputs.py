@@ -149,6 +149,15 @@ def test_an_output_whose_sidecar_belongs_to_another_output_is_refused(spine_file
     assert "share the case name(s) a" in line and "a.NII" in line and "a.nii.gz" in line
 
 
+def test_a_sidecar_path_that_is_a_folder_is_refused_before_the_model_is_opened(spine_file, tmp_path, no_compute):
+    (tmp_path / "out.json").mkdir()
+    result = invoke("refine", spine_file, "-o", tmp_path / "out.nii.gz", "--model", "vae")
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "out.json is a folder" in line and "out.nii.gz" in line
+    assert _files(tmp_path) == ["out.json"]
+
+
 # --- a case that fails while writing leaves none of its files ---------------------------------------------
 
 

@@ -101,10 +101,16 @@ def check_sidecars(plan: Plan) -> None:
 
     ``out.nii.gz`` and ``out.dcm`` in one folder would share ``out.json``: an existing output of the same
     case name in another format (or two outputs of one run) makes the run stop with one line naming both.
+    A sidecar path that is an existing folder is refused too (it could never be written).
     """
     seen: dict[Path, Path] = {}
     for _, destination in plan:
         sidecar = sidecar_path(destination)
+        if sidecar.is_dir():
+            raise OutputError(
+                f"{destination}: its sidecar {sidecar} is a folder; move or rename that folder, or name the "
+                "output otherwise"
+            )
         other = seen.get(sidecar)
         if other is None:
             name = case_name(destination)
