@@ -9,11 +9,17 @@ from vertrefine.cases import case_name, find_cases
 from vertrefine.errors import InputError, OutputError
 
 
-def _dicom_file(path: Path, modality: str = "CT") -> None:
+def _dicom_file(path: Path, modality: str = "CT", series_uid: str = "", references: str = "") -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     ds = Dataset()
+    if series_uid:
+        ds.SeriesInstanceUID = series_uid
+    if references:
+        item = Dataset()
+        item.SeriesInstanceUID = references
+        ds.ReferencedSeriesSequence = [item]
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -42,6 +48,34 @@ def test_find_cases_lists_nifti_dicom_files_and_series_folders(tmp_path):
     assert [c.name for c in find_cases(tmp_path)] == ["a", "b", "seg", "series"]
     # a folder that itself holds DICOM files is one case
     assert [(c.name, c.path) for c in find_cases(series)] == [("series", series)]
+
+
+def test_the_image_series_a_seg_segments_is_not_a_case(tmp_path):
+    from vertrefine.cases import find_cases_and_sources
+
+    study = tmp_path / "study"  # as exported from PACS: the MR series, its SEG, and another series
+    (study / "mr").mkdir(parents=True)
+    (study / "other").mkdir()
+    for n in range(3):
+        _dicom_file(study / "mr" / f"{n}.dcm", "MR", series_uid="1.2.3.1")
+        _dicom_file(study / "other" / f"{n}.dcm", "CT", series_uid="1.2.3.2")
+    _dicom_file(study / "seg.dcm", "SEG", series_uid="1.2.3.9", references="1.2.3.1")
+    cases, sources = find_cases_and_sources(study)
+    assert [c.name for c in cases] == ["other", "seg"]
+    assert sources == [(study / "mr", study / "seg.dcm")]
+    notes: list[str] = []
+    plan = plan_cases(study, tmp_path / "out", note=notes.append)
+    assert [case.name for case, _ in plan] == ["other", "seg"]
+    assert notes == [f"{study / 'mr'}: not a case: the image series that seg.dcm segments"]
+
+    flat = tmp_path / "flat"  # slices and SEG files in one folder
+    flat.mkdir()
+    for n in range(3):
+        _dicom_file(flat / f"im{n}.dcm", "MR", series_uid="1.2.3.1")
+    _dicom_file(flat / "seg_a.dcm", "SEG", references="1.2.3.1")
+    assert [(c.name, c.path) for c in find_cases(flat)] == [("flat", flat)]  # one SEG: the folder is one case
+    _dicom_file(flat / "seg_b.dcm", "SEG", references="1.2.3.1")
+    assert [c.name for c in find_cases(flat)] == ["seg_a", "seg_b"]  # several: each SEG is a case
 
 
 def test_find_cases_refuses_two_inputs_with_the_same_case_name(tmp_path):

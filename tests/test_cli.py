@@ -153,3 +153,24 @@ def test_folder_of_dicom_seg_and_series_cases_gives_seg_outputs_referencing_thei
         assert seg.Modality == "SEG"
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
         assert {s.SegmentLabel for s in seg.SegmentSequence} <= {"L1", "L2", "L3", "L4", "L5"}
+
+
+def test_a_study_folder_with_a_seg_beside_its_mr_series_runs_the_seg_only(tmp_path):
+    import pydicom
+    from dicom_helpers import lumbar_bars, make_series
+
+    from vertrefine import io
+    from vertrefine.volume import Geometry, Volume
+
+    labels = lumbar_bars((8, 32, 32))
+    study = tmp_path / "study"  # as a PACS export holds it: the MR series and the SEG made on it
+    mr = (np.random.default_rng(0).integers(0, 900, labels.shape) + 400 * (labels > 0)).astype(np.uint16)
+    mr_uid, _ = make_series(study / "mr", mr, spacing=(1.0, 1.0, 3.0), modality="MR")
+    geometry = Geometry(labels.shape, (1.0, 1.0, 3.0), (-10.0, 20.0, 30.0))
+    io.write_dicom_seg(Volume(labels, geometry), study / "seg.dcm", source_images=study / "mr")
+
+    result = invoke("degrade", study, "-o", tmp_path / "out", "--slice-mm", "6", "--axis", "axial")
+    assert result.exit_code == 0, result.output
+    assert "not a case: the image series that seg.dcm segments" in result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seg.dcm"]
+    assert pydicom.dcmread(tmp_path / "out" / "seg.dcm").ReferencedSeriesSequence[0].SeriesInstanceUID == mr_uid

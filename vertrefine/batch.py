@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cases import Case, Plan, case_name, find_cases, is_nifti
+from .cases import Case, Plan, case_name, find_cases, find_cases_and_sources, is_nifti
 from .errors import InputError, OutputError, VertrefineError
 from .filetypes import UNSUPPORTED_OUTPUT, output_format
 from .outputs import check_writable_file, check_writable_folder
@@ -76,8 +76,11 @@ def is_batch(input_path: Path) -> bool:
     return not (len(cases) == 1 and cases[0].path == input_path)
 
 
-def plan_cases(input_path: Path, output: Path) -> Plan:
+def plan_cases(input_path: Path, output: Path, *, note: Callable[[str], None] | None = None) -> Plan:
     """Pair every input case with its output path, checking the outputs before any case runs.
+
+    ``note`` receives one line per image series of the folder left out because a SEG case segments it
+    (:func:`vertrefine.cases.find_cases`).
 
     Refused (OutputError, one line): an output that would overwrite an input; a single output whose name
     is no known format (:func:`vertrefine.filetypes.output_format`) or that is a folder; a file given as
@@ -87,7 +90,10 @@ def plan_cases(input_path: Path, output: Path) -> Plan:
     if not input_path.exists():
         raise InputError(input_path, "does not exist", "check the path")
     if input_path.is_dir():
-        cases = find_cases(input_path)
+        cases, sources = find_cases_and_sources(input_path)
+        for series, seg in sources:
+            if note is not None:
+                note(f"{series}: not a case: the image series that {seg.name} segments")
         if not cases:
             raise InputError(input_path, "holds no NIfTI or DICOM files", "point at a label map or a folder of them")
         single = len(cases) == 1 and cases[0].path == input_path  # a DICOM folder is one case

@@ -105,30 +105,96 @@ def holds_dicom(folder: Path) -> bool:
 
 
 def is_series_folder(folder: Path) -> bool:
-    """True when the folder directly holds the slices of a DICOM image series (not only SEG files)."""
+    """True when the folder directly holds the slices of a DICOM image series and no SEG file."""
     files = _dicom_files(folder)
-    return bool(files) and not is_dicom_seg(files[0])
+    return bool(files) and not any(is_dicom_seg(f) for f in files)
+
+
+def is_one_dicom_case(folder: Path) -> bool:
+    """True when the folder directly holds the slices of a DICOM image series and at most one SEG file: one
+    case (the series, or the SEG with the images it segments), not a folder of cases."""
+    segs = [is_dicom_seg(f) for f in _dicom_files(folder)]
+    return not all(segs) and sum(segs) <= 1
+
+
+def _header(path: Path, tags: list[str]) -> object | None:
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags, force=True)
+    except (OSError, ValueError, TypeError, AttributeError, EOFError):
+        return None
+
+
+def _referenced_series(seg_file: Path) -> set[str]:
+    """Series Instance UIDs a SEG file references (its Referenced Series Sequence)."""
+    header = _header(seg_file, ["ReferencedSeriesSequence"])
+    items = getattr(header, "ReferencedSeriesSequence", None) or []
+    return {str(uid) for item in items if (uid := getattr(item, "SeriesInstanceUID", None))}
+
+
+def _series_uid(folder: Path) -> str | None:
+    files = _dicom_files(folder)
+    header = _header(files[0], ["SeriesInstanceUID"]) if files else None
+    uid = getattr(header, "SeriesInstanceUID", None)
+    return None if uid is None else str(uid)
+
+
+def _seg_files(entry: Path) -> list[Path]:
+    """The SEG files a case entry stands for: the file itself, or the SEG files directly in a folder."""
+    if entry.is_file():
+        return [entry] if is_dicom_seg(entry) else []
+    return [f for f in _dicom_files(entry) if is_dicom_seg(f)]
+
+
+def find_cases_and_sources(folder: str | Path) -> tuple[list[Case], list[tuple[Path, Path]]]:
+    """:func:`find_cases`, plus the image series left out because a SEG case segments them.
+
+    Returns:
+        ``(cases, sources)``: ``sources`` pairs each left-out series folder with a SEG file referencing it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "is not a folder")
+    if is_one_dicom_case(folder):
+        return [Case(case_name(folder), folder)], []
+    cases = []
+    for entry in sorted(folder.iterdir()):
+        if not _visible(entry):
+            continue
+        if entry.is_file() and is_dicom_file(entry) and not is_dicom_seg(entry):
+            continue  # an image slice beside SEG files: the images a SEG segments (read_seg finds them)
+        is_case_file = entry.is_file() and (is_nifti(entry) or is_dicom_file(entry))
+        if is_case_file or (entry.is_dir() and holds_dicom(entry)):
+            cases.append(Case(case_name(entry), entry))
+    referenced = {uid: seg for case in cases for seg in _seg_files(case.path) for uid in _referenced_series(seg)}
+    sources = []
+    if referenced:
+        for case in list(cases):
+            uid = _series_uid(case.path) if case.path.is_dir() and is_series_folder(case.path) else None
+            if uid in referenced:
+                cases.remove(case)
+                sources.append((case.path, referenced[uid]))
+    return _unique_names(folder, cases), sources
 
 
 def find_cases(folder: str | Path) -> list[Case]:
     """Cases directly inside ``folder``, sorted by name.
 
     A case is a NIfTI file, a DICOM SEG file, or a sub-folder holding DICOM files (a series or a SEG).
-    A folder that itself holds the slices of a DICOM series is one case, not a folder of cases. Hidden
-    files (such as the ``.name.part`` files of an interrupted write) are skipped.
+    A folder that itself holds the slices of a DICOM series, with at most one SEG, is one case, not a
+    folder of cases. The images a SEG of the folder segments are not cases: image slices lying beside
+    several SEG files, and a sub-folder holding the series a SEG references (as a study exported from PACS
+    holds the MR series and its SEG). Hidden files (such as the ``.name.part`` files of an interrupted
+    write) are skipped.
+
+    Raises:
+        InputError: ``folder`` is not a folder, or two inputs share a case name.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(folder, "is not a folder")
-    if is_series_folder(folder):
-        return [Case(case_name(folder), folder)]
-    cases = []
-    for entry in sorted(folder.iterdir()):
-        if not _visible(entry):
-            continue
-        is_case_file = entry.is_file() and (is_nifti(entry) or is_dicom_file(entry))
-        if is_case_file or (entry.is_dir() and holds_dicom(entry)):
-            cases.append(Case(case_name(entry), entry))
+    return find_cases_and_sources(folder)[0]
+
+
+def _unique_names(folder: Path, cases: list[Case]) -> list[Case]:
     names = [c.name for c in cases]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

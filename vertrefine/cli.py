@@ -136,6 +136,10 @@ def _run_batch(plan: Any, one_case: Any, **options: Any) -> int:
     return _report(outcomes)
 
 
+def _note(line: str) -> None:
+    err.print(f"[dim]note:[/] {line}", highlight=False, soft_wrap=True)
+
+
 def _report(outcomes: list[Any]) -> int:
     """Print a batch's final line(s): the one case's summary and warnings, or tables of warnings and
     failures and the counts; return the exit code (:func:`vertrefine.batch.exit_code`)."""
@@ -446,7 +450,7 @@ def refine(
     part = _shard(shard)
     extras = ExtraOutputs(probability=save_prob, uncertainty=uncertainty, mesh=mesh, qc=qc, batch=is_batch(input_path))
     extras.check(samples)
-    plan = plan_cases(input_path, output)  # every output is checked before the model is opened
+    plan = plan_cases(input_path, output, note=_note)  # every output is checked before the model is opened
     if part is not None:
         total = len(plan)
         plan = part.select(plan, lambda planned: planned[0].name)
@@ -484,7 +488,7 @@ def refine(
         source_series=source_series,
         assume_orientation=orientation,
         command=_command_line(ctx),
-        note=lambda line: err.print(f"[dim]note:[/] {line}", highlight=False, soft_wrap=True),
+        note=_note,
     )
     code = _run_batch(
         plan, job.prepare, label="refine", skip_existing=skip_existing, complete=job.complete, group_size=group_size
@@ -571,7 +575,7 @@ def degrade(
         native=native,
     )
     check_options(output, **knobs)
-    plan = plan_cases(input_path, output)  # every output is checked before any case runs
+    plan = plan_cases(input_path, output, note=_note)  # every output is checked before any case runs
     require_seg_sources(plan, None, None)
 
     def one_case(case: Case, destination: Path, _status: Callable[[str], None]) -> str:
