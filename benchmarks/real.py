@@ -538,7 +538,9 @@ def pose_markdown(pose: dict[str, Any]) -> str:
 def markdown_report(doc: dict[str, Any]) -> str:
     """Every table of a benchmark document as markdown."""
     settings = doc["settings"]
-    parts = [f"## Real CT: {len(settings['cases'])} validation cases ({', '.join(settings['cases'])})\n"]
+    cases = set(settings["cases"])
+    which = "validation " if cases <= set(DEFAULT_CASES) else "" if cases & set(DEFAULT_CASES) else "training "
+    parts = [f"## Real CT: {len(cases)} {which}cases ({', '.join(settings['cases'])})\n"]
     parts += [condition_markdown(key, block) for key, block in doc["conditions"].items()]
     if doc.get("ceiling"):
         parts.append(ceiling_markdown(doc["ceiling"]))
@@ -569,7 +571,12 @@ def summary_line(doc: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder of real CT label maps (VerSe numbering)")
-    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="validation case names")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=list(DEFAULT_CASES),
+        help="case names (default: the validation individuals; pass training ones to choose settings)",
+    )
     parser.add_argument("--slice-mm", type=float, nargs="+", default=[3.0, 5.0, 7.0])
     parser.add_argument("--axis", nargs="+", default=["sagittal", "axial"], choices=list(SLICE_AXES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

@@ -391,8 +391,8 @@ def refine(
     fine_inputs: Annotated[
         FineInputs,
         typer.Option(
-            help="An input no coarser than 1.5 mm along any axis (already CT-like): keep writes it unchanged with "
-            "a warning (the model would only approximate a good fine segmentation), refine refines it anyway."
+            help="An input no coarser than 3 mm along any axis: keep writes its vertebrae as the input shows them, "
+            "with a warning (refinement measured no better than such inputs), refine refines it anyway."
         ),
     ] = FineInputs.keep,
     spacing: Annotated[

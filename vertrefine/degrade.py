@@ -37,7 +37,6 @@ from scipy import ndimage
 
 from .errors import SettingsError
 from .filetypes import output_format
-from .io import read_label_map, write_label_map
 from .volume import Geometry, Volume
 
 AMPLITUDE_PER_SLICE_MM = 0.4
@@ -121,6 +120,8 @@ def degrade_file(
     Raises:
         InputError: the source cannot be read as a label map. OutputError: the destination cannot be written.
     """
+    from .io import read_label_map, write_label_map  # SimpleITK, pydicom: training imports degrade without them
+
     volume = read_label_map(source, series_uid=series_uid, assume_orientation=assume_orientation)
     degraded = degrade(volume, seed=seed, **knobs)  # type: ignore[arg-type]
     write_label_map(degraded, destination, like=volume)

@@ -58,12 +58,18 @@ from .spatial import (
 )
 from .volume import Geometry, Volume
 
+FINE_INPUT_MAX_MM = 3.0
+"""Inputs whose coarsest spacing is at most this (mm) are written as the input by default
+(``RefineOptions.fine_inputs="keep"``). Chosen on the training individuals of the real CT (7 individuals,
+their label maps made thick with ``degrade --native``, ``python -m benchmarks.real --cases <training>``,
+docs/BENCHMARKS.md "Fine inputs"): refinement lowered the mean DSC of every one of them at 2 mm (sagittal and
+axial) and was no better than the input at 3 mm, and raised it at 4 and 5 mm. Below
+:data:`vertrefine.spatial.COARSE_SPACING_MM` the input is CT-like and the model could only approximate it."""
 FINE_INPUTS = ("keep", "refine")
-"""What refine does with an input no coarser than COARSE_SPACING_MM (RefineOptions.fine_inputs)."""
+"""What refine does with an input no coarser than FINE_INPUT_MAX_MM (RefineOptions.fine_inputs)."""
 FINE_INPUT_REASON = (
-    "input already finer than {limit:g} mm (coarsest spacing {spacing:g} mm): refining could only bring it towards "
-    "the model's reconstruction (DSC about 0.92 against a correct vertebra; docs/BENCHMARKS.md); "
-    "--fine-inputs refine refines it anyway"
+    "input no coarser than {limit:g} mm (coarsest spacing {spacing:g} mm), where refinement measured no better "
+    "than the input (docs/BENCHMARKS.md, Fine inputs); --fine-inputs refine refines it anyway"
 )
 
 MIN_AGREEMENT = 0.6
@@ -115,9 +121,10 @@ class RefineOptions:
     on_disagree: str = "keep-input"
     """'keep-input': a disagreeing vertebra is written as the input shows it; 'write': as refined (flagged)."""
     fine_inputs: str = "keep"
-    """An input no coarser than :data:`vertrefine.spatial.COARSE_SPACING_MM` along any axis (already CT-like):
-    'keep' writes its vertebrae unchanged with a warning (the model cannot improve a good fine segmentation,
-    only approximate it), 'refine' refines them (unguided: every input voxel is a slab of about 1 mm)."""
+    """An input no coarser than :data:`FINE_INPUT_MAX_MM` along any axis: 'keep' writes its vertebrae as the
+    input shows them, with a warning (refinement measured no better than such inputs; on the output grid,
+    i.e. resampled label-aware to 1 mm when coarser than :data:`vertrefine.spatial.COARSE_SPACING_MM`),
+    'refine' refines them (unguided up to COARSE_SPACING_MM: every input voxel is then a slab of about 1 mm)."""
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -325,8 +332,8 @@ def prepare_case(
         )
     chosen, passed_through = _plausible(chosen, instance_array, working_grid, scheme)
     coarsest = max(volume.geometry.spacing)
-    if options.fine_inputs == "keep" and coarsest <= COARSE_SPACING_MM:
-        reason = FINE_INPUT_REASON.format(limit=COARSE_SPACING_MM, spacing=coarsest)
+    if options.fine_inputs == "keep" and coarsest <= FINE_INPUT_MAX_MM:
+        reason = FINE_INPUT_REASON.format(limit=FINE_INPUT_MAX_MM, spacing=coarsest)
         passed_through += [(inst, reason) for inst in chosen]
         chosen = []
     seconds["resample"] = time.perf_counter() - start
