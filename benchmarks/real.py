@@ -25,14 +25,16 @@ ground truth's 1 mm grid:
   ``fine_inputs="refine"``);
 - ``lsd-ebm-noguide``: the bundle's sampler with data-consistency guidance 0;
 - ``lsd-ebm``: the bundle's sampler defaults (the model: every vertebra written as refined);
-- ``refine``: ``vertrefine refine``'s defaults, i.e. ``lsd-ebm`` plus the agreement gate that keeps the
-  input for a vertebra whose result disagrees with it (DSC < 0.85 on the input grid).
+- ``refine``: what ``vertrefine refine`` writes with its defaults, i.e. ``lsd-ebm`` plus the agreement gate
+  that keeps the input for a vertebra whose result disagrees with it (DSC below ``MIN_AGREEMENT`` on the
+  input grid), and an input no coarser than ``FINE_INPUT_MAX_MM`` written as it is.
 
 The model rows use one bundle (``--weights``, default the shipped lsd-ebm), refine with the case seed, and
-their 1 mm working-grid result goes to the ground-truth grid by nearest neighbour. Every ground-truth
-vertebra is scored with ``score_case(region="patch")`` (the paper's 128^3 patch protocol): mean +- std over
-vertebrae of DSC, VS, SEN, SPEC, NMI, CK, HD95 and ASSD, and the per-vertebra change of DSC from the input
-(mean, worst = minimum, count of vertebrae below their input).
+their 1 mm working-grid result goes to the ground-truth grid by nearest neighbour; the ``refine`` row's result
+is the label map refine writes (on its output grid), which goes there by nearest neighbour too. Every ground-
+truth vertebra is scored with ``score_case(region="patch")`` (the paper's 128^3 patch protocol): mean +- std
+over vertebrae of DSC, VS, SEN, SPEC, NMI, CK, HD95 and ASSD, and the per-vertebra change of DSC from the
+input (mean, worst = minimum, count of vertebrae below their input).
 
 ``--ceiling``: every clean ground-truth vertebra encoded and its mean decoded (target: mean DSC >= 0.95,
 mean HD95 <= 1.5 mm). ``--pose``: at 5 mm sagittal, the whole ground truth rotated by 30 degrees about each
@@ -91,7 +93,7 @@ TITLES: dict[str, str] = {
     **NAMES,
     "sdf": "SDF interpolation",
     "lsd-ebm-noguide": "LSD-EBM (no guidance)",
-    "refine": "`vertrefine refine` (LSD-EBM + agreement gate)",
+    "refine": "`vertrefine refine` (LSD-EBM + agreement gate; inputs up to 3 mm kept)",
 }
 LINE_NAMES: dict[str, str] = {
     "input": "input DSC",
@@ -182,8 +184,10 @@ class ModelRunner:
         return "lsd-ebm" if "lsd-ebm" in self.refiners else "vae"
 
     def refine(self, method: str, volume: Volume, seed: int) -> Volume:
-        """``volume`` refined by ``method``: the label map on its 1 mm working grid."""
-        return self.refiners[method](volume, seed=seed).working_labels
+        """``volume`` refined by ``method``: the label map on its 1 mm working grid; for ``refine``, the label
+        map ``vertrefine refine`` writes (its output grid; vertebrae passed through are in it as the input)."""
+        result = self.refiners[method](volume, seed=seed)
+        return result.labels if method == "refine" else result.working_labels
 
     def describe(self) -> dict[str, Any]:
         """The bundle's folder, kind, checksums and sampler defaults, and each method's sampler settings."""
