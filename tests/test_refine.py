@@ -505,3 +505,29 @@ def test_with_options_shares_the_open_sessions_and_changes_only_the_options_give
         vae.with_options(sampler=FAST)
     with pytest.raises(TypeError):
         vae.with_options(treshold=0.4)
+
+
+def test_two_vertebrae_under_one_label_pass_through_and_single_ones_are_refined(vae):
+    spine = synth_spine(12)  # L1..L5 (20..24)
+    whole = vae(spine)
+    assert not any("two vertebrae" in line for line in whole.warnings)
+    array = spine.array.copy()
+    array[array == 23] = 22  # L3 and L4 under L3's label, as a segmentation that missed a boundary
+    result = vae(spine.with_array(array))
+    np.testing.assert_array_equal(result.labels.array == 22, array == 22)  # passed through voxel for voxel
+    assert sorted(v.instance.label for v in result.vertebrae) == [20, 21, 24]  # the others are refined
+    (row,) = [r for r in _sidecar_rows(result) if r["label"] == 22]
+    assert row["decision"] == "passed through" and "looks like two vertebrae under one label" in row["reason"]
+    assert any(line.startswith("L3:") and "give each vertebra its own label" in line for line in result.warnings)
+
+
+def test_merged_problem_needs_both_ratios_or_a_doubled_volume():
+    from vertrefine.plausibility import merged_problem
+
+    neighbours = [(50.0, 40.0), (54.0, 42.0)]  # mean 52 mL, 41 mm
+    assert merged_problem(104.0, 70.0, neighbours) is not None  # doubled and taller
+    assert merged_problem(104.0, 45.0, neighbours) is not None  # doubled volume alone (a tilted pair)
+    assert merged_problem(85.0, 60.0, neighbours) is not None  # 1.6 x volume and 1.5 x height
+    assert merged_problem(85.0, 45.0, neighbours) is None  # large but not tall: one big vertebra
+    assert merged_problem(60.0, 70.0, neighbours) is None  # tall but not large
+    assert merged_problem(200.0, 90.0, []) is None  # no whole neighbour: nothing to compare with

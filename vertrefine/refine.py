@@ -35,7 +35,7 @@ from .labels import (
     level_order_problem,
 )
 from .metrics import surface_distances
-from .plausibility import extent_mm, input_problem, result_problem, touches, volume_range
+from .plausibility import extent_mm, input_problem, merged_problem, result_problem, touches, volume_range
 from .runtime import BundleSessions, open_sessions
 from .sampler import SamplerSettings, refine_latents
 from .spatial import (
@@ -78,6 +78,9 @@ segmentations of it (28 real vertebrae of training individuals, `degrade --nativ
 and lowest 0.83 / 0.70 / 0.57 at 3 / 5 / 7 mm, so a gate at 0.85 would reject correct refinements of most
 thick inputs; a gross error (another shape in the vertebra's place, tests) scores 0.24."""
 ON_DISAGREE = ("keep-input", "write")
+MERGED_NEIGHBOUR_MM = 90.0
+"""Centroids further apart than this (mm) are not compared as neighbours by the merged-vertebrae check (two
+merged lumbar vertebrae have their centre about 1.5 vertebra heights, 55-65 mm, from the next one)."""
 SPECK_FRACTION = 0.01
 """Pieces of a refined vertebra smaller than this fraction of it are dropped (islands of the decoder)."""
 PIECE_FRACTION = 0.1
@@ -392,27 +395,46 @@ def _nothing_to_refine(
 def _plausible(
     chosen: list[Instance], instance_array: np.ndarray, working: Geometry, scheme: LabelScheme
 ) -> tuple[list[Instance], list[tuple[Instance, str]]]:
-    """(the instances plausible as one vertebra, [(instance, reason)] for the others): :mod:`plausibility`."""
+    """(the instances plausible as one vertebra, [(instance, reason)] for the others): :mod:`plausibility`.
+
+    ``chosen`` is ordered superior first (:func:`vertrefine.spatial.find_instances`); the neighbours of an
+    instance for :func:`vertrefine.plausibility.merged_problem` are the instances next to it in that order,
+    within :data:`MERGED_NEIGHBOUR_MM`, that passed the other checks and do not reach the field of view's edge.
+    """
     boxes = ndimage.find_objects(instance_array)
     voxel_ml = working.voxel_volume_mm3 / 1000.0
+    spacing = max(working.spacing)
     keep, dropped = [], []
     from_mask = scheme.binary
+    whole: dict[int, tuple[float, float]] = {}  # instance id -> (volume mL, S-I height mm) of whole vertebrae
     for inst in chosen:
         box = boxes[inst.instance_id - 1]
-        problem = input_problem(
-            None if from_mask else scheme.verse_label(inst.label),
-            inst.voxels,
-            voxel_ml,
-            extent_mm(box, max(working.spacing)),
-            touches(box, instance_array.shape),
-        )
+        touching = touches(box, instance_array.shape)
+        level = None if from_mask else scheme.verse_label(inst.label)
+        problem = input_problem(level, inst.voxels, voxel_ml, extent_mm(box, spacing), touching)
         if problem is None:
             keep.append(inst)
+            if not touching:
+                whole[inst.instance_id] = (inst.voxels * voxel_ml, (box[0].stop - box[0].start) * spacing)
         else:
             if from_mask and problem.startswith("too"):
                 problem += "; touching vertebrae of a binary mask form one component: label each vertebra"
             dropped.append((inst, f"implausible input: {problem}"))
-    return keep, dropped
+    merged = []
+    for n, inst in enumerate(keep):
+        if inst.instance_id not in whole:
+            continue
+        neighbours = [
+            whole[other.instance_id]
+            for other in keep[max(n - 1, 0) : n] + keep[n + 1 : n + 2]
+            if other.instance_id in whole
+            and np.linalg.norm(np.subtract(other.centroid, inst.centroid)) * spacing <= MERGED_NEIGHBOUR_MM
+        ]
+        if problem := merged_problem(*whole[inst.instance_id], neighbours):
+            remedy = "label each vertebra" if from_mask else "give each vertebra its own label"
+            merged.append((inst, f"implausible input: {problem}; {remedy}"))
+    gone = {inst.instance_id for inst, _ in merged}
+    return [inst for inst in keep if inst.instance_id not in gone], dropped + merged
 
 
 def _guided(options: RefineOptions, volume: Volume) -> bool:
