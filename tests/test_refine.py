@@ -531,3 +531,14 @@ def test_merged_problem_needs_both_ratios_or_a_doubled_volume():
     assert merged_problem(85.0, 45.0, neighbours) is None  # large but not tall: one big vertebra
     assert merged_problem(60.0, 70.0, neighbours) is None  # tall but not large
     assert merged_problem(200.0, 90.0, []) is None  # no whole neighbour: nothing to compare with
+
+
+def test_lumbar_vertebrae_numbered_1_to_5_are_not_refined_as_cervical_and_the_warning_says_why(vae):
+    spine = synth_spine(13)  # L1..L5 as VerSe 20..24
+    array = spine.array.copy()
+    nonzero = array > 0
+    array[nonzero] -= 19  # 1..5, as some nnU-Net datasets number L1..L5: VerSe's C1..C5
+    result = vae(spine.with_array(array))
+    assert result.vertebrae == []
+    np.testing.assert_array_equal(result.labels.array, array)
+    assert any("renumber them to VerSe's ids" in line and "L1-L5: 20-24" in line for line in result.warnings)

@@ -77,7 +77,13 @@ def input_problem(
         where = " and cut by the field of view" if touches_border else ""
         return f"too small for one vertebra ({volume:.1f} mL < {bounds.min_ml:g} mL{where})"
     if volume > bounds.max_ml:
-        return f"too large for one vertebra ({volume:.0f} mL > {bounds.max_ml:g} mL)"
+        hint = ""
+        if bounds is CERVICAL and volume <= LUMBAR.max_ml:
+            hint = (
+                "; it is sized like a thoracic or lumbar vertebra: if the file numbers vertebrae otherwise than "
+                "VerSe (e.g. 1-5 for L1-L5), renumber them to VerSe's ids (T1-T12: 8-19, L1-L5: 20-24)"
+            )
+        return f"too large for one vertebra ({volume:.0f} mL > {bounds.max_ml:g} mL){hint}"
     if extent_mm > MAX_EXTENT_MM:
         return f"too long for one vertebra ({extent_mm:.0f} mm > {MAX_EXTENT_MM:g} mm)"
     return None
