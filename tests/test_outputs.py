@@ -12,7 +12,7 @@ from cli_helpers import error_line, invoke
 from dicom_helpers import make_series
 
 from vertrefine import io
-from vertrefine.errors import OutputError
+from vertrefine.errors import InputError, OutputError
 from vertrefine.synth import synth_spine
 
 
@@ -122,6 +122,22 @@ def test_nifti_to_seg_with_source_series_references_that_series(spine_file, ct_s
     assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
     assert io.read_label_map(tmp_path / "o.dcm").labels == [22]
     assert json.loads((tmp_path / "o.json").read_text())["source_series"] == str(ct)
+
+
+def test_a_nifti_on_the_series_grid_with_flipped_rows_may_reference_it(spine_file, ct_series, tmp_path):
+    from vertrefine.batch import plan_cases
+    from vertrefine.refine_batch import check_refine_outputs
+    from vertrefine.volume import Geometry, Volume
+
+    _, ct, other = ct_series
+    spine = io.read_label_map(spine_file)
+    g, n = spine.geometry, spine.geometry.size_ijk
+    flipped = Geometry(g.shape, g.spacing, g.index_to_physical([0, n[1] - 1, 0]), g.direction_matrix * [1, -1, 1])
+    io.write_label_map(Volume(spine.array[:, ::-1, :].copy(), flipped), tmp_path / "dcm2niix.nii.gz")
+    plan = plan_cases(tmp_path / "dcm2niix.nii.gz", tmp_path / "out.dcm")
+    check_refine_outputs(plan, ct)  # the same voxels as the series (rows bottom-up, as dcm2niix writes them)
+    with pytest.raises(InputError, match="not on the grid of the --source-series"):
+        check_refine_outputs(plan, other)
 
 
 # --- two outputs, one sidecar ------------------------------------------------------------------------------

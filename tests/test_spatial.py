@@ -537,3 +537,24 @@ def test_whole_spine_timings():
     print(f"\nto_working_grid {g.shape} -> {working.geometry.shape}: {resample_s:.2f} s", end="; ")
     print(f"stitch 5 patches {stitch_s:.2f} s")
     assert resample_s < 5.0 and stitch_s < 5.0
+
+
+def test_same_voxels_holds_for_flipped_or_permuted_axes_only():
+    from vertrefine.volume import Geometry
+
+    g = Geometry((20, 30, 40), (0.8, 0.7, 2.5), (-10.0, 20.0, 30.0), rotation(2, 20.0))
+    d, n = g.direction_matrix, g.size_ijk
+    flipped_j = Geometry(g.shape, g.spacing, g.index_to_physical([0, n[1] - 1, 0]), d * [1, -1, 1])
+    # i and k swapped (array axes 2 and 0), k then reversed: what a converter writing another axis order does
+    permuted = Geometry(
+        (n[0], n[1], n[2]),
+        (g.spacing[2], g.spacing[1], g.spacing[0]),
+        g.index_to_physical([0, 0, n[2] - 1]),
+        d[:, [2, 1, 0]] * [-1, 1, 1],
+    )
+    assert g.same_voxels(g) and g.same_voxels(flipped_j) and g.same_voxels(permuted) and permuted.same_voxels(g)
+    assert not g.same_grid(flipped_j)
+    shifted = Geometry(g.shape, g.spacing, np.add(g.origin, d[:, 0] * 0.4), g.direction)  # half a voxel along i
+    assert not g.same_voxels(shifted)
+    assert not g.same_voxels(Geometry(g.shape, (0.8, 0.7, 2.0), g.origin, g.direction))
+    assert not g.same_voxels(Geometry((20, 30, 41), g.spacing, g.origin, g.direction))

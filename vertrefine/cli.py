@@ -436,7 +436,7 @@ def refine(
         typer.Option(
             metavar="DIR",
             help="The DICOM image series a DICOM SEG output (-o NAME.dcm) of a NIfTI input references; the "
-            "NIfTI must lie on its grid.",
+            "NIfTI must hold its voxels (in any axis order, as dcm2niix writes them).",
         ),
     ] = None,
     assume_orientation: Annotated[str | None, typer.Option(metavar="CODE", help=ASSUME_ORIENTATION_HELP)] = None,

@@ -136,7 +136,8 @@ def check_refine_outputs(
     Refused: two outputs sharing a sidecar (:func:`check_sidecars`); a DICOM SEG output of a NIfTI input
     without ``source_series`` (``--source-series``); ``source_series`` with a folder of cases or a NIfTI
     output; a series that a SEG cannot reference (:func:`vertrefine.dicom_seg.seg_source_geometry`); a
-    NIfTI input whose grid (``assume_orientation`` as for reading) is not that series' grid.
+    NIfTI input whose grid (``assume_orientation`` as for reading) does not hold that series' voxels (the same
+    grid with its axes flipped or permuted, as converters write it, is accepted).
     """
     check_sidecars(plan)
     require_seg_sources(plan, source_series, "--source-series")
@@ -152,7 +153,7 @@ def check_refine_outputs(
     if not is_nifti_name(case.path):
         return
     grid = read_nifti_geometry(case.path, assume_orientation=assume_orientation)
-    if not grid.same_grid(series, tol=1e-3):
+    if not grid.same_voxels(series, tol=1e-3):  # the same voxels, in any axis order (dcm2niix flips rows)
         raise InputError(
             case.path,
             f"is not on the grid of the --source-series {source_series} ({grid.describe()}, the series "

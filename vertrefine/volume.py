@@ -89,6 +89,43 @@ class Geometry:
             and np.allclose(self.direction, other.direction, atol=tol)
         )
 
+    def same_voxels(self, other: Geometry, tol: float = 1e-3) -> bool:
+        """True when both grids hold the same voxel centres, whatever the order and direction of their array
+        axes (a grid and its copy with axes flipped or permuted, as dcm2niix writes a DICOM series' grid).
+
+        Each index axis' step (direction times spacing, mm) must be plus or minus a step of the other grid with
+        the same number of voxels, and the eight corner voxel centres must coincide (within ``tol`` mm, scaled
+        by the grids' extent).
+        """
+        steps = self.direction_matrix * np.asarray(self.spacing)[None, :]
+        other_steps = other.direction_matrix * np.asarray(other.spacing)[None, :]
+        free = [0, 1, 2]
+        for axis in range(3):
+            match = next(
+                (
+                    b
+                    for b in free
+                    if self.size_ijk[axis] == other.size_ijk[b]
+                    and min(
+                        np.abs(steps[:, axis] - other_steps[:, b]).max(),
+                        np.abs(steps[:, axis] + other_steps[:, b]).max(),
+                    )
+                    <= tol
+                ),
+                None,
+            )
+            if match is None:
+                return False
+            free.remove(match)
+
+        def corners(g: Geometry) -> np.ndarray:
+            n = np.asarray(g.size_ijk) - 1
+            return g.index_to_physical(np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])]))
+
+        mine, theirs = corners(self), corners(other)
+        scale = tol * max(1.0, float(np.abs(mine).max()))
+        return all(np.abs(theirs - point).max(axis=1).min() <= scale for point in mine)
+
     def describe(self) -> str:
         """One line, every per-axis value in ITK order ``(i, j, k)``: size, spacing (mm), LPS origin (mm)."""
         return (
