@@ -112,6 +112,16 @@ def test_plan_folder_mode_maps_names_and_dicom_to_seg(tmp_path):
         with pytest.raises(OutputError, match="must be a folder"):
             plan_cases(folder, tmp_path / name)
         assert not (tmp_path / name).exists()
+    (tmp_path / "out" / "a.nii.gz").mkdir(parents=True)  # a folder where a case's output goes: refused at once
+    with pytest.raises(OutputError, match="a folder has this output's name"):
+        plan_cases(folder, tmp_path / "out")
+
+
+def test_case_names_that_differ_only_in_letter_case_clash(tmp_path):
+    (tmp_path / "CASE2.NII.GZ").write_bytes(b"x")
+    (tmp_path / "case2.nii.gz").write_bytes(b"x")  # one output on a case-insensitive disk (macOS, Windows)
+    with pytest.raises(InputError, match="share the case name"):
+        find_cases(tmp_path)
 
 
 def test_plan_missing_input_and_empty_folder(tmp_path):

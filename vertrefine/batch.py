@@ -84,7 +84,8 @@ def plan_cases(input_path: Path, output: Path, *, note: Callable[[str], None] | 
 
     Refused (OutputError, one line): an output that would overwrite an input; a single output whose name
     is no known format (:func:`vertrefine.filetypes.output_format`) or that is a folder; a file given as
-    ``-o`` for a folder of cases; an output folder that cannot be created or written. Nothing is created
+    ``-o`` for a folder of cases; an output folder that cannot be created or written; a case's output path
+    that is an existing folder. Nothing is created
     here: :func:`run_batch` creates the output folders once every check has passed.
     """
     if not input_path.exists():
@@ -112,7 +113,11 @@ def plan_cases(input_path: Path, output: Path, *, note: Callable[[str], None] | 
     if _same_path(input_path, output):
         raise OutputError(f"{output}: -o is the input folder; choose another folder so inputs are kept")
     check_writable_folder(output, "-o")
-    return [(case, output_path_for(case, output)) for case in cases]
+    plan = [(case, output_path_for(case, output)) for case in cases]
+    for _, destination in plan:
+        if destination.is_dir():
+            raise OutputError(f"{destination}: a folder has this output's name; move or rename that folder")
+    return plan
 
 
 def run_batch(

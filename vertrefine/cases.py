@@ -195,10 +195,11 @@ def find_cases(folder: str | Path) -> list[Case]:
 
 
 def _unique_names(folder: Path, cases: list[Case]) -> list[Case]:
-    names = [c.name for c in cases]
+    """``cases``, unless two share a case name in any letter case (one output on a case-insensitive disk)."""
+    names = [c.name.lower() for c in cases]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        clash = ", ".join(c.path.name for c in cases if c.name == duplicates[0])
+        clash = ", ".join(c.path.name for c in cases if c.name.lower() == duplicates[0])
         raise InputError(
             folder,
             f"several inputs share the case name(s) {', '.join(duplicates)} ({clash}), so their outputs and "
