@@ -542,3 +542,34 @@ def test_lumbar_vertebrae_numbered_1_to_5_are_not_refined_as_cervical_and_the_wa
     assert result.vertebrae == []
     np.testing.assert_array_equal(result.labels.array, array)
     assert any("renumber them to VerSe's ids" in line and "L1-L5: 20-24" in line for line in result.warnings)
+
+
+def test_the_python_api_refuses_what_the_command_line_refuses_in_one_line(lsd, two_vertebrae):
+    from vertrefine.errors import InputError, SettingsError
+
+    refused = {
+        "spacing must be from 0.25 to 5": lambda: lsd.with_options(spacing=100),
+        "spacing must be from 0.25": lambda: lsd.with_options(spacing=0.1),
+        "device must be one of auto, cpu, cuda, got 'tpu'": lambda: Refiner.from_bundle(device="tpu"),
+        "threads must be a whole number >= 0": lambda: Refiner.from_bundle(threads=-1),
+        "samples must be a whole number >= 1, got '3'": lambda: lsd.with_options(samples="3"),
+        "guidance must be in [0, 1], got 2": lambda: lsd.with_options(guidance=2),
+        "step_size must be > 0, got -1": lambda: lsd.with_options(step_size=-1),
+        "seed must be a whole number >= 0, got -1": lambda: lsd(two_vertebrae, seed=-1),
+        "one generator per case, got 1 for 2 cases": lambda: lsd.sample([None, None], [np.random.default_rng(0)]),
+        "no sampler to change": lambda: lsd.with_options(sampler=None, t_refine=2),
+    }
+    for words, call in refused.items():
+        with pytest.raises(SettingsError) as caught:
+            call()
+        assert words in str(caught.value), (words, str(caught.value))
+    with pytest.raises(InputError, match="does not exist"):
+        lsd("no_such_file.nii.gz")
+
+
+def test_with_options_takes_sampler_settings_and_the_command_lines_label_spelling(lsd):
+    before = lsd.options
+    changed = lsd.with_options(t_refine=4, guidance=0.75, labels="L1-L3")
+    assert changed.options.sampler == replace(before.sampler, t_refine=4, guidance=0.75)
+    assert changed.options.labels.levels == frozenset({"L1", "L2", "L3"})
+    assert lsd.options is before and changed.sessions is lsd.sessions  # the original is unchanged, sessions shared

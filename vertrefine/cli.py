@@ -692,15 +692,20 @@ Preset = _choices("Preset", PRESET_NAMES)
 
 
 def _output_spacing(text: str) -> float | str:
-    """--spacing: 'auto', 'input' or a number of mm in [0.25, 5]."""
+    """--spacing: 'auto', 'input' or a number of mm (its range: :data:`vertrefine.refine.OUTPUT_SPACING_MM`)."""
+    from .refine import OUTPUT_SPACING_MM
+
     if text in ("auto", "input"):
         return text
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not 0.25 <= value <= 5.0:
-        raise typer.BadParameter(f"--spacing takes a number of mm from 0.25 to 5, 'input' or 'auto', got {text!r}")
+    low, high = OUTPUT_SPACING_MM
+    if not low <= value <= high:
+        raise typer.BadParameter(
+            f"--spacing takes a number of mm from {low:g} to {high:g}, 'input' or 'auto', got {text!r}"
+        )
     return value
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from .conventions import DEVICES
 from .errors import InputError, SettingsError
 from .guidance import (
     DataConsistency,
@@ -33,6 +34,7 @@ from .labels import (
     LabelSelection,
     label_scheme_of,
     level_order_problem,
+    parse_label_selection,
 )
 from .metrics import surface_distances
 from .plausibility import extent_mm, input_problem, merged_problem, result_problem, touches, volume_range
@@ -58,6 +60,9 @@ from .spatial import (
 )
 from .volume import Geometry, Volume
 
+OUTPUT_SPACING_MM = (0.25, 5.0)
+"""The isotropic output spacings refine writes (mm, inclusive): finer than 0.25 mm a lumbar spine's grid holds
+billions of voxels, coarser than 5 mm it is coarser than the thick-slice inputs it refines."""
 FINE_INPUT_MAX_MM = 3.0
 """Inputs whose coarsest spacing is at most this (mm) are written as the input by default
 (``RefineOptions.fine_inputs="keep"``). Chosen on the training individuals of the real CT (7 individuals,
@@ -130,10 +135,12 @@ class RefineOptions:
     'refine' refines them (unguided up to COARSE_SPACING_MM: every input voxel is then a slab of about 1 mm)."""
 
     def __post_init__(self) -> None:
-        if self.samples < 1:
-            raise ValueError("samples must be >= 1")
+        if isinstance(self.labels, str):  # the command line's spelling: '20-24', 'L1-L5'
+            object.__setattr__(self, "labels", parse_label_selection(self.labels))
+        if isinstance(self.samples, bool) or not isinstance(self.samples, (int, np.integer)) or self.samples < 1:
+            raise ValueError(f"samples must be a whole number >= 1, got {self.samples!r}")
         if not 0.0 < self.threshold < 1.0:
-            raise ValueError("threshold must be in (0, 1)")
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if not 0.0 <= self.min_fov_fraction <= 1.0:
             raise ValueError(f"min_fov_fraction must be in [0, 1], got {self.min_fov_fraction}")
         if not 0.0 <= self.min_agreement <= 1.0:
@@ -146,8 +153,9 @@ class RefineOptions:
             raise ValueError(f"on_disagree must be one of {', '.join(ON_DISAGREE)}, got {self.on_disagree!r}")
         if isinstance(self.spacing, str) and self.spacing not in ("auto", "input"):
             raise ValueError(f"spacing must be 'auto', 'input' or a number of mm, got {self.spacing!r}")
-        if not isinstance(self.spacing, str) and not self.spacing > 0:
-            raise ValueError(f"spacing must be positive, got {self.spacing}")
+        low, high = OUTPUT_SPACING_MM
+        if not isinstance(self.spacing, str) and not low <= self.spacing <= high:
+            raise ValueError(f"spacing must be from {low:g} to {high:g} mm, 'input' or 'auto', got {self.spacing}")
 
 
 @dataclass
@@ -803,6 +811,8 @@ def refine_volume(
 
 SAMPLER_OPTIONS = ("t_refine", "langevin_steps", "step_size", "guidance")
 """Sampler settings a run may set over the bundle's defaults (each bounded by the bundle's validated range)."""
+SAMPLER_FIELDS = frozenset(SamplerSettings.__dataclass_fields__)
+"""The :class:`SamplerSettings` fields :meth:`Refiner.with_options` takes as keywords."""
 
 
 class Refiner:
@@ -862,6 +872,10 @@ class Refiner:
         """
         from .bundle import default_bundle_dir, load_bundle, out_of_range
 
+        if device not in DEVICES:
+            raise SettingsError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+            raise SettingsError(f"threads must be a whole number >= 0 (0: all cores), got {threads!r}")
         loaded = load_bundle(bundle if bundle is not None else default_bundle_dir(model or "lsd-ebm"))
         if model is not None and model != loaded.kind:
             raise SettingsError(f"{loaded.dir}: holds a {loaded.kind} bundle, not {model}; pass --model {loaded.kind}")
@@ -904,8 +918,21 @@ class Refiner:
         sessions, note = open_sessions(loaded, device, threads)
         return cls(sessions, refine_options, note)
 
-    def __call__(self, volume: Volume, seed: int = 0, status: Status = _quiet) -> RefinedCase:
-        """Refine one label map (:class:`Volume`, any grid); the same ``seed`` gives the same result."""
+    def __call__(self, volume: Volume | str | Path, seed: int = 0, status: Status = _quiet) -> RefinedCase:
+        """Refine one label map (a :class:`Volume` on any grid, or a path :func:`vertrefine.io.read_label_map`
+        reads); the same ``seed`` gives the same result.
+
+        ``seed`` is used as given: ``vertrefine refine --seed S`` refines a case with
+        :func:`vertrefine.cases.case_seed` ``(S, case name)`` (its sidecar's ``case_seed``), so pass that to
+        reproduce a command-line result. Raises SettingsError for a seed that is not a whole number >= 0,
+        InputError for a path that cannot be read.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise SettingsError(f"seed must be a whole number >= 0, got {seed!r}")
+        if isinstance(volume, (str, Path)):
+            from .io import read_label_map
+
+            volume = read_label_map(volume)
         return refine_volume(volume, self.sessions, self.options, seed, status)
 
     def prepare(self, volume: Volume, status: Status = _quiet) -> PreparedCase:
@@ -915,7 +942,10 @@ class Refiner:
     def sample(
         self, cases: Sequence[PreparedCase], generators: Sequence[np.random.Generator], status: Status = _quiet
     ) -> list[np.ndarray]:
-        """Stage 2 of a batch: :func:`sample_latents` over every case at once."""
+        """Stage 2 of a batch: :func:`sample_latents` over every case at once, each case drawing its noise from
+        its own generator (``generators[n]`` for ``cases[n]``). Raises SettingsError when the counts differ."""
+        if len(cases) != len(generators):
+            raise SettingsError(f"sample needs one generator per case, got {len(generators)} for {len(cases)} cases")
         return sample_latents(self.sessions, cases, self.options, generators, status)
 
     def finish(self, prepared: PreparedCase, z: np.ndarray, status: Status = _quiet) -> RefinedCase:
@@ -926,14 +956,27 @@ class Refiner:
         """A Refiner over the same open sessions with some :class:`RefineOptions` fields changed
         (:func:`dataclasses.replace`), so a sweep over settings loads and opens the bundle once::
 
-            unguided = refiner.with_options(sampler=replace(refiner.options.sampler, guidance=0.0))
+            unguided = refiner.with_options(guidance=0.0)          # a sampler setting, as from_bundle takes it
             mean_only = refiner.with_options(sampler=None)        # decode the encoder's mean (the VAE row)
 
-        Unlike :meth:`from_bundle`, a ``sampler`` given here is not bounded by the bundle's validated ranges
-        (benchmarks measure outside them). Raises :class:`vertrefine.errors.SettingsError` for a value
-        :class:`RefineOptions` refuses or a sampler for a bundle without an energy (a VAE), TypeError for a
-        name that is not a field.
+        The :class:`vertrefine.sampler.SamplerSettings` fields (t_refine, langevin_steps, step_size, guidance,
+        guidance_steps, init) change the current sampler. Unlike :meth:`from_bundle`, sampler settings given
+        here are not bounded by the bundle's validated ranges (benchmarks measure outside them). Raises
+        :class:`vertrefine.errors.SettingsError` for a value :class:`RefineOptions` or SamplerSettings
+        refuses, a sampler setting without a sampler, or a sampler for a bundle without an energy (a VAE);
+        TypeError for a name that is neither.
         """
+        sampler_changes = {key: changes.pop(key) for key in list(changes) if key in SAMPLER_FIELDS}
+        if sampler_changes:
+            sampler = changes.get("sampler", self.options.sampler)
+            if sampler is None:
+                raise SettingsError(
+                    f"{', '.join(sampler_changes)}: no sampler to change (this Refiner decodes the encoder's mean)"
+                )
+            try:
+                changes["sampler"] = replace(sampler, **sampler_changes)
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
         try:
             options = replace(self.options, **changes)
         except ValueError as exc:

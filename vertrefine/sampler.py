@@ -79,10 +79,14 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         if self.init not in ("previous", "noise"):
             raise ValueError(f"init must be 'previous' or 'noise', got {self.init!r}")
-        if self.t_refine < 0 or self.langevin_steps < 0 or not self.step_size > 0:
-            raise ValueError("t_refine and langevin_steps must be >= 0 and step_size > 0")
-        if not 0.0 <= self.guidance <= 1.0 or self.guidance_steps < 0:
-            raise ValueError("guidance must be in [0, 1] and guidance_steps >= 0")
+        for name in ("t_refine", "langevin_steps", "guidance_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        if not self.step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {self.step_size!r}")
+        if not 0.0 <= self.guidance <= 1.0:
+            raise ValueError(f"guidance must be in [0, 1], got {self.guidance!r}")
 
 
 def diverged(z: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
