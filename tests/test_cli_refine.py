@@ -243,6 +243,12 @@ def test_corrupt_bundles_give_one_line_and_no_output(cases, tmp_path, bundle_cop
     assert result.exit_code == 2 and "manifest.json" in error_line(result)
     assert list(out.iterdir()) == []
 
+    run = tmp_path / "run"  # a training run folder given as --weights: its bundle is named
+    (run / "bundle").mkdir(parents=True)
+    (run / "bundle" / "manifest.json").write_text("{}")
+    result = invoke("refine", source, "-o", out / "o.nii.gz", "--weights", run)
+    assert result.exit_code == 2 and f"it is a training run; pass its bundle, {run / 'bundle'}" in error_line(result)
+
 
 def test_refused_model_choices_say_what_to_do(cases, tmp_path):
     source = cases / "spine_22.nii.gz"

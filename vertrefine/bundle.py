@@ -226,6 +226,9 @@ def read_manifest(bundle_dir: str | Path) -> dict:
         )
     path = folder / MANIFEST_NAME
     if not path.is_file():
+        if (folder / "bundle" / MANIFEST_NAME).is_file():  # a training run folder: its bundle is inside
+            remedy = f"it is a training run; pass its bundle, {folder / 'bundle'}"
+            raise InputError(path, f"the folder has no {MANIFEST_NAME}", remedy)
         raise InputError(path, f"the bundle folder has no {MANIFEST_NAME}", f"it is not a complete bundle; {_REDO}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
