@@ -847,6 +847,8 @@ def train(
     with progress_bar() as progress:
         reporter = TrainingProgress(progress)
         run_dir = run_training(config, on_event=reporter)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, the first process reports the run
     out_line = f"run folder {run_dir}"
     if reporter.best_dice is not None:
         out_line += f"; best validation Dice {reporter.best_dice:.3f}"
