@@ -141,10 +141,14 @@ def _series_uid(folder: Path) -> str | None:
 
 
 def _seg_files(entry: Path) -> list[Path]:
-    """The SEG files a case entry stands for: the file itself, or the SEG files directly in a folder."""
+    """The SEG files a case entry stands for: the file itself, or the SEG files of a folder whose first DICOM
+    file is a SEG (only that file's header is read for a folder of image slices)."""
     if entry.is_file():
         return [entry] if is_dicom_seg(entry) else []
-    return [f for f in _dicom_files(entry) if is_dicom_seg(f)]
+    files = _dicom_files(entry)
+    if not files or not is_dicom_seg(files[0]):
+        return []
+    return [f for f in files if is_dicom_seg(f)]
 
 
 def find_cases_and_sources(folder: str | Path) -> tuple[list[Case], list[tuple[Path, Path]]]:
@@ -171,7 +175,7 @@ def find_cases_and_sources(folder: str | Path) -> tuple[list[Case], list[tuple[P
     sources = []
     if referenced:
         for case in list(cases):
-            uid = _series_uid(case.path) if case.path.is_dir() and is_series_folder(case.path) else None
+            uid = _series_uid(case.path) if case.path.is_dir() and not _seg_files(case.path) else None
             if uid in referenced:
                 cases.remove(case)
                 sources.append((case.path, referenced[uid]))
