@@ -165,6 +165,20 @@ def test_an_output_whose_sidecar_belongs_to_another_output_is_refused(spine_file
     assert "share the case name(s) a" in line and "a.NII" in line and "a.nii.gz" in line
 
 
+def test_a_folder_where_a_cases_extra_output_goes_is_refused_and_kept(spine_file, tmp_path, no_compute):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copy(spine_file, cases / "a.nii.gz")
+    shutil.copy(spine_file, cases / "b.nii.gz")
+    (tmp_path / "qc" / "a.png").mkdir(parents=True)  # a user's folder where a's QC image would go
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "b").write_text("a file where b's mesh folder would go")
+    for extra, words in (("--qc", "a.png: a folder has the name of this --qc output"), ("--mesh", "needs a folder")):
+        result = invoke("refine", cases, "-o", tmp_path / "out", "--model", "vae", extra, tmp_path / extra[2:])
+        assert result.exit_code == 2 and words in error_line(result)
+    assert (tmp_path / "qc" / "a.png").is_dir() and not (tmp_path / "out").exists()
+
+
 def test_a_sidecar_path_that_is_a_folder_is_refused_before_the_model_is_opened(spine_file, tmp_path, no_compute):
     (tmp_path / "out.json").mkdir()
     result = invoke("refine", spine_file, "-o", tmp_path / "out.nii.gz", "--model", "vae")

@@ -456,6 +456,7 @@ def refine(
         plan = part.select(plan, lambda planned: planned[0].name)
         err.print(f"[dim]note:[/] shard {part}: {len(plan)} of {total} cases", highlight=False)
     check_refine_outputs(plan, source_series, assume_orientation=orientation)
+    extras.check_cases([case.name for case, _ in plan])
     refiner = Refiner.from_bundle(
         weights,
         model=None if model is None else model.value,

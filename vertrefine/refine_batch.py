@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,23 +65,40 @@ class ExtraOutputs:
         if self.mesh is not None:
             check_writable_folder(self.mesh, "--mesh")
 
-    def path(self, kind: str, case: str, created: list[Path] | None = None) -> Path | None:
-        """Where ``kind`` (probability, uncertainty, qc, mesh) of ``case`` goes, creating folders.
-
-        Every folder made here is appended to ``created`` (parents first).
-        """
+    def target(self, kind: str, case: str) -> Path | None:
+        """Where ``kind`` (probability, uncertainty, qc: a file; mesh: a folder) of ``case`` goes; None when
+        not asked for. Creates nothing."""
         base: Path | None = getattr(self, kind)
         if base is None:
             return None
         if kind == "mesh":
-            folder = base / case if self.batch else base
-            _make_folder(folder, created)
-            return folder
+            return base / case if self.batch else base
         if not self.batch:
-            _make_folder(base.parent, created)
             return base
-        _make_folder(base, created)
         return base / (f"{case}.png" if kind == "qc" else f"{case}.nii.gz")
+
+    def check_cases(self, names: Sequence[str]) -> None:
+        """Refuse, before any case runs, a case's extra output file whose path is an existing folder, or a
+        mesh folder whose path is a file (OutputError naming it and the option)."""
+        options = {"probability": "--save-prob", "uncertainty": "--uncertainty", "mesh": "--mesh", "qc": "--qc"}
+        for name in names:
+            for kind, option in options.items():
+                path = self.target(kind, name)
+                if path is None:
+                    continue
+                if kind == "mesh" and path.exists() and not path.is_dir():
+                    raise OutputError(f"{path}: {option} needs a folder here and this is a file; move or rename it")
+                if kind != "mesh" and path.is_dir():
+                    raise OutputError(f"{path}: a folder has the name of this {option} output; move or rename it")
+
+    def path(self, kind: str, case: str, created: list[Path] | None = None) -> Path | None:
+        """Where ``kind`` (probability, uncertainty, qc, mesh) of ``case`` goes (:meth:`target`), creating
+        folders. Every folder made here is appended to ``created`` (parents first)."""
+        target = self.target(kind, case)
+        if target is None:
+            return None
+        _make_folder(target if kind == "mesh" else target.parent, created)
+        return target
 
     @property
     def wants_maps(self) -> bool:
@@ -232,9 +249,10 @@ class RefineJob:
         refined = self.refiner.finish(prepared, z, status)
         status("write")
         written: list[Path] = []
+        folders_made: list[Path] = []
         try:  # a case that fails while writing leaves none of its files (no stale sidecar)
             write_start = time.perf_counter()
-            extras = self._write_extras(case.name, prepared, refined, written)
+            extras = self._write_extras(case.name, prepared, refined, written, folders_made)
             refined.seconds["write_extras"] = time.perf_counter() - write_start
             refined.seconds["total"] = sum(prepared.seconds.values()) + time.perf_counter() - start
             sidecar = Sidecar.of(
@@ -265,7 +283,11 @@ class RefineJob:
         except BaseException:
             for path in reversed(written):  # files, then the folders made for them (when left empty)
                 with contextlib.suppress(OSError):
-                    path.rmdir() if path.is_dir() else path.unlink()
+                    if path.is_dir():
+                        if path in folders_made:  # never a folder that was there before
+                            path.rmdir()
+                    else:
+                        path.unlink()
             raise
         message = f"{refined.summary}; seed {self.case_seed(case)}"
         if not refined.labels.geometry.same_grid(prepared.volume.geometry, tol=1e-6):
@@ -274,24 +296,33 @@ class RefineJob:
             message += f"; written on a {spacing} mm grid (input {coarse} mm; --spacing input keeps it)"
         return "\n".join([message, *sidecar.warnings])
 
+    def _extra_path(self, kind: str, name: str, written: list[Path], folders_made: list[Path]) -> Path | None:
+        """:meth:`ExtraOutputs.path`, recording the folders it makes in ``written`` and ``folders_made``."""
+        made: list[Path] = []
+        path = self.extras.path(kind, name, made)
+        written += made
+        folders_made += made
+        return path
+
     def _write_extras(
-        self, name: str, prepared: PreparedCase, refined: RefinedCase, written: list[Path]
+        self, name: str, prepared: PreparedCase, refined: RefinedCase, written: list[Path], folders_made: list[Path]
     ) -> dict[str, Any]:
         """Write the asked-for extra outputs; return their paths by kind.
 
-        Each file, and each folder made for one, is appended to ``written`` before it is written.
+        Each file, and each folder made for one, is appended to ``written`` before it is written; the folders
+        made are also appended to ``folders_made`` (only those are removed again if the case fails).
         """
         paths: dict[str, Any] = {}
         like = prepared.volume
-        prob_path = self.extras.path("probability", name, written)
+        prob_path = self._extra_path("probability", name, written, folders_made)
         if prob_path is not None and refined.probability is not None:
             written.append(prob_path)
             paths["probability"] = write_scalar_nifti(refined.probability, prob_path, like=like)
-        std_path = self.extras.path("uncertainty", name, written)
+        std_path = self._extra_path("uncertainty", name, written, folders_made)
         if std_path is not None and refined.uncertainty is not None:
             written.append(std_path)
             paths["uncertainty"] = write_scalar_nifti(refined.uncertainty, std_path, like=like)
-        qc_path = self.extras.path("qc", name, written)
+        qc_path = self._extra_path("qc", name, written, folders_made)
         if qc_path is not None:
             from .qc import QcVertebra, write_qc_png
 
@@ -306,7 +337,7 @@ class RefineJob:
             written.append(qc_path)
             write_qc_png(refined.working_before, refined.working_after, qc_path, title=name, vertebrae=shown)
             paths["qc"] = qc_path
-        mesh_dir = self.extras.path("mesh", name, written)
+        mesh_dir = self._extra_path("mesh", name, written, folders_made)
         if mesh_dir is not None:
             from .mesh import stl_name, vertebra_mesh, write_stl
 
