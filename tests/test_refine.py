@@ -531,6 +531,8 @@ def test_merged_problem_needs_both_ratios_or_a_doubled_volume():
     assert merged_problem(85.0, 45.0, neighbours) is None  # large but not tall: one big vertebra
     assert merged_problem(60.0, 70.0, neighbours) is None  # tall but not large
     assert merged_problem(200.0, 90.0, []) is None  # no whole neighbour: nothing to compare with
+    assert merged_problem(104.0, 45.0, neighbours[:1]) is None  # one neighbour (it may have lost volume): not alone
+    assert merged_problem(104.0, 70.0, neighbours[:1]) is not None  # ... but doubled and taller
 
 
 def test_lumbar_vertebrae_numbered_1_to_5_are_not_refined_as_cervical_and_the_warning_says_why(vae):

@@ -407,14 +407,16 @@ def _plausible(
 
     ``chosen`` is ordered superior first (:func:`vertrefine.spatial.find_instances`); the neighbours of an
     instance for :func:`vertrefine.plausibility.merged_problem` are the instances next to it in that order,
-    within :data:`MERGED_NEIGHBOUR_MM`, that passed the other checks and do not reach the field of view's edge.
+    within :data:`MERGED_NEIGHBOUR_MM`, that passed the other checks and do not reach the field of view's edge
+    (the instance judged may: a cut vertebra is only smaller).
     """
     boxes = ndimage.find_objects(instance_array)
     voxel_ml = working.voxel_volume_mm3 / 1000.0
     spacing = max(working.spacing)
     keep, dropped = [], []
     from_mask = scheme.binary
-    whole: dict[int, tuple[float, float]] = {}  # instance id -> (volume mL, S-I height mm) of whole vertebrae
+    size: dict[int, tuple[float, float]] = {}  # instance id -> (volume mL, S-I height mm)
+    whole: set[int] = set()  # not cut by the field of view: a neighbour to compare with
     for inst in chosen:
         box = boxes[inst.instance_id - 1]
         touching = touches(box, instance_array.shape)
@@ -422,23 +424,22 @@ def _plausible(
         problem = input_problem(level, inst.voxels, voxel_ml, extent_mm(box, spacing), touching)
         if problem is None:
             keep.append(inst)
+            size[inst.instance_id] = (inst.voxels * voxel_ml, (box[0].stop - box[0].start) * spacing)
             if not touching:
-                whole[inst.instance_id] = (inst.voxels * voxel_ml, (box[0].stop - box[0].start) * spacing)
+                whole.add(inst.instance_id)
         else:
             if from_mask and problem.startswith("too"):
                 problem += "; touching vertebrae of a binary mask form one component: label each vertebra"
             dropped.append((inst, f"implausible input: {problem}"))
     merged = []
-    for n, inst in enumerate(keep):
-        if inst.instance_id not in whole:
-            continue
+    for n, inst in enumerate(keep):  # a candidate cut by the field of view is only smaller than it is
         neighbours = [
-            whole[other.instance_id]
+            size[other.instance_id]
             for other in keep[max(n - 1, 0) : n] + keep[n + 1 : n + 2]
             if other.instance_id in whole
             and np.linalg.norm(np.subtract(other.centroid, inst.centroid)) * spacing <= MERGED_NEIGHBOUR_MM
         ]
-        if problem := merged_problem(*whole[inst.instance_id], neighbours):
+        if problem := merged_problem(*size[inst.instance_id], neighbours):
             remedy = "label each vertebra" if from_mask else "give each vertebra its own label"
             merged.append((inst, f"implausible input: {problem}; {remedy}"))
     gone = {inst.instance_id for inst, _ in merged}
