@@ -425,12 +425,14 @@ def test_a_fine_input_is_written_unchanged_by_default_with_one_warning(two_verte
     assert warning.startswith("L2, L3: input no coarser than 3 mm") and "--fine-inputs refine" in warning
     assert result.summary.startswith("2 passed through")
 
-    def thick(step: int) -> Volume:
+    def thick(step: int, noise: float = 0.0) -> Volume:
         array = two_vertebrae.array[::step].copy()  # every step-th slice along k: step mm
-        return Volume(array, replace(two_vertebrae.geometry, shape=array.shape, spacing=(1.0, 1.0, float(step))))
+        spacing = (1.0, 1.0, float(step) + noise)
+        return Volume(array, replace(two_vertebrae.geometry, shape=array.shape, spacing=spacing))
 
     kept = vae.with_options(fine_inputs="keep")(thick(3))
     assert kept.vertebrae == [] and "coarsest spacing 3 mm" in kept.warnings[0]
+    assert vae.with_options(fine_inputs="keep")(thick(3, 2e-7)).vertebrae == []  # a header's float noise: 3 mm
     assert [v.decision for v in vae.with_options(fine_inputs="keep")(thick(4)).vertebrae] == ["refined", "refined"]
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 PATCH_SIZE = 128
 """Edge of a vertebra's patch, in working-grid voxels."""
+SPACING_TOLERANCE_MM = 1e-3
+"""Spacings closer than this (mm) are equal: headers carry float noise (3.0000002 mm for 3 mm slices), so a
+limit such as "no coarser than 3 mm" compares ``spacing <= limit + SPACING_TOLERANCE_MM``."""
 WORKING_SPACING_MM = 1.0
 """Spacing (mm) of the isotropic working grid the model sees."""
 MODEL_KINDS = ("vae", "lebm", "lsd-ebm")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .conventions import DEVICES
+from .conventions import DEVICES, SPACING_TOLERANCE_MM
 from .errors import InputError, SettingsError
 from .guidance import (
     DataConsistency,
@@ -130,8 +130,8 @@ class RefineOptions:
     """'keep-input': a disagreeing vertebra is written as the input shows it; 'write': as refined (flagged)."""
     fine_inputs: str = "keep"
     """An input no coarser than :data:`FINE_INPUT_MAX_MM` along any axis: 'keep' writes its vertebrae as the
-    input shows them, with a warning (refinement measured no better than such inputs; on the output grid,
-    i.e. resampled label-aware to 1 mm when coarser than :data:`vertrefine.spatial.COARSE_SPACING_MM`),
+    input shows them, with a warning (refinement measured no better than such inputs; on the output grid by
+    nearest neighbour, i.e. on 1 mm when coarser than :data:`vertrefine.spatial.COARSE_SPACING_MM`),
     'refine' refines them (unguided up to COARSE_SPACING_MM: every input voxel is then a slab of about 1 mm)."""
 
     def __post_init__(self) -> None:
@@ -343,7 +343,7 @@ def prepare_case(
         )
     chosen, passed_through = _plausible(chosen, instance_array, working_grid, scheme)
     coarsest = max(volume.geometry.spacing)
-    if options.fine_inputs == "keep" and coarsest <= FINE_INPUT_MAX_MM:
+    if options.fine_inputs == "keep" and coarsest <= FINE_INPUT_MAX_MM + SPACING_TOLERANCE_MM:
         reason = FINE_INPUT_REASON.format(limit=FINE_INPUT_MAX_MM, spacing=coarsest)
         passed_through += [(inst, reason) for inst in chosen]
         chosen = []
@@ -449,7 +449,8 @@ def _plausible(
 def _guided(options: RefineOptions, volume: Volume) -> bool:
     """Whether the chain follows the input's slabs: guidance asked for, and an input coarser than the grid."""
     sampler = options.sampler
-    return bool(sampler and sampler.guidance > 0 and max(volume.geometry.spacing) > COARSE_SPACING_MM)
+    coarse = max(volume.geometry.spacing) > COARSE_SPACING_MM + SPACING_TOLERANCE_MM
+    return bool(sampler and sampler.guidance > 0 and coarse)
 
 
 class RowNoise:

@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .conventions import PATCH_SIZE, WORKING_SPACING_MM
+from .conventions import PATCH_SIZE, SPACING_TOLERANCE_MM, WORKING_SPACING_MM
 from .labels import BINARY_MASK_VALUES
 from .volume import Geometry, Volume
 
@@ -88,7 +88,7 @@ def output_geometry(geometry: Geometry, spacing: float | str = "auto") -> Geomet
     coarser than :data:`COARSE_SPACING_MM` (a thick-slice grid cannot hold a CT-quality shape), else
     the input's grid. Raises ValueError for a non-positive spacing or an unknown word.
     """
-    if spacing == "input" or (spacing == "auto" and max(geometry.spacing) <= COARSE_SPACING_MM):
+    if spacing == "input" or (spacing == "auto" and max(geometry.spacing) <= COARSE_SPACING_MM + SPACING_TOLERANCE_MM):
         return geometry
     if spacing == "auto":
         spacing = WORKING_SPACING_MM
