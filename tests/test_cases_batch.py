@@ -3,17 +3,25 @@
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from vertrefine.batch import plan_cases
-from vertrefine.cases import case_name, find_cases
+from vertrefine.cases import Case, case_name, find_cases, find_cases_and_sources
 from vertrefine.errors import InputError, OutputError
 
 
-def _dicom_file(path: Path, modality: str = "CT", series_uid: str = "", references: str = "") -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
+def _dicom_file(
+    path: Path,
+    modality: str = "CT",
+    series_uid: str = "",
+    references: str = "",
+    media_uid: str = "",
+    frames: list[Dataset] | None = None,
+) -> None:
     ds = Dataset()
+    if frames:
+        ds.PerFrameFunctionalGroupsSequence = frames
     if series_uid:
         ds.SeriesInstanceUID = series_uid
     if references:
@@ -22,7 +30,7 @@ def _dicom_file(path: Path, modality: str = "CT", series_uid: str = "", referenc
         ds.ReferencedSeriesSequence = [item]
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = media_uid or generate_uid()
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     ds.Modality = modality
     ds.save_as(path, enforce_file_format=True)
@@ -51,8 +59,6 @@ def test_find_cases_lists_nifti_dicom_files_and_series_folders(tmp_path):
 
 
 def test_the_image_series_a_seg_segments_is_not_a_case(tmp_path):
-    from vertrefine.cases import find_cases_and_sources
-
     study = tmp_path / "study"  # as exported from PACS: the MR series, its SEG, and another series
     (study / "mr").mkdir(parents=True)
     (study / "other").mkdir()
@@ -67,6 +73,16 @@ def test_the_image_series_a_seg_segments_is_not_a_case(tmp_path):
     plan = plan_cases(study, tmp_path / "out", note=notes.append)
     assert [case.name for case, _ in plan] == ["other", "seg"]
     assert notes == [f"{study / 'mr'}: not a case: the image series that seg.dcm segments"]
+
+    blank = tmp_path / "blank"  # a de-identified study: the series' UIDs blanked, the SEG names its instances only
+    (blank / "ct").mkdir(parents=True)
+    _dicom_file(blank / "ct" / "1.dcm", "CT", media_uid="1.2.3.77")
+    source, frame, derivation = Dataset(), Dataset(), Dataset()
+    source.ReferencedSOPInstanceUID = "1.2.3.77"
+    derivation.SourceImageSequence = [source]
+    frame.DerivationImageSequence = [derivation]
+    _dicom_file(blank / "seg.dcm", "SEG", frames=[frame])
+    assert find_cases_and_sources(blank) == ([Case("seg", blank / "seg.dcm")], [(blank / "ct", blank / "seg.dcm")])
 
     flat = tmp_path / "flat"  # slices and SEG files in one folder
     flat.mkdir()

@@ -126,18 +126,30 @@ def _header(path: Path, tags: list[str]) -> object | None:
         return None
 
 
-def _referenced_series(seg_file: Path) -> set[str]:
-    """Series Instance UIDs a SEG file references (its Referenced Series Sequence)."""
-    header = _header(seg_file, ["ReferencedSeriesSequence"])
-    items = getattr(header, "ReferencedSeriesSequence", None) or []
-    return {str(uid) for item in items if (uid := getattr(item, "SeriesInstanceUID", None))}
+def _references(seg_file: Path) -> set[str]:
+    """The UIDs a SEG file points to: its referenced series' Series Instance UIDs and every Referenced SOP
+    Instance UID in it (per-frame source images too: a SEG of a series with blanked UIDs has only those)."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(seg_file, stop_before_pixels=True, force=True)
+    except (OSError, ValueError, TypeError, AttributeError, EOFError):
+        return set()
+    items = header.get("ReferencedSeriesSequence") or []
+    uids = {str(uid) for item in items if (uid := item.get("SeriesInstanceUID"))}
+    uids |= {str(e.value) for e in header.iterall() if e.keyword == "ReferencedSOPInstanceUID" and e.value}
+    return uids
 
 
-def _series_uid(folder: Path) -> str | None:
+def _series_uids(folder: Path) -> set[str]:
+    """The Series Instance UID and the first file's SOP Instance UID (or, blanked, its file meta's Media
+    Storage SOP Instance UID) of a series folder."""
     files = _dicom_files(folder)
-    header = _header(files[0], ["SeriesInstanceUID"]) if files else None
-    uid = getattr(header, "SeriesInstanceUID", None)
-    return None if uid is None else str(uid)
+    header = _header(files[0], ["SeriesInstanceUID", "SOPInstanceUID"]) if files else None
+    meta = getattr(header, "file_meta", None)
+    values = [getattr(header, key, None) for key in ("SeriesInstanceUID", "SOPInstanceUID")]
+    values.append(getattr(meta, "MediaStorageSOPInstanceUID", None))
+    return {str(v) for v in values if v}
 
 
 def _seg_files(entry: Path) -> list[Path]:
@@ -171,14 +183,15 @@ def find_cases_and_sources(folder: str | Path) -> tuple[list[Case], list[tuple[P
         is_case_file = entry.is_file() and (is_nifti(entry) or is_dicom_file(entry))
         if is_case_file or (entry.is_dir() and holds_dicom(entry)):
             cases.append(Case(case_name(entry), entry))
-    referenced = {uid: seg for case in cases for seg in _seg_files(case.path) for uid in _referenced_series(seg)}
+    referenced = {uid: seg for case in cases for seg in _seg_files(case.path) for uid in _references(seg)}
     sources = []
     if referenced:
         for case in list(cases):
-            uid = _series_uid(case.path) if case.path.is_dir() and not _seg_files(case.path) else None
-            if uid in referenced:
+            uids = _series_uids(case.path) if case.path.is_dir() and not _seg_files(case.path) else set()
+            seg = next((referenced[uid] for uid in sorted(uids) if uid in referenced), None)
+            if seg is not None:
                 cases.remove(case)
-                sources.append((case.path, referenced[uid]))
+                sources.append((case.path, seg))
     return _unique_names(folder, cases), sources
 
 
