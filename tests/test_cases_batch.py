@@ -90,6 +90,8 @@ def test_the_image_series_a_seg_segments_is_not_a_case(tmp_path):
         _dicom_file(flat / f"im{n}.dcm", "MR", series_uid="1.2.3.1")
     _dicom_file(flat / "seg_a.dcm", "SEG", references="1.2.3.1")
     assert [(c.name, c.path) for c in find_cases(flat)] == [("flat", flat)]  # one SEG: the folder is one case
+    with pytest.raises(OutputError, match="a single case, so -o names its output file"):
+        plan_cases(flat, tmp_path / "out_flat")
     _dicom_file(flat / "seg_b.dcm", "SEG", references="1.2.3.1")
     assert [c.name for c in find_cases(flat)] == ["seg_a", "seg_b"]  # several: each SEG is a case
 

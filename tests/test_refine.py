@@ -562,6 +562,7 @@ def test_the_python_api_refuses_what_the_command_line_refuses_in_one_line(lsd, t
         "seed must be a whole number >= 0, got -1": lambda: lsd(two_vertebrae, seed=-1),
         "one generator per case, got 1 for 2 cases": lambda: lsd.sample([None, None], [np.random.default_rng(0)]),
         "no sampler to change": lambda: lsd.with_options(sampler=None, t_refine=2),
+        "device: set when the sessions are opened": lambda: lsd.with_options(device="cpu"),
     }
     for words, call in refused.items():
         with pytest.raises(SettingsError) as caught:

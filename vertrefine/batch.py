@@ -105,6 +105,11 @@ def plan_cases(input_path: Path, output: Path, *, note: Callable[[str], None] | 
         if _same_path(input_path, destination):
             raise OutputError(f"{output}: -o is the input; choose another name so the input is kept")
         if output_format(destination) is None:
+            if input_path.is_dir():  # a DICOM folder that is one case: -o names a file
+                raise OutputError(
+                    f"{destination}: {input_path} holds one DICOM series (or one SEG with its images), a single "
+                    f"case, so -o names its output file: {UNSUPPORTED_OUTPUT}"
+                )
             raise OutputError(f"{destination}: {UNSUPPORTED_OUTPUT}")
         check_writable_file(destination, "-o")
         return [(cases[0], destination)]

@@ -968,6 +968,11 @@ class Refiner:
         refuses, a sampler setting without a sampler, or a sampler for a bundle without an energy (a VAE);
         TypeError for a name that is neither.
         """
+        opened = [key for key in ("device", "threads", "model", "bundle") if key in changes]
+        if opened:
+            raise SettingsError(
+                f"{', '.join(opened)}: set when the sessions are opened; build another Refiner with from_bundle"
+            )
         sampler_changes = {key: changes.pop(key) for key in list(changes) if key in SAMPLER_FIELDS}
         if sampler_changes:
             sampler = changes.get("sampler", self.options.sampler)
