@@ -139,6 +139,19 @@ def test_a_nifti_on_the_series_grid_with_flipped_rows_may_reference_it(spine_fil
     with pytest.raises(InputError, match="not on the grid of the --source-series"):
         check_refine_outputs(plan, other)
 
+    import pydicom
+
+    flipped_volume = io.read_label_map(tmp_path / "dcm2niix.nii.gz")
+    io.write_label_map(flipped_volume, tmp_path / "seg.dcm", source_images=ct)
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    first = pydicom.dcmread(next(ct.iterdir()))
+    orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    assert np.allclose(orientation, first.ImageOrientationPatient)  # frames in the series' own row order
+    from vertrefine.spatial import resample_labels
+
+    back = io.read_label_map(tmp_path / "seg.dcm")  # its frames with a segment; the same voxels where it has them
+    np.testing.assert_array_equal(resample_labels(back, flipped, method="nearest").array, flipped_volume.array)
+
 
 # --- two outputs, one sidecar ------------------------------------------------------------------------------
 

@@ -558,3 +558,23 @@ def test_same_voxels_holds_for_flipped_or_permuted_axes_only():
     assert not g.same_voxels(shifted)
     assert not g.same_voxels(Geometry(g.shape, (0.8, 0.7, 2.0), g.origin, g.direction))
     assert not g.same_voxels(Geometry((20, 30, 41), g.spacing, g.origin, g.direction))
+
+
+def test_reoriented_moves_every_voxel_to_the_same_place_on_a_flipped_or_permuted_grid():
+    from vertrefine.volume import Geometry, Volume
+
+    g = Geometry((5, 6, 7), (0.8, 0.7, 2.5), (-10.0, 20.0, 30.0), rotation(2, 20.0))
+    volume = Volume(np.random.default_rng(0).integers(0, 9, g.shape).astype(np.uint8), g)
+    d, n = g.direction_matrix, g.size_ijk
+    flipped = Geometry(g.shape, g.spacing, g.index_to_physical([0, n[1] - 1, 0]), d * [1, -1, 1])
+    permuted = Geometry(
+        (n[0], n[1], n[2]), g.spacing[::-1], g.index_to_physical([0, 0, n[2] - 1]), d[:, [2, 1, 0]] * [-1, 1, 1]
+    )
+    for target in (g, flipped, permuted):
+        moved = volume.reoriented(target)
+        k, j, i = np.indices(target.shape)
+        points = target.index_to_physical(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1))
+        src = np.rint(g.physical_to_index(points)).astype(int)
+        np.testing.assert_array_equal(moved.array.ravel(), volume.array[src[:, 2], src[:, 1], src[:, 0]])
+    with pytest.raises(ValueError, match="same voxels"):
+        volume.reoriented(Geometry((5, 6, 8), g.spacing, g.origin, g.direction))

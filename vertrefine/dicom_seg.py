@@ -374,7 +374,9 @@ def write_dicom_seg(
     else the series that ``like`` (default ``volume.source``) was read from; for a ``like`` read from a
     SEG, the series that SEG referenced (see the module docstring). On the source series' grid
     (:func:`vertrefine.dicom_series.dicom_series_geometry`) each frame references the source instance it
-    lies on; on another grid (refine's 1 mm output of a thick-slice series) highdicom writes the label map's own plane
+    lies on (a label map holding the series' voxels in another axis order, as dcm2niix writes them, is put in
+    the series' order first); on another grid (refine's 1 mm output of a thick-slice series) highdicom
+    writes the label map's own plane
     positions, orientation and pixel measures, and the SEG references the source series as a whole
     (Referenced Series Sequence) with no per-frame source instance, as the standard allows.
 
@@ -415,6 +417,10 @@ def write_dicom_seg(
             "pass the source DICOM series folder (source_images / --source-series), or write NIfTI",
         )
     datasets = _prepared_sources(datasets, where)
+    if isinstance(source_images, (str, Path)):  # the series' own axis order, so frames lie on its images
+        grid = dicom_series_geometry(Path(source_images))
+        if not volume.geometry.same_grid(grid, tol=1e-6) and volume.geometry.same_voxels(grid):
+            volume = volume.reoriented(grid)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="vertrefine", family=codes.cid7162.ArtificialIntelligence, version=__version__
     )

@@ -196,6 +196,25 @@ class Volume:
         values = np.unique(self.array)
         return [int(v) for v in values if v != 0]
 
+    def reoriented(self, target: Geometry) -> Volume:
+        """This volume on ``target``, a grid holding the same voxel centres in another axis order or direction
+        (:meth:`Geometry.same_voxels`): the array's axes permuted and flipped, no value changed.
+
+        Raises ValueError when ``target`` does not hold the same voxels.
+        """
+        g = self.geometry
+        if not g.same_voxels(target):
+            raise ValueError("reoriented needs a grid holding the same voxels")
+        # where this grid's first voxel and its index steps (i, j, k) fall in target's (i, j, k) indices
+        first = np.rint(target.physical_to_index(g.index_to_physical([0, 0, 0]))).astype(int)
+        steps = np.rint(target.physical_to_index(g.index_to_physical(np.eye(3))) - first).astype(int)  # rows: i, j, k
+        array = self.array  # [k, j, i]
+        order = [2 - int(np.flatnonzero(steps[2 - a])[0]) for a in range(3)]  # target array axis of each own axis
+        moved = np.moveaxis(array, [0, 1, 2], order)
+        flips = [a for a in range(3) if steps[2 - a].sum() < 0]
+        flipped = np.flip(moved, axis=[order[a] for a in flips]) if flips else moved
+        return replace(self, array=np.ascontiguousarray(flipped), geometry=target)
+
     def with_array(self, array: np.ndarray) -> Volume:
         """Same grid and source, other voxels."""
         return replace(self, array=array)
