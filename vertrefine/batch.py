@@ -92,8 +92,8 @@ def plan_cases(input_path: Path, output: Path, *, note: Callable[[str], None] | 
         raise InputError(input_path, "does not exist", "check the path")
     if input_path.is_dir():
         cases, sources = find_cases_and_sources(input_path)
-        for series, seg in sources:
-            if note is not None:
+        if note is not None:
+            for series, seg in sources:
                 note(f"{series}: not a case: the image series that {seg.name} segments")
         if not cases:
             raise InputError(input_path, "holds no NIfTI or DICOM files", "point at a label map or a folder of them")

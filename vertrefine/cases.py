@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .errors import InputError
 from .filetypes import case_name, is_dicom_file
@@ -84,15 +84,19 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def is_dicom_seg(path: Path) -> bool:
-    """True for a DICOM file whose Modality is SEG (reads the header only)."""
+def _header(path: Path, tags: list[str] | None = None) -> Any:
+    """The DICOM header of ``path`` (only ``tags`` when given; no pixels), or None when it cannot be read."""
     import pydicom
 
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"], force=True)
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags, force=True)
     except (OSError, ValueError, TypeError, AttributeError, EOFError):
-        return False
-    return str(getattr(header, "Modality", "")).upper() == "SEG"
+        return None
+
+
+def is_dicom_seg(path: Path) -> bool:
+    """True for a DICOM file whose Modality is SEG (reads the header only)."""
+    return str(getattr(_header(path, ["Modality"]), "Modality", "")).upper() == "SEG"
 
 
 def _dicom_files(folder: Path) -> list[Path]:
@@ -104,12 +108,6 @@ def holds_dicom(folder: Path) -> bool:
     return bool(_dicom_files(folder))
 
 
-def is_series_folder(folder: Path) -> bool:
-    """True when the folder directly holds the slices of a DICOM image series and no SEG file."""
-    files = _dicom_files(folder)
-    return bool(files) and not any(is_dicom_seg(f) for f in files)
-
-
 def is_one_dicom_case(folder: Path) -> bool:
     """True when the folder directly holds the slices of a DICOM image series and at most one SEG file: one
     case (the series, or the SEG with the images it segments), not a folder of cases."""
@@ -117,23 +115,11 @@ def is_one_dicom_case(folder: Path) -> bool:
     return not all(segs) and sum(segs) <= 1
 
 
-def _header(path: Path, tags: list[str]) -> object | None:
-    import pydicom
-
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags, force=True)
-    except (OSError, ValueError, TypeError, AttributeError, EOFError):
-        return None
-
-
 def _references(seg_file: Path) -> set[str]:
     """The UIDs a SEG file points to: its referenced series' Series Instance UIDs and every Referenced SOP
     Instance UID in it (per-frame source images too: a SEG of a series with blanked UIDs has only those)."""
-    import pydicom
-
-    try:
-        header = pydicom.dcmread(seg_file, stop_before_pixels=True, force=True)
-    except (OSError, ValueError, TypeError, AttributeError, EOFError):
+    header = _header(seg_file)
+    if header is None:
         return set()
     items = header.get("ReferencedSeriesSequence") or []
     uids = {str(uid) for item in items if (uid := item.get("SeriesInstanceUID"))}
