@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .conventions import DEVICES, SPACING_TOLERANCE_MM
+from .conventions import DEVICES, SPACING_TOLERANCE_MM, is_whole_number
 from .errors import InputError, SettingsError
 from .guidance import (
     DataConsistency,
@@ -137,7 +137,7 @@ class RefineOptions:
     def __post_init__(self) -> None:
         if isinstance(self.labels, str):  # the command line's spelling: '20-24', 'L1-L5'
             object.__setattr__(self, "labels", parse_label_selection(self.labels))
-        if isinstance(self.samples, bool) or not isinstance(self.samples, (int, np.integer)) or self.samples < 1:
+        if not is_whole_number(self.samples, 1):
             raise ValueError(f"samples must be a whole number >= 1, got {self.samples!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
@@ -876,7 +876,7 @@ class Refiner:
 
         if device not in DEVICES:
             raise SettingsError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        if not is_whole_number(threads):
             raise SettingsError(f"threads must be a whole number >= 0 (0: all cores), got {threads!r}")
         loaded = load_bundle(bundle if bundle is not None else default_bundle_dir(model or "lsd-ebm"))
         if model is not None and model != loaded.kind:
@@ -929,7 +929,7 @@ class Refiner:
         reproduce a command-line result. Raises SettingsError for a seed that is not a whole number >= 0,
         InputError for a path that cannot be read.
         """
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        if not is_whole_number(seed):
             raise SettingsError(f"seed must be a whole number >= 0, got {seed!r}")
         if isinstance(volume, (str, Path)):
             from .io import read_label_map

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from .conventions import is_whole_number
 from .schedule import DiffusionSchedule
 
 EnergyAndGrad = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -81,7 +82,7 @@ class SamplerSettings:
             raise ValueError(f"init must be 'previous' or 'noise', got {self.init!r}")
         for name in ("t_refine", "langevin_steps", "guidance_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            if not is_whole_number(value):
                 raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
         if not self.step_size > 0:
             raise ValueError(f"step_size must be > 0, got {self.step_size!r}")
