@@ -29,6 +29,9 @@ from .outputs import check_writable_file, check_writable_folder, require_seg_sou
 from .refine import PreparedCase, RefinedCase, Refiner
 from .sidecar import Sidecar, bundle_digests, sidecar_path
 
+EXTRA_OPTIONS = {"probability": "--save-prob", "uncertainty": "--uncertainty", "mesh": "--mesh", "qc": "--qc"}
+"""The command-line option of each extra output."""
+
 
 @dataclass(frozen=True)
 class ExtraOutputs:
@@ -45,9 +48,8 @@ class ExtraOutputs:
         uncertainty map of fewer than 2 ``samples`` (it is their spread)."""
         if self.uncertainty is not None and samples < 2:
             raise SettingsError("--uncertainty needs --samples 2 or more (it is the spread of the samples)")
-        options = {"probability": "--save-prob", "uncertainty": "--uncertainty", "mesh": "--mesh", "qc": "--qc"}
         if self.batch:
-            for kind, option in options.items():
+            for kind, option in EXTRA_OPTIONS.items():
                 folder = getattr(self, kind)
                 if folder is not None and folder.exists() and not folder.is_dir():
                     raise OutputError(f"{folder}: the input is a folder, so {option} must be a folder too")
@@ -61,7 +63,7 @@ class ExtraOutputs:
             raise OutputError(f"{self.qc}: --qc writes a PNG image; name it .png")
         for kind in ("probability", "uncertainty", "qc"):
             if getattr(self, kind) is not None:
-                check_writable_file(getattr(self, kind), options[kind])
+                check_writable_file(getattr(self, kind), EXTRA_OPTIONS[kind])
         if self.mesh is not None:
             check_writable_folder(self.mesh, "--mesh")
 
@@ -80,9 +82,8 @@ class ExtraOutputs:
     def check_cases(self, names: Sequence[str]) -> None:
         """Refuse, before any case runs, a case's extra output file whose path is an existing folder, or a
         mesh folder whose path is a file (OutputError naming it and the option)."""
-        options = {"probability": "--save-prob", "uncertainty": "--uncertainty", "mesh": "--mesh", "qc": "--qc"}
         for name in names:
-            for kind, option in options.items():
+            for kind, option in EXTRA_OPTIONS.items():
                 path = self.target(kind, name)
                 if path is None:
                     continue
