@@ -555,6 +555,10 @@ def test_same_voxels_holds_for_flipped_or_permuted_axes_only():
     assert g.same_voxels(g) and g.same_voxels(flipped_j) and g.same_voxels(permuted) and permuted.same_voxels(g)
     assert not g.same_grid(flipped_j)
     shifted = Geometry(g.shape, g.spacing, np.add(g.origin, d[:, 0] * 0.4), g.direction)  # half a voxel along i
+    far = Geometry(g.shape, g.spacing, np.add(g.origin, 800.0), g.direction)  # patient coordinates far from 0
+    far_shifted = Geometry(g.shape, g.spacing, np.add(far.origin, d[:, 0] * 0.4), g.direction)
+    assert far.same_voxels(Geometry(g.shape, g.spacing, np.add(far.origin, 1e-4), g.direction))  # header noise
+    assert not far.same_voxels(far_shifted)
     assert not g.same_voxels(shifted)
     assert not g.same_voxels(Geometry(g.shape, (0.8, 0.7, 2.0), g.origin, g.direction))
     assert not g.same_voxels(Geometry((20, 30, 41), g.spacing, g.origin, g.direction))

@@ -94,8 +94,8 @@ class Geometry:
         axes (a grid and its copy with axes flipped or permuted, as dcm2niix writes a DICOM series' grid).
 
         Each index axis' step (direction times spacing, mm) must be plus or minus a step of the other grid with
-        the same number of voxels, and the eight corner voxel centres must coincide (within ``tol`` mm, scaled
-        by the grids' extent).
+        the same number of voxels (within ``tol`` mm), and the eight corner voxel centres must coincide (within
+        a tenth of the smallest spacing: float noise of a header passes, a grid shifted by half a voxel not).
         """
         steps = self.direction_matrix * np.asarray(self.spacing)[None, :]
         other_steps = other.direction_matrix * np.asarray(other.spacing)[None, :]
@@ -123,8 +123,8 @@ class Geometry:
             return g.index_to_physical(np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])]))
 
         mine, theirs = corners(self), corners(other)
-        scale = tol * max(1.0, float(np.abs(mine).max()))
-        return all(np.abs(theirs - point).max(axis=1).min() <= scale for point in mine)
+        near = 0.1 * min(min(self.spacing), min(other.spacing))  # far below the half voxel of a shifted grid
+        return all(np.abs(theirs - point).max(axis=1).min() <= near for point in mine)
 
     def describe(self) -> str:
         """One line, every per-axis value in ITK order ``(i, j, k)``: size, spacing (mm), LPS origin (mm)."""
