@@ -563,6 +563,7 @@ def test_the_python_api_refuses_what_the_command_line_refuses_in_one_line(lsd, t
         "one generator per case, got 1 for 2 cases": lambda: lsd.sample([None, None], [np.random.default_rng(0)]),
         "no sampler to change": lambda: lsd.with_options(sampler=None, t_refine=2),
         "device: set when the sessions are opened": lambda: lsd.with_options(device="cpu"),
+        "t_refine 1000000 exceeds the bundle's 20 diffusion steps": lambda: lsd.with_options(t_refine=10**6),
     }
     for words, call in refused.items():
         with pytest.raises(SettingsError) as caught:
