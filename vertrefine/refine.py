@@ -988,14 +988,15 @@ class Refiner:
             options = replace(self.options, **changes)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
-        steps = self.bundle.diffusion_schedule().timesteps if self.bundle.has_energy else None
-        if options.sampler is not None and steps is not None and options.sampler.t_refine > steps:
-            raise SettingsError(f"t_refine {options.sampler.t_refine} exceeds the bundle's {steps} diffusion steps")
-        if options.sampler is not None and not self.bundle.has_energy:
-            raise SettingsError(
-                f"{self.bundle.dir}: a {self.bundle.kind} bundle has no energy to sample with; "
-                "use an lsd-ebm bundle, or sampler=None to decode the encoder's mean"
-            )
+        if options.sampler is not None:
+            if not self.bundle.has_energy:
+                raise SettingsError(
+                    f"{self.bundle.dir}: a {self.bundle.kind} bundle has no energy to sample with; "
+                    "use an lsd-ebm bundle, or sampler=None to decode the encoder's mean"
+                )
+            steps = self.bundle.diffusion_schedule().timesteps
+            if options.sampler.t_refine > steps:
+                raise SettingsError(f"t_refine {options.sampler.t_refine} exceeds the bundle's {steps} diffusion steps")
         return Refiner(self.sessions, options, self.note)
 
 
