@@ -229,8 +229,9 @@ def test_guidance_makes_the_result_agree_with_the_thick_slices(two_vertebrae, ls
 
         gap = ndimage.binary_dilation(thick.array == 21, iterations=3) & (thick.array == 22)
         thick = thick.with_array(((thick.array > 0) & ~gap).astype(np.uint8))
-    plain = lsd.with_options(sampler=with_(FAST, guidance=0.0), spacing="input", on_disagree="write")(thick, seed=1)
-    guided_refiner = lsd.with_options(sampler=with_(FAST, guidance=0.7), spacing="input", on_disagree="write")
+    unprojected = dict(spacing="input", on_disagree="write", consistency="none")  # the guidance alone
+    plain = lsd.with_options(sampler=with_(FAST, guidance=0.0), **unprojected)(thick, seed=1)
+    guided_refiner = lsd.with_options(sampler=with_(FAST, guidance=0.7), **unprojected)
     prepared = guided_refiner.prepare(thick)
     assert len(prepared.observations) == 2 and all(o is not None and o.slabs > 0 for o in prepared.observations)
     guided = guided_refiner(thick, seed=1)

@@ -250,6 +250,11 @@ class Disagree(str, Enum):
     write = "write"
 
 
+class Consistency(str, Enum):
+    project = "project"
+    none = "none"
+
+
 class FineInputs(str, Enum):
     keep = "keep"
     refine = "refine"
@@ -388,6 +393,13 @@ def refine(
         Disagree,
         typer.Option(help="For a flagged vertebra, write the input's voxels (keep-input) or the result (write)."),
     ] = Disagree.keep_input,
+    consistency: Annotated[
+        Consistency,
+        typer.Option(
+            help="Thick inputs: project makes each refined vertebra hold exactly the input's slabs (the fewest "
+            "voxels nearest its surface changed); none writes the model's result as it is."
+        ),
+    ] = Consistency.project,
     fine_inputs: Annotated[
         FineInputs,
         typer.Option(
@@ -477,6 +489,7 @@ def refine(
         min_fov_fraction=min_fov_fraction,
         on_disagree=on_disagree.value,
         fine_inputs=fine_inputs.value,
+        consistency=consistency.value,
     )
     if refiner.note:
         err.print(f"[yellow]note:[/] {refiner.note}", highlight=False)

@@ -17,6 +17,12 @@ agree, and voxels outside the input's field of view, are left alone),
 moves the latent by the encoder's reading of the correction. The prior decides what the slabs cannot show
 (anything inside a slab whose average already agrees); the step never moves a shape away from agreement.
 The measured comparison with the likelihood gradient J_D^T A^T r is in docs/TRAINING.md.
+
+Hard data consistency (:func:`project_labels`, as MRI reconstruction ends with a data-consistency
+projection): after the result is thresholded, every observed slab whose majority disagrees with the label
+the input shows gets the fewest voxel changes that make it agree, taking first the voxels the result is
+least sure of (nearest its surface by Euclidean distance). Measured on held-out real CT (issue 19): clean
+5 mm slabs DSC 0.907 -> 0.935 (input 0.933), clean 7 mm 0.889 -> 0.914.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from .volume import Geometry
 
@@ -153,6 +160,63 @@ def agreement(x: np.ndarray, observation: SlabObservation, threshold: float = 0.
         return 1.0
     right = np.where(observation.inside, means >= threshold, means < threshold)
     return float(right[observed].mean())
+
+
+def project_labels(
+    member: np.ndarray, free: np.ndarray, slab: np.ndarray, inside: np.ndarray, outside: np.ndarray
+) -> np.ndarray:
+    """The smallest change of a binary result that makes every observed slab's majority what the input shows.
+
+    ``member`` (bool [a, b, c]) is the result (one vertebra) on part of the working grid, ``slab`` (int32,
+    same shape) each voxel's slab (:class:`SlabObservation.slab`; -1: not observed), ``inside`` / ``outside``
+    (bool [S]) what the input shows per slab. A slab holds the result when at least half of its voxels (of
+    this array) do (the forward model of :func:`agreement`). An observed-inside slab that does not hold it
+    gains the ``ceil(n / 2) - c`` voxels of ``free`` (bool, same shape: voxels that may join, e.g. the
+    background) nearest the result; an observed-outside slab that holds it loses the ``c - ceil(n / 2) + 1``
+    voxels nearest the result's surface (least deep inside). Distances are Euclidean in voxels
+    (``scipy.ndimage.distance_transform_edt``; the working grid is isotropic), computed only on the box of the
+    slabs that change. Slabs with too few free voxels gain what they can. Returns the new bool mask (a copy).
+    """
+    member = np.asarray(member, dtype=bool)
+    out = member.copy()
+    observed = slab >= 0
+    labels = slab[observed]
+    n_slabs = inside.size
+    if not labels.size or not n_slabs:
+        return out
+    counts = np.bincount(labels, minlength=n_slabs)
+    held = np.bincount(labels[member[observed]], minlength=n_slabs)
+    half = (counts + 1) // 2  # the slab holds the result from ceil(n / 2) voxels on
+    gain = np.where(inside & (held < half) & (counts > 0), half - held, 0)
+    loss = np.where(outside & (held >= half) & (counts > 0), held - half + 1, 0)
+    change = (gain > 0) | (loss > 0)
+    if not change.any():
+        return out
+    wanted = np.zeros(n_slabs + 1, dtype=bool)
+    wanted[:-1] = change
+    in_changed = wanted[np.where(observed, slab, n_slabs)]
+    box = tuple(
+        slice(max(int(idx.min()) - 1, 0), int(idx.max()) + 2) for idx in np.nonzero(in_changed | member)
+    )
+    local_member, local_slab = member[box], np.where(observed[box], slab[box], n_slabs)
+    region = out[box]  # a view: changes reach ``out``
+    for need, candidates, distance_from, value in (
+        (gain, free[box] & ~local_member, ~local_member, True),
+        (loss, local_member, local_member, False),
+    ):
+        need_full = np.append(need, 0)
+        pick = candidates & (need_full[local_slab] > 0)
+        if not pick.any():
+            continue
+        where = np.flatnonzero(pick)
+        slabs_of = local_slab.ravel()[where]
+        key = ndimage.distance_transform_edt(distance_from).ravel()[where]
+        order = np.lexsort((key, slabs_of))  # by slab, then nearest the surface first
+        where, slabs_of = where[order], slabs_of[order]
+        rank = np.arange(where.size) - np.searchsorted(slabs_of, slabs_of, side="left")
+        chosen = where[rank < need_full[slabs_of]]
+        region[np.unravel_index(chosen, region.shape)] = value
+    return out
 
 
 Encode = Callable[[np.ndarray], np.ndarray]

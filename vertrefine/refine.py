@@ -25,6 +25,7 @@ from .guidance import (
     SlabObservation,
     observe,
     patch_to_input_index,
+    project_labels,
     slab_means,
 )
 from .labels import (
@@ -70,6 +71,10 @@ their label maps made thick with ``degrade --native``, ``python -m benchmarks.re
 docs/BENCHMARKS.md "Fine inputs"): refinement lowered the mean DSC of every one of them at 2 mm (sagittal and
 axial) and was no better than the input at 3 mm, and raised it at 4 and 5 mm. Below
 :data:`vertrefine.spatial.COARSE_SPACING_MM` the input is CT-like and the model could only approximate it."""
+CONSISTENCY = ("project", "none")
+"""What refine does after the model for a thick input (RefineOptions.consistency): 'project' makes every slab of
+the input grid hold the vertebra exactly where the input shows it (:func:`vertrefine.guidance.project_labels`),
+'none' writes the model's result as it is."""
 FINE_INPUTS = ("keep", "refine")
 """What refine does with an input no coarser than FINE_INPUT_MAX_MM (RefineOptions.fine_inputs)."""
 FINE_INPUT_REASON = (
@@ -128,6 +133,11 @@ class RefineOptions:
     written as the input shows it (the rest would be the model's guess beyond the image)."""
     on_disagree: str = "keep-input"
     """'keep-input': a disagreeing vertebra is written as the input shows it; 'write': as refined (flagged)."""
+    consistency: str = "project"
+    """'project': for an input coarser than :data:`vertrefine.spatial.COARSE_SPACING_MM`, each refined vertebra
+    is made to agree with every slab of the input grid after the model (the fewest voxels nearest its surface
+    added or removed, :func:`vertrefine.guidance.project_labels`); 'none': the model's result as it is. The
+    agreement gate (``min_agreement``) judges the model's result before the projection."""
     fine_inputs: str = "keep"
     """An input no coarser than :data:`FINE_INPUT_MAX_MM` along any axis: 'keep' writes its vertebrae as the
     input shows them, with a warning (refinement measured no better than such inputs; on the output grid by
@@ -147,6 +157,8 @@ class RefineOptions:
             raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
         if self.label_scheme not in SCHEME_CHOICES:
             raise ValueError(f"label_scheme must be one of {', '.join(SCHEME_CHOICES)}, got {self.label_scheme!r}")
+        if self.consistency not in CONSISTENCY:
+            raise ValueError(f"consistency must be one of {', '.join(CONSISTENCY)}, got {self.consistency!r}")
         if self.fine_inputs not in FINE_INPUTS:
             raise ValueError(f"fine_inputs must be one of {', '.join(FINE_INPUTS)}, got {self.fine_inputs!r}")
         if self.on_disagree not in ON_DISAGREE:
@@ -216,6 +228,8 @@ class RefinedVertebra:
     """Fraction of the refined shape inside the input's field of view."""
     pieces_ml: list[float] = field(default_factory=list)
     """Volumes (mL) of the refined shape's connected pieces, largest first, after dropping specks."""
+    consistency_ml: tuple[float, float] | None = None
+    """(added, removed) mL of the data-consistency projection (None: not projected)."""
     scheme: LabelScheme = VERSE
     """The numbering of the input's label ids (the level of this vertebra's id)."""
 
@@ -446,11 +460,15 @@ def _plausible(
     return [inst for inst in keep if inst.instance_id not in gone], dropped + merged
 
 
+def _coarse(volume: Volume) -> bool:
+    """Whether the input is coarser than the working grid can show (thick slices): its slabs then constrain."""
+    return max(volume.geometry.spacing) > COARSE_SPACING_MM + SPACING_TOLERANCE_MM
+
+
 def _guided(options: RefineOptions, volume: Volume) -> bool:
     """Whether the chain follows the input's slabs: guidance asked for, and an input coarser than the grid."""
     sampler = options.sampler
-    coarse = max(volume.geometry.spacing) > COARSE_SPACING_MM + SPACING_TOLERANCE_MM
-    return bool(sampler and sampler.guidance > 0 and coarse)
+    return bool(sampler and sampler.guidance > 0 and _coarse(volume))
 
 
 class RowNoise:
@@ -592,6 +610,9 @@ def finish_case(
             v.reason = (
                 f"refinement disagrees with the input (DSC {v.agreement_dsc:.3f} < {options.min_agreement:g}): check it"
             )
+    if options.consistency == "project" and _coarse(prepared.volume):
+        for v, observation in zip(vertebrae, observations, strict=True):
+            v.consistency_ml = _project(after, v, observation, voxel_ml)
     for v, observation in zip(vertebrae, observations, strict=True):
         if not v.reason and len(v.pieces_ml) > 1 and v.pieces_ml[1] >= PIECE_FRACTION * sum(v.pieces_ml):
             v.decision = "refined, flagged"
@@ -683,6 +704,24 @@ def _box_observation(prepared: PreparedCase, input_ids: np.ndarray, vertebra: Re
     size = vertebra.box.size
     affine = patch_to_input_index(prepared.working, vertebra.box.start, np.eye(3), size, prepared.volume.geometry)
     return observe(affine, input_ids, vertebra.instance.instance_id, size)
+
+
+def _project(after: np.ndarray, vertebra: RefinedVertebra, observation: SlabObservation, voxel_ml: float) -> tuple[float, float]:
+    """Make one refined vertebra agree with the input's slabs, in place on ``after`` (instance ids on the working
+    grid) and on its probability patch (added voxels at least 0.75, removed at most 0.25, so meshes and
+    probability maps show the same shape); (added, removed) mL. Only background voxels may join."""
+    inside, part = vertebra.box.slices(after.shape)
+    region = after[inside]  # a view: changes reach ``after``
+    instance_id = vertebra.instance.instance_id
+    member = region == instance_id
+    new = project_labels(member, region == 0, observation.slab[part], observation.inside, observation.outside)
+    added, removed = new & ~member, member & ~new
+    region[added] = instance_id
+    region[removed] = 0
+    probability = vertebra.probability[part]  # a view of the patch
+    probability[added] = np.maximum(probability[added], 0.75)
+    probability[removed] = np.minimum(probability[removed], 0.25)
+    return round(int(added.sum()) * voxel_ml, 3), round(int(removed.sum()) * voxel_ml, 3)
 
 
 def _inside_fraction(vertebra: RefinedVertebra, observation: SlabObservation) -> float:

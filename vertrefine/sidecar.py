@@ -77,6 +77,9 @@ class VertebraRecord:
     pieces_ml: list[float] | None
     """Volumes of the refined shape's connected pieces, mL, largest first, after dropping specks (None:
     passed through)."""
+    consistency_ml: list[float] | None
+    """(added, removed) mL of the data-consistency projection onto the input's slabs (``--consistency
+    project``); None: not projected (not refined, a fine input, or ``--consistency none``)."""
     decision: str
     """What was written: 'refined', 'kept input', 'refined, flagged' or 'passed through'."""
     reason: str
@@ -112,6 +115,7 @@ class VertebraRecord:
             agreement_hd95_mm=_rounded(vertebra.agreement_hd95_mm, 2),
             fov_fraction=_rounded(vertebra.fov_fraction, 3),
             pieces_ml=vertebra.pieces_ml,
+            consistency_ml=None if vertebra.consistency_ml is None else list(vertebra.consistency_ml),
             decision=vertebra.decision,
             reason=vertebra.reason,
             mean_std_inside=spread,
@@ -134,6 +138,7 @@ class VertebraRecord:
             agreement_hd95_mm=None,
             fov_fraction=None,
             pieces_ml=None,
+            consistency_ml=None,
             decision="passed through",
             reason=reason,
         )
