@@ -117,7 +117,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for gamma in args.gammas:
         forms[f"gradient-free gamma={gamma:g}"] = (
             chain(guidance=gamma),
-            lambda p: DataConsistency(lambda x: sessions.encode(x)[0], sessions.decode_chunks, p.observations),
+            lambda p: DataConsistency(
+                lambda x: sessions.encode(x)[0], lambda z, _rows: sessions.decode_chunks(z), p.observations
+            ),
         )
     for eta in args.etas:
         forms[f"likelihood gradient eta={eta:g}"] = (

@@ -78,7 +78,7 @@ class BlockAutoencoder:
         b = x.reshape(len(x), P // 4, 4, P // 4, 4, P // 4, 4)
         return b.mean(axis=(2, 4, 6))[:, None].astype(np.float32)
 
-    def decode_chunks(self, z: np.ndarray):
+    def decode_chunks(self, z: np.ndarray, rows=None):
         up = z[:, 0].repeat(4, 1).repeat(4, 2).repeat(4, 3)
         yield 0, np.clip(up, 0, 1).astype(np.float32)
 

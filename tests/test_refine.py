@@ -254,8 +254,8 @@ class WrongShape:
     def __getattr__(self, name):
         return getattr(self._sessions, name)
 
-    def decode_chunks(self, z):
-        for start, probability in self._sessions.decode_chunks(z):
+    def decode_chunks(self, z, x=None):
+        for start, probability in self._sessions.decode_chunks(z, x):
             probability = probability.copy()
             for offset in range(len(probability)):
                 if (start + offset) % 2 == self.wrong_row:
@@ -323,8 +323,8 @@ def test_a_liver_sized_blob_is_not_refined_as_a_vertebra(vae):
 
 def test_an_emptied_result_is_not_written_the_input_is_kept(two_vertebrae, vae):
     class Empty(WrongShape):
-        def decode_chunks(self, z):
-            for start, probability in self._sessions.decode_chunks(z):
+        def decode_chunks(self, z, x=None):
+            for start, probability in self._sessions.decode_chunks(z, x):
                 probability = probability.copy()
                 probability[[(start + n) % 2 == self.wrong_row for n in range(len(probability))]] = 0.0
                 yield start, probability
@@ -341,10 +341,10 @@ class BallDecoder(WrongShape):
     """Decodes every latent as a ball of radius 24 mm around the patch centre: a shape that does not stop at
     the image's border, as a model completing a cut vertebra would."""
 
-    def decode_chunks(self, z):
+    def decode_chunks(self, z, x=None):
         grid = np.indices((128, 128, 128)).reshape(3, -1).T
         ball = (np.linalg.norm(grid - 63.5, axis=1) <= 24).reshape((128,) * 3).astype(np.float32)
-        for start, probability in self._sessions.decode_chunks(z):
+        for start, probability in self._sessions.decode_chunks(z, x):
             yield start, np.broadcast_to(ball, probability.shape).copy()
 
 
@@ -371,8 +371,8 @@ def test_a_vertebra_cut_by_the_border_is_refined_only_inside_or_passed_through(t
 class ExtraPieces(WrongShape):
     """Adds a speck (2^3 voxels) to the first vertebra's decoded patch and a second large piece to the second's."""
 
-    def decode_chunks(self, z):
-        for start, probability in self._sessions.decode_chunks(z):
+    def decode_chunks(self, z, x=None):
+        for start, probability in self._sessions.decode_chunks(z, x):
             probability = probability.copy()
             for offset in range(len(probability)):
                 if (start + offset) % 2 == 0:
@@ -452,8 +452,8 @@ def test_a_diverging_chain_keeps_the_input_and_says_the_sampler_diverged(two_ver
 
 def test_an_empty_decode_keeps_the_input(two_vertebrae, vae):
     class Empty(WrongShape):
-        def decode_chunks(self, z):
-            for start, probability in self._sessions.decode_chunks(z):
+        def decode_chunks(self, z, x=None):
+            for start, probability in self._sessions.decode_chunks(z, x):
                 yield start, np.zeros_like(probability)
 
     result = Empty.refiner(vae, wrong_row=0)(two_vertebrae)

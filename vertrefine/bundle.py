@@ -39,18 +39,19 @@ def model_names(kind: str) -> tuple[str, ...]:
 
 
 def io_spec(
-    name: str, latent: int | tuple[int, ...] | list[int], patch: int = PATCH_SIZE
+    name: str, latent: int | tuple[int, ...] | list[int], patch: int = PATCH_SIZE, conditioned: bool = False
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Inputs and outputs of model ``name``: {"inputs"|"outputs": {tensor: {"shape", "dtype"}}}, batch "B".
 
-    ``latent`` is the shape of one latent: an int L (a vector [L]) or a grid (C, g, g, g).
+    ``latent`` is the shape of one latent: an int L (a vector [L]) or a grid (C, g, g, g). A
+    ``conditioned`` decoder also takes the input patch ``x`` [B, 1, P, P, P] (what the encoder was given).
     """
     volume = {"shape": [BATCH, 1, patch, patch, patch], "dtype": "float32"}
     shape = [latent] if isinstance(latent, int) else [int(n) for n in latent]
     code = {"shape": [BATCH, *shape], "dtype": "float32"}
     specs = {
         "encoder": ({"x": volume}, {"mu": code, "logvar": code}),
-        "decoder": ({"z": code}, {"probability": volume}),
+        "decoder": ({"z": code, "x": volume} if conditioned else {"z": code}, {"probability": volume}),
         "energy": (
             {"z": code, "t": {"shape": [BATCH], "dtype": "int64"}},
             {"energy": {"shape": [BATCH], "dtype": "float32"}, "grad": code},
@@ -286,6 +287,11 @@ class Bundle:
     schedule: dict
     sampler: dict
     files: dict[str, Path]
+
+    @property
+    def conditioned(self) -> bool:
+        """The decoder also takes the input patch (``model_config.conditioned`` in the manifest)."""
+        return bool(self.manifest.get("model_config", {}).get("conditioned", False))
 
     @property
     def has_energy(self) -> bool:

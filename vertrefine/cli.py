@@ -811,6 +811,10 @@ def train(
     degraded_variants: Annotated[
         int | None, typer.Option(min=0, help="Thick-slice copies per patch kept in the cache (denoising training).")
     ] = None,
+    clean_variants: Annotated[
+        int | None,
+        typer.Option(min=0, help="How many of the thick-slice copies are clean slabs (partial volume only)."),
+    ] = None,
     degraded_prob: Annotated[
         float | None,
         typer.Option(min=0.0, max=1.0, help="Probability that a training input is a thick-slice copy."),
@@ -818,6 +822,19 @@ def train(
     cache: Annotated[Path | None, typer.Option("--cache", help="Patch cache folder (default: OUT/cache).")] = None,
     kl_weight: Annotated[
         float | None, typer.Option(min=0.0, help="Weight of the ELBO's KL term (default 1; lower keeps more detail).")
+    ] = None,
+    conditioned: Annotated[
+        bool | None,
+        typer.Option(
+            "--conditioned/--unconditioned",
+            help="The decoder also sees the input patch: it keeps what a thick-slice input shows (spatial latent).",
+        ),
+    ] = None,
+    decoder_input_dropout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=0.95, help="Conditioned decoder: probability that a training item's decoder sees no input."
+        ),
     ] = None,
     init_from: Annotated[
         Path | None,
@@ -838,6 +855,8 @@ def train(
         val_groups=tuple(g.strip() for g in val_groups.split(",") if g.strip()) if val_groups else None,
         cache_dir=cache,
         kl_weight=kl_weight,
+        conditioned=conditioned,
+        decoder_input_dropout=decoder_input_dropout,
         init_from=init_from,
         model=model and model.value,
         epochs=epochs,
@@ -849,6 +868,7 @@ def train(
         timesteps=steps,
         langevin_steps=langevin_steps,
         degraded_variants=degraded_variants,
+        clean_variants=clean_variants,
         degraded_prob=degraded_prob,
         device=device and device.value,
         seed=seed,

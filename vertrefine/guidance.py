@@ -221,8 +221,9 @@ def project_labels(
 
 Encode = Callable[[np.ndarray], np.ndarray]
 """Binary or soft patches [B, P, P, P] -> encoder means [B, *Z]."""
-DecodeChunks = Callable[[np.ndarray], Iterator[tuple[int, np.ndarray]]]
-"""Latents [B, *Z] -> (start row, probabilities [b, P, P, P]) a chunk at a time."""
+DecodeChunks = Callable[[np.ndarray, Sequence[int]], Iterator[tuple[int, np.ndarray]]]
+"""(latents [B, *Z], the rows of the guided batch they are) -> (start row, probabilities [b, P, P, P]) a chunk
+at a time (the rows let an input-conditioned decoder take each row's input patch)."""
 
 
 class DataConsistency:
@@ -253,7 +254,7 @@ class DataConsistency:
         if not rows or weight == 0:
             return z
         out = z.copy()
-        for start, probability in self.decode_chunks(z[rows]):
+        for start, probability in self.decode_chunks(z[rows], rows):
             chunk = rows[start : start + len(probability)]
             projected = np.stack(
                 [project(p, self.observations[r], self.margin) for p, r in zip(probability, chunk, strict=True)]

@@ -188,6 +188,9 @@ class PreparedCase:
     boxes: list[PatchBox]
     mu: np.ndarray
     """Encoder means [n, *Z], one row per refined vertebra."""
+    patches: np.ndarray | None = None
+    """uint8 [n, P, P, P]: the binary patches the encoder was given, kept for a bundle whose decoder also takes
+    them (:attr:`vertrefine.bundle.Bundle.conditioned`); None otherwise."""
     rotations: list[np.ndarray] = field(default_factory=list)
     """Per vertebra, the rotation [3, 3] from its pose frame to the working grid (empty: all identity)."""
     observations: list[SlabObservation | None] = field(default_factory=list)
@@ -366,10 +369,16 @@ def prepare_case(
     status(f"encode {len(chosen)} vertebrae")
     rotations = pose_rotations(chosen) if options.pose else [np.eye(3) for _ in chosen]
     cropped = [crop_in_frame(instance_array, inst, r, bundle.patch) for inst, r in zip(chosen, rotations, strict=True)]
+    patches = None
     if cropped:
-        mu, _ = sessions.encode(np.stack([patch for _, patch in cropped]))
+        stacked = np.stack([patch for _, patch in cropped])
+        mu, _ = sessions.encode(stacked)
+        if bundle.conditioned:
+            patches = stacked.astype(np.uint8)
     else:
         mu = np.zeros((0, *bundle.latent_shape), np.float32)
+        if bundle.conditioned:
+            patches = np.zeros((0, *(bundle.patch,) * 3), np.uint8)
     seconds["encode"] = time.perf_counter() - start
     observations: list[SlabObservation | None] = []
     if _guided(options, volume):
@@ -390,6 +399,7 @@ def prepare_case(
         instances=chosen,
         boxes=[box for box, _ in cropped],
         mu=mu,
+        patches=patches,
         rotations=rotations,
         observations=observations,
         passed_through=passed_through,
@@ -507,7 +517,14 @@ def sample_latents(
     observations = [obs for c in cases for obs in (c.observations or [None] * len(c.mu)) * options.samples]
     guide = None
     if any(o is not None for o in observations):
-        guide = DataConsistency(lambda x: sessions.encode(x)[0], sessions.decode_chunks, observations)
+        inputs = None  # a conditioned decoder's input patch of each row of the chain
+        if sessions.bundle.conditioned:
+            inputs = [patch for c in cases for _ in range(options.samples) for patch in c.patches]
+
+        def decode(z: np.ndarray, rows: Sequence[int]):
+            return sessions.decode_chunks(z, None if inputs is None else np.stack([inputs[r] for r in rows]))
+
+        guide = DataConsistency(lambda x: sessions.encode(x)[0], decode, observations)
     schedule = sessions.bundle.diffusion_schedule()
     z = z0 if len(z0) == 0 else refine_latents(sessions.energy_and_grad, z0, schedule, options.sampler, noise, guide)
     out, row = [], 0
@@ -521,15 +538,19 @@ def sample_latents(
     return out
 
 
-def _decode_mean_std(sessions: BundleSessions, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mean and std over samples of the decoded probabilities; ``z`` is [samples, n, *Z]."""
+def _decode_mean_std(
+    sessions: BundleSessions, z: np.ndarray, patches: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean and std over samples of the decoded probabilities; ``z`` is [samples, n, *Z], ``patches`` the n
+    input patches a conditioned decoder also takes (:attr:`PreparedCase.patches`)."""
     samples, n = z.shape[:2]
     if n == 0:
         size = (sessions.bundle.patch,) * 3
         return np.zeros((0, *size), np.float32), (np.zeros((0, *size), np.float32) if samples > 1 else None)
     total: np.ndarray | None = None
     squares: np.ndarray | None = None
-    for start, probability in sessions.decode_chunks(z.reshape(samples * n, *z.shape[2:])):
+    x = None if patches is None else patches[np.arange(samples * n) % n]
+    for start, probability in sessions.decode_chunks(z.reshape(samples * n, *z.shape[2:]), x):
         if total is None:
             size = probability.shape[1:]
             total = np.zeros((n, *size), np.float32)
@@ -573,7 +594,8 @@ def finish_case(
     start = time.perf_counter()
     status("decode")
     gone = ~np.isfinite(z.reshape(*z.shape[:2], int(np.prod(z.shape[2:])))).all(axis=2)  # [samples, n]: NaN chains
-    mean, std = _decode_mean_std(sessions, np.where(gone.reshape(*gone.shape, *(1,) * (z.ndim - 2)), 0.0, z))
+    latents = np.where(gone.reshape(*gone.shape, *(1,) * (z.ndim - 2)), 0.0, z)
+    mean, std = _decode_mean_std(sessions, latents, prepared.patches)
     mean[gone.any(axis=0)] = 0.0  # nothing of a diverged vertebra is stitched
     for k, rotation in enumerate(prepared.rotations):  # pose frame -> the axis-aligned box
         mean[k] = uncrop_from_frame(mean[k], rotation)

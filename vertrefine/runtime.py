@@ -87,7 +87,7 @@ def _session_options(threads: int):
     return options
 
 
-def _open_session(path: Path, name: str, latent: tuple[int, ...], patch: int, providers: list[str], options):
+def _open_session(path: Path, name: str, bundle: Bundle, providers: list[str], options):
     """An ONNX Runtime session for ``path`` whose inputs and outputs match the bundle format."""
     import onnxruntime as ort
 
@@ -97,7 +97,7 @@ def _open_session(path: Path, name: str, latent: tuple[int, ...], patch: int, pr
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several types for unreadable models
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(path, f"ONNX Runtime cannot load the {name} model ({first_line[:200]})", remedy) from None
-    spec = io_spec(name, latent, patch)
+    spec = io_spec(name, bundle.latent_shape, bundle.patch, bundle.conditioned)
     got_in = sorted(i.name for i in session.get_inputs())
     got_out = sorted(o.name for o in session.get_outputs())
     if got_in != sorted(spec["inputs"]) or got_out != sorted(spec["outputs"]):
@@ -122,7 +122,7 @@ class BundleSessions:
         self.bundle = bundle
         self.batch_size = max(1, int(batch_size))
         self.sessions = {
-            name: _open_session(path, name, bundle.latent_shape, bundle.patch, providers, options)
+            name: _open_session(path, name, bundle, providers, options)
             for name, path in bundle.files.items()
         }
         self.providers = self.sessions["encoder"].get_providers()
@@ -144,11 +144,21 @@ class BundleSessions:
             return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         return np.concatenate(mus), np.concatenate(logvars)
 
-    def decode_chunks(self, z: np.ndarray):
-        """Yield (start row, probabilities [b, P, P, P]) for the rows of ``z`` [B, *Z], a chunk at a time."""
+    def decode_chunks(self, z: np.ndarray, x: np.ndarray | None = None):
+        """Yield (start row, probabilities [b, P, P, P]) for the rows of ``z`` [B, *Z], a chunk at a time.
+
+        A conditioned bundle's decoder also takes each row's input patch: ``x`` [B, P, P, P] (binary, what the
+        row's encoder was given); the others take none. Raises ValueError when ``x`` is missing or not wanted.
+        """
+        if self.bundle.conditioned != (x is not None):
+            raise ValueError("a conditioned decoder needs the input patches x; another decoder takes none")
+        if x is not None and len(x) != len(z):
+            raise ValueError(f"{len(x)} input patches for {len(z)} latents")
         for start in range(0, len(z), self.batch_size):
-            chunk = np.ascontiguousarray(z[start : start + self.batch_size], dtype=np.float32)
-            (probability,) = self.sessions["decoder"].run(["probability"], {"z": chunk})
+            feed = {"z": np.ascontiguousarray(z[start : start + self.batch_size], dtype=np.float32)}
+            if x is not None:
+                feed["x"] = np.ascontiguousarray(x[start : start + self.batch_size, None], dtype=np.float32)
+            (probability,) = self.sessions["decoder"].run(["probability"], feed)
             yield start, probability[:, 0]
 
     def energy_and_grad(self, z: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -96,6 +96,12 @@ class TrainConfig:
     init_from: str | None = None
     """A checkpoint (or run folder) whose model weights start this run (same model configuration); the
     optimizer, epochs and data order start afresh. For fine-tuning, e.g. with another --kl-weight."""
+    conditioned: bool = False
+    """The decoder also sees the input patch (spatial latent; :class:`vertrefine.train.models.ConditionedDecoder`):
+    it keeps what a thick-slice input shows and the latent adds what it hides (issue 19)."""
+    decoder_input_dropout: float = 0.0
+    """Conditioned decoder: probability that a training item's decoder sees an empty input, so that the
+    latent alone must carry the shape (and the prior on it matters)."""
     energy_on_clean: bool = True
     """LSD-EBM: the energy learns the latents of clean targets, not of (possibly thick-slice) inputs."""
     encoder_widths: tuple[int, ...] = (16, 32)
@@ -109,6 +115,8 @@ class TrainConfig:
     num_workers: int = 0
     degraded_variants: int = 0
     """Degraded (thick-slice-like) copies per patch stored in the cache; 0 = clean training only."""
+    clean_variants: int = 0
+    """How many of the degraded variants are clean thick slices (partial volume only, no other error)."""
     degraded_prob: float = 0.0
     """Probability that a training item's input is one of its degraded variants (target stays clean)."""
     synth_cases: int = 3
@@ -158,8 +166,14 @@ class TrainConfig:
                 )
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"val_fraction must be between 0 and 1 (got {self.val_fraction})")
+        if not 0.0 <= self.decoder_input_dropout < 1.0:
+            problems.append(f"decoder_input_dropout must be in [0, 1) (got {self.decoder_input_dropout})")
+        if self.conditioned and (not self.latent_grid or self.model == "lebm"):
+            problems.append("--conditioned needs a spatial latent (--latent-grid > 0) and --model vae or lsd-ebm")
         if not 0.0 <= self.degraded_prob <= 1.0:
             problems.append(f"degraded_prob must be in [0, 1] (got {self.degraded_prob})")
+        if not 0 <= self.clean_variants <= self.degraded_variants:
+            problems.append("clean_variants must be from 0 to degraded_variants")
         if self.degraded_prob > 0 and self.degraded_variants == 0:
             problems.append("degraded_prob > 0 needs degraded_variants >= 1")
         if self.data_repeat and (len(self.data_repeat) != len(self.data_paths) or min(self.data_repeat) < 1):
@@ -248,6 +262,7 @@ class TrainConfig:
             "latent_grid": self.latent_grid,
             "res_blocks": self.res_blocks,
             "energy_widths": self.energy_widths,
+            "conditioned": self.conditioned,
         }
 
     # ---- the CLI's merge rule ------------------------------------------------------------------------

@@ -96,8 +96,8 @@ class _DecoderProbability(nn.Module):
         super().__init__()
         self.decoder = model.decoder
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
+    def forward(self, z: torch.Tensor, *x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z, *x)  # a conditioned decoder also takes the input patch
 
 
 class _EnergyAndGrad(nn.Module):
@@ -158,6 +158,8 @@ def example_inputs(name: str, config: ModelConfig, batch: int, generator: torch.
     if name == "encoder":
         return ((torch.rand(batch, 1, p, p, p, generator=generator) > 0.5).float(),)
     z = torch.randn(batch, *config.latent_shape, generator=generator)
+    if name == "decoder" and config.conditioned:
+        return z, (torch.rand(batch, 1, p, p, p, generator=generator) > 0.5).float()
     if name == "decoder":
         return (z,)
     return z, torch.randint(0, config.energy_timesteps, (batch,), generator=generator)
@@ -411,7 +413,7 @@ def export_bundle(
     try:
         files = {}
         for name in model_names(config.kind):
-            spec = io_spec(name, config.latent_shape, config.patch)
+            spec = io_spec(name, config.latent_shape, config.patch, config.conditioned)
             path = tmp / FILES[name]
             example = example_inputs(name, config, 2, generator)
             used, note = export_module(

@@ -16,6 +16,20 @@ Two latent forms (``ModelConfig.latent_grid``):
   survives. The energy is a small 3D CNN on z (:class:`EnergyCNN`) with a per-step embedding added to its
   first and last layers, ending in a linear read-out to one scalar.
 
+Input-conditioned decoder (``ModelConfig.conditioned``, issue 19: a decoder that sees only z cannot reproduce a
+clean thick-slice input): the decoder also takes the input patch x (the thick-slice input on the 1 mm
+working grid, what the encoder sees). A small convolutional branch reads x at 64^3, 32^3 and 16^3 and its
+features join the decoder's path at each resolution (a U-Net whose skips come from the input, so the decoder
+is one self-contained graph). Its head gives two maps on the internal grid, a *trust* a = softplus(.) >= 0
+and a *bias* b, and the logit is
+
+    logit = b + a * (2 x - 1)
+
+evaluated on the internal grid in training (x the 2 mm soft occupancy) and, in the exported decoder, with a
+and b trilinearly upsampled and x the 1 mm input itself: where the model trusts the input (a large, b near
+0) the result keeps the input's 1 mm detail, elsewhere b (the model's own shape, from z and the input's
+features) decides. Each voxel's formula is the same at both resolutions, so no 1 mm training data is needed.
+
 ONNX cannot export autograd, so both energies write dE/dz as their explicit backward pass
 (``energy_and_grad``): transposed GEMMs for the MLP, transposed convolutions for the CNN; both are tested
 against autograd.
@@ -51,6 +65,11 @@ class ModelConfig:
     """Spatial latent: residual blocks at the latent grid in the encoder and in the decoder."""
     energy_widths: tuple[int, ...] = (16, 32, 32)
     """Spatial latent: channels of the energy CNN's convolutions (the first keeps the grid, the others halve it)."""
+    conditioned: bool = False
+    """Spatial latent only: the decoder also takes the input patch (:class:`ConditionedDecoder`)."""
+    input_widths: tuple[int, ...] = (8, 16, 32)
+    """Conditioned decoder: channels of its input branch at the internal grid and each halving down to the
+    latent grid (one more than ``decoder_widths``)."""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -59,6 +78,11 @@ class ModelConfig:
         object.__setattr__(self, "encoder_widths", tuple(self.encoder_widths))
         object.__setattr__(self, "decoder_widths", tuple(self.decoder_widths))
         object.__setattr__(self, "energy_widths", tuple(self.energy_widths))
+        object.__setattr__(self, "input_widths", tuple(self.input_widths))
+        if self.conditioned and (not self.latent_grid or self.kind == "lebm"):
+            raise ValueError("a conditioned decoder needs a spatial latent (latent_grid > 0) and a vae or lsd-ebm")
+        if self.conditioned and len(self.input_widths) != len(self.decoder_widths) + 1:
+            raise ValueError("a conditioned decoder needs one input width more than decoder widths")
         if self.latent_grid:
             stages = self.lowres // self.latent_grid
             if self.lowres % self.latent_grid or stages & (stages - 1) or stages < 2:
@@ -105,6 +129,8 @@ def make_encoder(config: ModelConfig) -> nn.Module:
 
 
 def make_decoder(config: ModelConfig) -> nn.Module:
+    if config.conditioned:
+        return ConditionedDecoder(config)
     return SpatialDecoder(config) if config.latent_grid else Decoder(config)
 
 
@@ -249,6 +275,69 @@ class SpatialDecoder(_Decoding):
         return self.out(self.features(z))
 
 
+class ConditionedDecoder(nn.Module):
+    """(z [B, C, g, g, g], x [B, 1, P, P, P]) -> probability [B, 1, P, P, P]: the decoder that also sees the input.
+
+    ``logit = b + a (2 x - 1)`` with the trust ``a = softplus(.)`` and the bias ``b`` from the decoder's
+    head (see the module docstring); on the internal grid in training (:meth:`logits_lowres` with the pooled
+    input), at the patch grid with a and b upsampled trilinearly and the 1 mm input in :meth:`forward`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths, inputs = config.decoder_widths, config.input_widths
+        self.input_stem = nn.Sequential(nn.Conv3d(1, inputs[0], 3, 1, 1), _norm(inputs[0]), nn.GELU())
+        self.input_down = nn.ModuleList(
+            nn.Sequential(nn.Conv3d(a, b, 3, 2, 1), _norm(b), nn.GELU()) for a, b in zip(inputs[:-1], inputs[1:])
+        )
+        self.latent_in = nn.Conv3d(config.latent + inputs[-1], widths[0], 3, 1, 1)
+        self.blocks = nn.Sequential(*[_ResBlock(widths[0]) for _ in range(config.res_blocks)], _norm(widths[0]), nn.GELU())
+        # up to the internal grid: each stage a transposed convolution, then the input's features of that grid
+        # joined by a 3^3 convolution (1^3 on the internal grid itself, where a 3^3 one would cost 5 G FLOPs)
+        ups, fuses = [], []
+        chain = [*widths, inputs[0]]
+        for n in range(len(widths)):
+            cin, cout = chain[n], chain[n + 1]
+            ups.append(nn.ConvTranspose3d(cin, cout, 4, 2, 1))
+            skip = inputs[len(inputs) - 2 - n]
+            k = 1 if n == len(widths) - 1 else 3
+            fuses.append(
+                nn.Sequential(_norm(cout + skip), nn.GELU(), nn.Conv3d(cout + skip, cout, k, 1, k // 2), _norm(cout), nn.GELU())
+            )
+        self.ups, self.fuses = nn.ModuleList(ups), nn.ModuleList(fuses)
+        self.head = nn.Conv3d(inputs[0], 2, 1)
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():  # start by trusting the input: logit = 4 (2 x - 1)
+            self.head.bias.copy_(torch.tensor([math.log(math.expm1(4.0)), 0.0]))
+
+    def trust_and_bias(self, z: torch.Tensor, x_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a [B, 1, p, p, p] >= 0, b [B, 1, p, p, p]) on the internal grid (p = P / downsample)."""
+        features = [self.input_stem(x_low)]
+        for down in self.input_down:
+            features.append(down(features[-1]))
+        h = self.blocks(self.latent_in(torch.cat([z, features[-1]], dim=1)))
+        for n, (up, fuse) in enumerate(zip(self.ups, self.fuses, strict=True)):
+            h = fuse(torch.cat([up(h), features[len(features) - 2 - n]], dim=1))
+        head = self.head(h)
+        return F.softplus(head[:, :1]), head[:, 1:]
+
+    def logits_lowres(self, z: torch.Tensor, x_low: torch.Tensor) -> torch.Tensor:
+        """Logits on the internal grid [B, 1, p, p, p] from the pooled input ``x_low`` (soft occupancy)."""
+        a, b = self.trust_and_bias(z, x_low)
+        return b + a * (2.0 * x_low - 1.0)
+
+    def logits(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Logits on the patch grid [B, 1, P, P, P] from the 1 mm input ``x`` (a and b upsampled trilinearly)."""
+        d = self.config.downsample
+        a, b = self.trust_and_bias(z, F.avg_pool3d(x, d))
+        up = lambda m: F.interpolate(m, scale_factor=d, mode="trilinear", align_corners=False)  # noqa: E731
+        return up(b) + up(a) * (2.0 * x - 1.0)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(z, x))
+
+
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -374,6 +463,7 @@ def conv_flops(config: ModelConfig) -> dict[str, int]:
     convolutions and linear layers; normalisation and activations are left out).
     """
     model = VertebraModel(replace(config, kind="vae"))
+    x_low = torch.zeros(1, 1, *(config.lowres,) * 3)
     counts = {"encoder": 0, "decoder": 0}
     current = ["encoder"]
 
@@ -394,9 +484,9 @@ def conv_flops(config: ModelConfig) -> dict[str, int]:
     ]
     try:
         with torch.no_grad():
-            mu, _ = model.encoder.forward_lowres(torch.zeros(1, 1, *(config.lowres,) * 3))
+            mu, _ = model.encoder.forward_lowres(x_low)
             current[0] = "decoder"
-            model.decoder.logits_lowres(mu)
+            model.decoder.logits_lowres(mu, x_low) if config.conditioned else model.decoder.logits_lowres(mu)
     finally:
         for handle in handles:
             handle.remove()

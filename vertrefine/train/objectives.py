@@ -76,13 +76,32 @@ def reverse_step_langevin(
     return y
 
 
+def decoder_input(x: torch.Tensor, dropout: float, generator: torch.Generator) -> torch.Tensor:
+    """What a conditioned decoder sees of the inputs ``x`` [B, 1, p, p, p]: each row emptied with probability
+    ``dropout`` (so the latent alone must hold its shape), else ``x`` itself."""
+    if dropout <= 0:
+        return x
+    keep = torch.rand(x.shape[0], generator=generator, device=x.device) >= dropout
+    return x * _rows(keep.to(x.dtype), x)
+
+
 def _elbo_terms(
-    model: VertebraModel, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+    model: VertebraModel,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    generator: torch.Generator,
+    input_dropout: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z0 sample, mu, reconstruction BCE per voxel, KL per voxel), both terms averaged over the batch."""
+    """(z0 sample, mu, reconstruction BCE per voxel, KL per voxel), both terms averaged over the batch.
+
+    A conditioned decoder (:class:`vertrefine.train.models.ConditionedDecoder`) also gets the input ``x``
+    (:func:`decoder_input`: rows emptied with probability ``input_dropout``)."""
     mu, logvar = model.encoder.forward_lowres(x)
     z0 = mu + torch.exp(0.5 * logvar) * _randn(mu.shape, mu, generator)
-    logits = model.decoder.logits_lowres(z0)
+    if model.config.conditioned:
+        logits = model.decoder.logits_lowres(z0, decoder_input(x, input_dropout, generator))
+    else:
+        logits = model.decoder.logits_lowres(z0)
     recon = F.binary_cross_entropy_with_logits(logits, target)
     voxels = target[0].numel()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1).mean() / voxels
@@ -100,17 +119,19 @@ class Objective:
         *,
         kl_weight: float = 1.0,
         energy_l2: float = 1e-3,
+        input_dropout: float = 0.0,
     ) -> None:
         self.model = model
         self.schedule = schedule
         self.langevin = langevin
         self.kl_weight = kl_weight
         self.energy_l2 = energy_l2
+        self.input_dropout = input_dropout
 
     def __call__(
         self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        _, _, recon, kl = _elbo_terms(self.model, x, target, generator)
+        _, _, recon, kl = _elbo_terms(self.model, x, target, generator, self.input_dropout)
         loss = recon + self.kl_weight * kl
         return loss, {"loss": loss.item(), "recon": recon.item(), "kl": kl.item()}
 
@@ -138,7 +159,7 @@ class LsdEbmObjective(Objective):
     def __call__(
         self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        z0, _, recon, kl = _elbo_terms(self.model, x, target, generator)
+        z0, _, recon, kl = _elbo_terms(self.model, x, target, generator, self.input_dropout)
         elbo_loss = recon + self.kl_weight * kl
 
         if self.energy_on_clean and x is not target and not torch.equal(x, target):
@@ -232,11 +253,12 @@ def make_objective(
     kl_weight: float = 1.0,
     energy_l2: float = 1e-3,
     energy_on_clean: bool = True,
+    input_dropout: float = 0.0,
 ) -> Objective:
-    """The objective of ``model.config.kind`` (``energy_on_clean``: see :class:`LsdEbmObjective`)."""
+    """The objective of ``model.config.kind`` (``energy_on_clean``: see :class:`LsdEbmObjective`;
+    ``input_dropout``: a conditioned decoder's, :func:`decoder_input`)."""
+    common = dict(kl_weight=kl_weight, energy_l2=energy_l2, input_dropout=input_dropout)
     if model.config.kind == "lsd-ebm":
-        return LsdEbmObjective(
-            model, schedule, langevin, kl_weight=kl_weight, energy_l2=energy_l2, energy_on_clean=energy_on_clean
-        )
+        return LsdEbmObjective(model, schedule, langevin, energy_on_clean=energy_on_clean, **common)
     cls = {"vae": Objective, "lebm": LebmObjective}[model.config.kind]
-    return cls(model, schedule, langevin, kl_weight=kl_weight, energy_l2=energy_l2)
+    return cls(model, schedule, langevin, **common)

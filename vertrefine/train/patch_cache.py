@@ -72,6 +72,8 @@ INDEX_NAME = "index.json"
 SHARDS = "shards"
 DEGRADE_AXES = ("sagittal", "axial", "coronal")
 DEGRADE_SLICE_MM = (3.0, 7.0)
+CLEAN_SLABS = dict(boundary_amplitude_mm=0.0, threshold_jitter=0.0, posterior_loss_mm=0.0, truncation=0.0, islands=0.0)
+""":func:`vertrefine.degrade.degrade` settings of a clean thick-slice variant: partial volume thresholded at 0.5."""
 _ARRAYS = ("lowres", "masks", "degraded")
 BIDS_MASK = re.compile(r"_seg-vert_msk\.nii(\.gz)?$", re.IGNORECASE)
 """File names of VerSe's vertebra masks in its BIDS layout."""
@@ -241,6 +243,7 @@ def build_patch_cache(
     cache_dir: str | Path,
     *,
     degraded_variants: int = 0,
+    clean_variants: int = 0,
     seed: int = 0,
     min_voxels: int = 1000,
     drop_cut: bool = True,
@@ -258,6 +261,10 @@ def build_patch_cache(
         cache_dir: where the cache lives (created; reused and updated when it exists).
         degraded_variants: thick-slice variants stored per patch (0 = none); each has a random slice
             axis (sagittal, axial, coronal) and thickness (3-7 mm), seeded by ``(seed, case, variant)``.
+        clean_variants: how many of those variants (the first ones) are clean thick slices: each slab's
+            partial volume thresholded at 0.5 and nothing else (no boundary error, lost parts or islands),
+            what a good segmentation of a thick-slice MRI gives; the others have every error of
+            :func:`vertrefine.degrade.degrade`.
         seed: seed of the variants (ignored, and not part of the key, when there are none).
         min_voxels: instances smaller than this (1 mm voxels) are left out (fragments, tiny labels).
         drop_cut: leave out instances touching the edge of the scan's field of view in cases with more
@@ -273,6 +280,8 @@ def build_patch_cache(
     cache_dir = Path(cache_dir)
     if degraded_variants < 0 or seed < 0 or workers < 1:
         raise ValueError("degraded_variants and seed must be non-negative and workers positive")
+    if not 0 <= clean_variants <= degraded_variants:
+        raise ValueError("clean_variants must be from 0 to degraded_variants")
     data_dir = folders[0] if len(folders) == 1 else Path(", ".join(str(f) for f in folders))
     cases = [case for folder in folders for case in find_training_cases(folder)]
     if not cases:
@@ -292,6 +301,8 @@ def build_patch_cache(
         "drop_cut": bool(drop_cut),
         "exclude_labels": sorted(int(v) for v in exclude_labels),
     }
+    if clean_variants:  # only then part of the key: caches built before the option stay valid
+        params["clean_variants"] = int(clean_variants)
     cache_dir.mkdir(parents=True, exist_ok=True)
     shard_dir = cache_dir / SHARDS
     shard_dir.mkdir(exist_ok=True)
@@ -432,7 +443,8 @@ def _patches_of(
             variants.append((axis, slice_mm))
             # as refine sees a clinic's thick-slice segmentation: on its native grid, then put on the 1 mm
             # working grid by the same label-aware resampling
-            native = degrade(instances_volume, slice_mm=slice_mm, axis=axis, seed=degrade_seed, native=True)
+            noise = CLEAN_SLABS if v < params.get("clean_variants", 0) else {}
+            native = degrade(instances_volume, slice_mm=slice_mm, axis=axis, seed=degrade_seed, native=True, **noise)
             damaged = spatial.resample_labels(native, working.geometry).array
             for n, (inst, box, _) in enumerate(crops):
                 degraded[n, v] = block_mean(spatial.crop(damaged, box) == inst.instance_id)
