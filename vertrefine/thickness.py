@@ -11,7 +11,8 @@ foreground's bounding box):
 
 1. For each pair of neighbouring planes ``n - 1, n`` along ``a``: ``changed[n]``, the voxels whose label
    differs between them, and ``foreground[n]``, the larger of the two planes' non-zero voxel counts.
-2. The pair is a *step* when ``changed[n] > max(NOISE_VOXELS, NOISE_FRACTION * foreground[n])``: small
+2. The pair is a *step* when ``changed[n]`` exceeds ``NOISE_VOXELS``, ``NOISE_FRACTION * foreground[n]`` and
+   ``RELATIVE_STEP`` times the 90th percentile of ``changed`` over the pairs holding foreground: small
    differences (an island, a few noisy voxels inside a slab) are not steps. A step lies on the boundary
    plane at continuous index ``n - 0.5`` (voxel-centre coordinates).
 3. Fewer than :data:`MIN_STEPS` steps, or steps on more than :data:`MAX_STEP_DENSITY` of the pairs
@@ -19,8 +20,10 @@ foreground's bounding box):
 4. A first period from the gaps between steps: the most common gap ``g`` (at least 2 voxels), blended with
    ``g + 1`` or ``g - 1`` when that is common too (a period that is not a whole number of voxels, e.g. 5 mm
    slabs on 0.8 mm voxels give gaps of 6 and 7).
-5. The lattice ``phase + m * period`` (m whole) that holds the most steps within :data:`TOLERANCE_VOXELS`
-   (nearest-neighbour rounding moves a boundary by up to half a voxel; at most a quarter period): periods within
+5. The lattice ``phase + m * period`` (m whole) that best holds the steps within :data:`TOLERANCE_VOXELS`
+   (nearest-neighbour rounding moves a boundary by up to half a voxel; at most a quarter period; one step
+   per boundary, the nearest: the others are noise; scored by the steps it holds times the fraction of its
+   boundaries between the first and last step that hold one, so half the period scores half): periods within
    :data:`PERIOD_SEARCH` of the first one in steps of 0.002 voxel, each with its phase from the circular
    mean of the steps' positions, then a least-squares fit of phase and period to those inlier steps.
 6. Accepted when the period is at least :data:`MIN_PERIOD` voxels, at least :data:`MIN_PRECISION` of the
@@ -45,7 +48,10 @@ from .volume import Geometry, Volume
 NOISE_VOXELS = 2
 """A pair of planes differing in at most this many voxels is not a step (noise, the tip of an island)."""
 NOISE_FRACTION = 0.002
-"""... nor one differing in at most this fraction of the larger plane's foreground."""
+"""... nor one differing in at most this fraction of the larger plane's foreground ..."""
+RELATIVE_STEP = 0.05
+"""... nor one differing in at most this fraction of the 90th percentile of the differences along the axis
+(islands and noisy planes change a few voxels, a slab boundary through a spine hundreds)."""
 MIN_STEPS = 4
 """Fewer steps on the lattice than this: no staircase (three points fit many lattices)."""
 MAX_STEP_DENSITY = 0.7
@@ -61,6 +67,11 @@ MIN_PRECISION = 0.8
 """At least this fraction of the steps must lie on the lattice (the others are noisy planes)."""
 MIN_RECALL = 0.5
 """At least this fraction of the lattice's boundaries inside the foreground must hold a step."""
+THICK_MM = 1.6
+"""A staircase at least this thick (mm) makes a label map a thick-slice one (:attr:`SliceThickness.thick`,
+what refine acts on). Thinner ones are found too, but their labels are as fine as a CT's: automatic CT
+segmentations made at 1.5 mm and written on the CT's finer grid are 1.5 mm staircases in-plane (two of the
+real CT maps, docs/BENCHMARKS.md "Effective slice thickness")."""
 
 
 @dataclass(frozen=True)
@@ -106,27 +117,42 @@ class SliceThickness:
     """Per array axis (k, j, i) the staircase, or None where the labels are as fine as the grid."""
 
     @property
+    def thick(self) -> tuple[Staircase | None, Staircase | None, Staircase | None]:
+        """:attr:`staircases` at least :data:`THICK_MM` thick (the others None): the axes on which the map is
+        a thick-slice segmentation."""
+        kept = [s if s is not None and s.thickness_mm >= THICK_MM else None for s in self.staircases]
+        return (kept[0], kept[1], kept[2])
+
+    @property
     def detected(self) -> bool:
-        """True when any axis is a staircase."""
-        return any(s is not None for s in self.staircases)
+        """True when any axis is a thick staircase (:attr:`thick`)."""
+        return any(s is not None for s in self.thick)
+
+    @property
+    def detected_ijk(self) -> tuple[bool, bool, bool]:
+        """Per index axis (i, j, k): whether it is a thick staircase (:attr:`thick`)."""
+        found = [s is not None for s in self.thick]
+        return (found[2], found[1], found[0])
 
     @property
     def spacing_ijk_mm(self) -> tuple[float, float, float]:
-        """The effective spacing (mm) along index axes (i, j, k): the slab thickness where an axis is a
-        staircase, the grid's spacing elsewhere (the order of :attr:`vertrefine.volume.Geometry.spacing`)."""
+        """The effective spacing (mm) along index axes (i, j, k): the slab thickness where an axis is a thick
+        staircase (:attr:`thick`), the grid's spacing elsewhere (the order of
+        :attr:`vertrefine.volume.Geometry.spacing`)."""
         spacing = list(self.geometry.spacing)
-        for s in self.staircases:
+        for s in self.thick:
             if s is not None:
                 spacing[2 - s.axis] = s.thickness_mm
         return (spacing[0], spacing[1], spacing[2])
 
     def describe(self) -> str:
-        """One line: 'labels change only every 5 mm along array axis k (z) (5 voxels of 1 mm; ...)'."""
+        """One line: 'labels change only every 5 mm along array axis k (z) (5 voxels of 1 mm)' for the thick
+        staircases (:attr:`thick`)."""
         names = ("k (z)", "j (y)", "i (x)")
         parts = [
             f"every {s.thickness_mm:.3g} mm along array axis {names[s.axis]} "
             f"({s.period:.3g} voxels of {self.geometry.spacing[2 - s.axis]:g} mm)"
-            for s in self.staircases
+            for s in self.thick
             if s is not None
         ]
         return "labels change only " + "; ".join(parts) if parts else "labels as fine as the grid"
@@ -169,7 +195,10 @@ def staircase_of(changed: np.ndarray, foreground: np.ndarray, axis: int, spacing
     """The staircase along one axis from its plane changes (:func:`plane_changes`), or None (module
     docstring, steps 2-6). ``spacing_mm``: the grid's spacing along that axis."""
     holding = foreground > 0
-    threshold = np.maximum(NOISE_VOXELS, NOISE_FRACTION * foreground)
+    if not holding.any():
+        return None
+    typical = float(np.percentile(changed[holding], 90))
+    threshold = np.maximum(max(NOISE_VOXELS, RELATIVE_STEP * typical), NOISE_FRACTION * foreground)
     steps = np.flatnonzero(holding & (changed > threshold)) + 0.5  # boundary between planes n and n + 1
     if len(steps) < MIN_STEPS or len(steps) > MAX_STEP_DENSITY * np.count_nonzero(holding):
         return None
@@ -217,25 +246,27 @@ def _gap_period(gaps: np.ndarray) -> float | None:
 
 
 def _fit_lattice(steps: np.ndarray, first: float) -> tuple[float, float, np.ndarray]:
-    """(period, phase, inlier mask) of the lattice ``phase + m * period`` holding the most ``steps`` within
-    :func:`_tolerance`, for periods within :data:`PERIOD_SEARCH` of ``first`` (ties: the period nearest
+    """(period, phase, inlier mask) of the lattice ``phase + m * period`` that best holds ``steps`` (within
+    :func:`_tolerance`; the count held times the fraction of its boundaries held), for periods within :data:`PERIOD_SEARCH` of ``first`` (ties: the period nearest
     ``first``); refined by least squares on the inliers."""
-    best: tuple[int, float, float, float] = (-1, np.inf, first, 0.0)
+    best: tuple[float, float, float, float] = (-1.0, np.inf, first, 0.0)
+    span = float(steps[-1] - steps[0])
     for period in np.arange(max(first - PERIOD_SEARCH, 1.0), first + PERIOD_SEARCH, 0.002):
         phase = _circular_phase(steps, period)
-        count = int(np.count_nonzero(_residual(steps, period, phase) <= _tolerance(period)))
-        if (count, -abs(period - first)) > (best[0], -best[1]):
-            best = (count, abs(period - first), float(period), phase)
+        count = int(np.count_nonzero(_on_lattice(steps, period, phase)))
+        score = count * count / (span / period + 1.0)  # steps on it times the fraction of its boundaries held
+        if (score, -abs(period - first)) > (best[0], -best[1]):
+            best = (score, abs(period - first), float(period), phase)
     _, _, period, phase = best
     for _ in range(3):
-        inliers = _residual(steps, period, phase) <= _tolerance(period)
+        inliers = _on_lattice(steps, period, phase)
         if inliers.sum() < 2:
             break
         m = np.rint((steps[inliers] - phase) / period)
         if np.ptp(m) == 0:
             break
         period, phase = (float(v) for v in np.polyfit(m, steps[inliers], 1))
-    return period, phase, _residual(steps, period, phase) <= _tolerance(period)
+    return period, phase, _on_lattice(steps, period, phase)
 
 
 def _tolerance(period: float) -> float:
@@ -256,6 +287,18 @@ def _residual(steps: np.ndarray, period: float, phase: float) -> np.ndarray:
     return np.abs(offset - np.rint(offset)) * period
 
 
+def _on_lattice(steps: np.ndarray, period: float, phase: float) -> np.ndarray:
+    """bool [len(steps)]: the steps on the lattice: within :func:`_tolerance` of a boundary, and of the steps
+    near one boundary only the nearest (a band wider than a voxel may hold two)."""
+    residual = _residual(steps, period, phase)
+    near = residual <= _tolerance(period)
+    boundary = np.rint((steps - phase) / period)
+    order = np.lexsort((residual, boundary))  # by boundary, nearest first
+    first = np.ones(len(steps), bool)
+    first[order[1:]] = boundary[order[1:]] != boundary[order[:-1]]
+    return near & first
+
+
 def detect_slices(volume: Volume) -> SliceThickness:
     """The effective slice thickness of a label map along each array axis (module docstring).
 
@@ -269,13 +312,14 @@ def detect_slices(volume: Volume) -> SliceThickness:
 
 
 def coarse_volume(volume: Volume, thickness: SliceThickness) -> Volume:
-    """The equivalent native thick-slice label map: along each staircase axis one voxel per slab whose centre
+    """The equivalent native thick-slice label map: along each thick staircase axis (:attr:`SliceThickness.thick`)
+    one voxel per slab whose centre
     lies inside the array (:meth:`Staircase.centres`), its label sampled at the voxel nearest the slab's centre;
     other axes as they are.
 
     The grid keeps ``volume``'s direction; its spacing along a staircase axis is the slab thickness and its
     voxel centres are the slab centres, so each slab's label sits where the thick slice lay. ``source`` is
-    kept. Returns ``volume`` itself when no axis is a staircase.
+    kept. Returns ``volume`` itself when no axis is a thick staircase.
     """
     if not thickness.detected:
         return volume
@@ -283,7 +327,7 @@ def coarse_volume(volume: Volume, thickness: SliceThickness) -> Volume:
     index: list[np.ndarray] = []
     first_centre = [0.0, 0.0, 0.0]  # continuous array index (k, j, i) of the new voxel (0, 0, 0)
     spacing = list(volume.geometry.spacing)
-    for axis, stair in enumerate(thickness.staircases):
+    for axis, stair in enumerate(thickness.thick):
         if stair is None:
             index.append(np.arange(shape[axis]))
             continue
