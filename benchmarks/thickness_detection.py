@@ -15,7 +15,8 @@ staircase (except, on the 0.6 / 0.8 mm grids, the native grid's own voxels where
 more: a staircase too), and for a native map when no axis is a staircase of 1.6 mm or more (``THICK_MM``,
 what refine acts on; automatic labels made at 1.5 mm and written on a finer CT grid are staircases of that
 size).
-A slab thinner than 1.8 voxels (2 mm on the 1.25 mm grid) is expected to give none (``MIN_PERIOD``). The table and the summary go to stdout (and ``--markdown``).
+A slab thinner than 1.8 voxels (2 mm on the 1.25 mm grid) is expected to give none (``MIN_PERIOD``). The
+table and the summary go to stdout (and ``--markdown``).
 """
 
 from __future__ import annotations
@@ -159,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             thick = coarse(volume, axis, 5.0)
             for grid in FINE_GRIDS_MM:
                 fine = resample_labels(thick, output_geometry(thick.geometry, grid), method="nearest")
-                # the other axes: the native grid's own voxels, a staircase too when 2 or more fine voxels thick
-                want = {a: thick.geometry.spacing[2 - a] for a in range(3) if thick.geometry.spacing[2 - a] / grid >= MIN_PERIOD}
+                # the other axes: the native grid's own voxels, a staircase too when MIN_PERIOD fine voxels or more
+                native = [thick.geometry.spacing[2 - a] for a in range(3)]
+                want = {a: s for a, s in enumerate(native) if s / grid >= MIN_PERIOD}
                 check(name, f"5 mm along {AXES[axis]}, nearest onto {grid:g} mm", fine, want)
     passed = sum(ok for *_, ok in rows)
     summary = f"{passed} of {len(rows)} rows as expected"
