@@ -248,8 +248,8 @@ def _gap_period(gaps: np.ndarray) -> float | None:
 def _fit_lattice(steps: np.ndarray, first: float) -> tuple[float, float, np.ndarray]:
     """(period, phase, inlier mask) of the lattice ``phase + m * period`` that best holds ``steps`` (within
     :func:`_tolerance`; the count held times the fraction of its boundaries held), for periods within
-    :data:`PERIOD_SEARCH` of ``first`` (ties: the period nearest
-    ``first``); refined by least squares on the inliers."""
+    :data:`PERIOD_SEARCH` of ``first`` (ties: the period nearest ``first``); refined by least squares on the
+    inliers."""
     best: tuple[float, float, float, float] = (-1.0, np.inf, first, 0.0)
     span = float(steps[-1] - steps[0])
     for period in np.arange(max(first - PERIOD_SEARCH, 1.0), first + PERIOD_SEARCH, 0.002):
