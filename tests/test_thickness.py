@@ -87,6 +87,17 @@ def test_the_thick_grid_is_rebuilt_from_its_staircase_voxel_for_voxel(spine):
     np.testing.assert_array_equal(rebuilt.array, thick.array)
 
 
+@pytest.mark.parametrize(("axis", "array_axis"), [("sagittal", 2), ("coronal", 1), ("axial", 0)])
+def test_degrade_written_on_the_input_grid_is_read_as_its_slices(spine, axis, array_axis):
+    """``vertrefine degrade`` without --native writes its 5 mm simulation on the input's 1 mm grid (with
+    boundary noise, islands, a random slab phase of a fraction of a voxel)."""
+    from vertrefine.degrade import degrade
+
+    stairs = detect_slices(degrade(spine, slice_mm=5, axis=axis, seed=3)).staircases
+    assert stairs[array_axis] is not None and stairs[array_axis].thickness_mm == pytest.approx(5.0, abs=0.02)
+    assert sum(s is not None for s in stairs) == 1
+
+
 def test_islands_and_a_noisy_plane_do_not_hide_the_staircase(spine):
     array = staircase(spine, 0, 5).array.copy()
     rng = np.random.default_rng(0)
