@@ -9,12 +9,12 @@ label map (one voxel per slab), so refine treats the input as the thick-slice se
 The algorithm, per array axis ``a`` (axes ``[z, y, x]`` = ``[k, j, i]``; steps 1-2 in one pass over the
 foreground's bounding box):
 
-1. For each pair of neighbouring planes ``n - 1, n`` along ``a``: ``changed[n]``, the voxels whose label
+1. For each pair of neighbouring planes ``n, n + 1`` along ``a``: ``changed[n]``, the voxels whose label
    differs between them, and ``foreground[n]``, the larger of the two planes' non-zero voxel counts.
 2. The pair is a *step* when ``changed[n]`` exceeds ``NOISE_VOXELS``, ``NOISE_FRACTION * foreground[n]`` and
    ``RELATIVE_STEP`` times the 90th percentile of ``changed`` over the pairs holding foreground: small
    differences (an island, a few noisy voxels inside a slab) are not steps. A step lies on the boundary
-   plane at continuous index ``n - 0.5`` (voxel-centre coordinates).
+   plane at continuous index ``n + 0.5`` (voxel-centre coordinates).
 3. Fewer than :data:`MIN_STEPS` steps, or steps on more than :data:`MAX_STEP_DENSITY` of the pairs
    holding foreground (a smooth shape changes on nearly every plane): no staircase.
 4. A first period from the gaps between steps: the most common gap ``g`` (at least 2 voxels), blended with
@@ -34,7 +34,8 @@ foreground's bounding box):
 The thresholds were chosen on the real CT label maps (``benchmarks/thickness_detection.py``, table in
 docs/BENCHMARKS.md "Effective slice thickness"): every staircase made from them by slab majority or nearest
 neighbour (2-7 mm, each axis, 1 mm and 0.6 / 0.8 mm grids, with and without islands) is found with its
-thickness, and the native maps (1 mm, 0.3 x 0.3 x 1.25 mm, 2-5 mm native thick grids) give none.
+thickness, and the native maps (1 mm, 0.3 x 0.3 x 1.25 mm, 2-5 mm native thick grids) give no staircase of
+:data:`THICK_MM` or more. Cost: one pass over the foreground's box (0.35 s for 56 M voxels here).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ MIN_STEPS = 4
 MAX_STEP_DENSITY = 0.7
 """Steps on more than this fraction of the plane pairs holding foreground: a smooth shape, no staircase."""
 MIN_PERIOD = 1.8
-"""The shortest period (voxels) reported. A period below 2 voxels leaves most planes steps, like a smooth
-shape; such a staircase is at most twice the grid's spacing, which refine treats as fine anyway."""
+"""The shortest period (voxels) reported. Below 2 voxels most planes are steps, as on a smooth shape, and
+rounding jitter is as large as the gaps, so shorter periods are not told apart reliably (2 mm slabs on a
+1.25 mm axis are not reported; on a 1 mm grid such a staircase is finer than :data:`THICK_MM`)."""
 TOLERANCE_VOXELS = 0.6
 """A step within this distance (voxels) of a lattice boundary lies on it (rounding moves it up to 0.5)."""
 PERIOD_SEARCH = 0.6
@@ -155,7 +157,7 @@ class SliceThickness:
             for s in self.thick
             if s is not None
         ]
-        return "labels change only " + "; ".join(parts) if parts else "labels as fine as the grid"
+        return "labels change only " + "; ".join(parts) if parts else f"no staircase of {THICK_MM:g} mm or more in the labels"
 
 
 def plane_changes(array: np.ndarray, chunk: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
