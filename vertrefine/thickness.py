@@ -157,7 +157,9 @@ class SliceThickness:
             for s in self.thick
             if s is not None
         ]
-        return "labels change only " + "; ".join(parts) if parts else f"no staircase of {THICK_MM:g} mm or more in the labels"
+        if not parts:
+            return f"no staircase of {THICK_MM:g} mm or more in the labels"
+        return "labels change only " + "; ".join(parts)
 
 
 def plane_changes(array: np.ndarray, chunk: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
