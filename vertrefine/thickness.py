@@ -325,7 +325,8 @@ def coarse_volume(volume: Volume, thickness: SliceThickness) -> Volume:
     The grid keeps ``volume``'s direction; its spacing along a staircase axis is the slab thickness and its
     voxel centres are the slab centres, so each slab's label sits where the thick slice lay (to within half
     a fine voxel: a boundary stored on the fine grid lies on a voxel face, wherever the slab's edge was).
-    Slabs whose centre lies outside the array (a partial slab at an edge) are left out. ``source`` is kept. Returns ``volume`` itself when no axis is a thick staircase.
+    Slabs whose centre lies outside the array (a partial slab at an edge) are left out. ``source`` is kept.
+    Returns ``volume`` itself when no axis is a thick staircase.
     """
     if not thickness.detected:
         return volume
