@@ -107,3 +107,14 @@ def test_refine_does_not_make_a_clean_thick_phantom_worse(lsd, clean_thick):
     before = [_dsc(given == label, truth.array == label) for label in (21, 22, 23)]
     after = _per_vertebra_dsc(lsd, truth, thick)
     assert all(a >= b - 0.005 for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_a_thick_staircase_stored_on_the_1mm_grid_is_projected_onto_its_slabs(lsd, clean_thick):
+    truth, _ = clean_thick
+    staircase = degrade(truth, slice_mm=5, axis="sagittal", seed=4, **NOISE_FREE)  # on the truth's 1 mm grid
+    result = lsd(staircase, seed=0)
+    assert all(v.consistency_ml is not None for v in result.vertebrae)
+    back = result.labels.array
+    given = staircase.array
+    for label in (21, 22, 23):
+        assert _dsc(back == label, truth.array == label) >= _dsc(given == label, truth.array == label) - 0.005

@@ -260,6 +260,11 @@ class FineInputs(str, Enum):
     refine = "refine"
 
 
+class SliceDetection(str, Enum):
+    auto = "auto"
+    off = "off"
+
+
 def _choices(name: str, values: tuple[str, ...]) -> Any:
     """An Enum of option values for typer, from the one tuple that defines them ('lsd-ebm' -> .lsd_ebm)."""
     return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
@@ -407,6 +412,14 @@ def refine(
             "with a warning (refinement measured no better than such inputs), refine refines it anyway."
         ),
     ] = FineInputs.keep,
+    slice_detection: Annotated[
+        SliceDetection,
+        typer.Option(
+            help="auto: a thick-slice segmentation stored on a finer grid (labels that change only every few "
+            "planes along an axis) is refined as the thick slices it holds, and written on its own grid; off: "
+            "the header's spacing decides.",
+        ),
+    ] = SliceDetection.auto,
     spacing: Annotated[
         str,
         typer.Option(
@@ -490,6 +503,7 @@ def refine(
         on_disagree=on_disagree.value,
         fine_inputs=fine_inputs.value,
         consistency=consistency.value,
+        slice_detection=slice_detection.value,
     )
     if refiner.note:
         err.print(f"[yellow]note:[/] {refiner.note}", highlight=False)

@@ -59,6 +59,7 @@ from .spatial import (
     uncrop_from_frame,
     working_geometry,
 )
+from .thickness import SliceThickness, coarse_volume, detect_slices
 from .volume import Geometry, Volume
 
 OUTPUT_SPACING_MM = (0.25, 5.0)
@@ -78,9 +79,11 @@ the input grid hold the vertebra exactly where the input shows it (:func:`vertre
 FINE_INPUTS = ("keep", "refine")
 """What refine does with an input no coarser than FINE_INPUT_MAX_MM (RefineOptions.fine_inputs)."""
 FINE_INPUT_REASON = (
-    "input no coarser than {limit:g} mm (coarsest spacing {spacing:g} mm), where refinement measured no better "
+    "input no coarser than {limit:g} mm ({what} {spacing:g} mm), where refinement measured no better "
     "than the input (docs/BENCHMARKS.md, Fine inputs); --fine-inputs refine refines it anyway"
 )
+SLICE_DETECTION = ("auto", "off")
+"""Whether refine reads the effective slice thickness from the labels (RefineOptions.slice_detection)."""
 
 MIN_AGREEMENT = 0.6
 """Default --min-agreement (DSC on the input grid). What the true shape scores against simulated thick-slice
@@ -143,6 +146,11 @@ class RefineOptions:
     input shows them, with a warning (refinement measured no better than such inputs; on the output grid by
     nearest neighbour, i.e. on 1 mm when coarser than :data:`vertrefine.spatial.COARSE_SPACING_MM`),
     'refine' refines them (unguided up to COARSE_SPACING_MM: every input voxel is then a slab of about 1 mm)."""
+    slice_detection: str = "auto"
+    """'auto': a label map whose labels change only every few planes along an axis (a thick-slice segmentation
+    stored on a finer grid, :func:`vertrefine.thickness.detect_slices`) is refined as the thick-slice map it
+    is (:func:`vertrefine.thickness.coarse_volume`: the fine-input rule, the working grid's labels and the
+    slab observations use the slabs; the output stays on the input's grid); 'off': the header's spacing only."""
 
     def __post_init__(self) -> None:
         if isinstance(self.labels, str):  # the command line's spelling: '20-24', 'L1-L5'
@@ -161,6 +169,10 @@ class RefineOptions:
             raise ValueError(f"consistency must be one of {', '.join(CONSISTENCY)}, got {self.consistency!r}")
         if self.fine_inputs not in FINE_INPUTS:
             raise ValueError(f"fine_inputs must be one of {', '.join(FINE_INPUTS)}, got {self.fine_inputs!r}")
+        if self.slice_detection not in SLICE_DETECTION:
+            raise ValueError(
+                f"slice_detection must be one of {', '.join(SLICE_DETECTION)}, got {self.slice_detection!r}"
+            )
         if self.on_disagree not in ON_DISAGREE:
             raise ValueError(f"on_disagree must be one of {', '.join(ON_DISAGREE)}, got {self.on_disagree!r}")
         if isinstance(self.spacing, str) and self.spacing not in ("auto", "input"):
@@ -204,6 +216,43 @@ class PreparedCase:
     """The numbering the input's label ids were read in (which are vertebrae, of which level)."""
     scheme_note: str = ""
     """One line saying which numbering was used and why (:func:`vertrefine.labels.choose_scheme`)."""
+    thickness: SliceThickness | None = None
+    """What :func:`vertrefine.thickness.detect_slices` found in the labels (None: ``slice_detection='off'``)."""
+    slabs: Volume | None = None
+    """The equivalent thick-slice label map (:func:`vertrefine.thickness.coarse_volume`) when the labels are a
+    thick-slice segmentation stored on a finer grid; None: the input's own grid is what it shows."""
+
+    @property
+    def observed(self) -> Volume:
+        """The grid the input's labels were really drawn on: :attr:`slabs`, else :attr:`volume`."""
+        return self.volume if self.slabs is None else self.slabs
+
+    @property
+    def effective_spacing_ijk_mm(self) -> tuple[float, float, float]:
+        """Spacing (mm) along index axes (i, j, k) of the grid the labels were drawn on (:attr:`observed`): the
+        slab thickness along an axis read from the labels, the header's spacing elsewhere."""
+        return self.observed.geometry.spacing
+
+    @property
+    def thickness_detected_ijk(self) -> tuple[bool, bool, bool]:
+        """Per index axis (i, j, k): whether its spacing in :attr:`effective_spacing_ijk_mm` was read from the
+        labels (a thick staircase, :attr:`slabs`) rather than the header."""
+        if self.slabs is None or self.thickness is None:
+            return (False, False, False)
+        return self.thickness.detected_ijk
+
+    @property
+    def thickness_note(self) -> str:
+        """One line for the console when the labels are thicker than the header says ('' otherwise)."""
+        if self.slabs is None or self.thickness is None:
+            return ""
+        header = "x".join(f"{v:g}" for v in self.volume.geometry.spacing)
+        effective = "x".join(f"{v:.3g}" for v in self.effective_spacing_ijk_mm)
+        return (
+            f"effective slice thickness from the labels: {effective} mm (header {header} mm; "
+            f"{self.thickness.describe()}); refined as a thick-slice segmentation, written on the input's grid "
+            "(--slice-detection off reads the header only)"
+        )
 
 
 @dataclass
@@ -339,13 +388,19 @@ def _named_non_vertebra(scheme: LabelScheme, label: int) -> bool:
 def prepare_case(
     volume: Volume, sessions: BundleSessions, options: RefineOptions, status: Status = _quiet
 ) -> PreparedCase:
-    """Resample to the bundle's working grid, find the vertebrae, crop 128^3 patches and encode them."""
+    """Resample to the bundle's working grid, find the vertebrae, crop 128^3 patches and encode them.
+
+    A thick-slice segmentation stored on a finer grid (``options.slice_detection``, :func:`_slabs_of`) is
+    read as its slabs: the working grid (that of ``volume``) gets the slabs' labels, and the fine-input rule,
+    guidance and the slab observations use the slabs' spacing."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     status("resample")
     bundle = sessions.bundle
+    thickness, slabs = _slabs_of(volume, options)
+    seen = volume if slabs is None else slabs  # the grid the labels were drawn on
     working_grid = working_geometry(volume.geometry, bundle.spacing)
-    working = resample_labels(volume, working_grid)
+    working = resample_labels(seen, working_grid)
     scheme, scheme_note = label_scheme_of(volume, options.label_scheme)
     instance_array, instances = find_instances(working, split=scheme.binary)
     chosen = refined_instances(instances, options.labels, scheme)
@@ -359,9 +414,10 @@ def prepare_case(
             volume.source.path, problem, "pass --label-scheme with the file's numbering, or correct its orientation"
         )
     chosen, passed_through = _plausible(chosen, instance_array, working_grid, scheme)
-    coarsest = max(volume.geometry.spacing)
+    coarsest = max(seen.geometry.spacing)
     if options.fine_inputs == "keep" and coarsest <= FINE_INPUT_MAX_MM + SPACING_TOLERANCE_MM:
-        reason = FINE_INPUT_REASON.format(limit=FINE_INPUT_MAX_MM, spacing=coarsest)
+        what = "coarsest spacing" if slabs is None else "effective slice thickness from the labels"
+        reason = FINE_INPUT_REASON.format(limit=FINE_INPUT_MAX_MM, what=what, spacing=round(coarsest, 3))
         passed_through += [(inst, reason) for inst in chosen]
         chosen = []
     seconds["resample"] = time.perf_counter() - start
@@ -381,14 +437,14 @@ def prepare_case(
             patches = np.zeros((0, *(bundle.patch,) * 3), np.uint8)
     seconds["encode"] = time.perf_counter() - start
     observations: list[SlabObservation | None] = []
-    if _guided(options, volume):
+    if _guided(options, seen):
         start = time.perf_counter()
-        # what each input voxel shows: its label, or for a binary mask its vertebra instance (nearest)
-        shown = volume.array
+        # what each input voxel (slab) shows: its label, or for a binary mask its vertebra instance (nearest)
+        shown = seen.array
         if from_mask:
-            shown = resample_labels(Volume(instance_array, working_grid), volume.geometry, method="nearest").array
+            shown = resample_labels(Volume(instance_array, working_grid), seen.geometry, method="nearest").array
         for inst, (box, _), rotation in zip(chosen, cropped, rotations, strict=True):
-            affine = patch_to_input_index(working_grid, box.start, rotation, bundle.patch, volume.geometry)
+            affine = patch_to_input_index(working_grid, box.start, rotation, bundle.patch, seen.geometry)
             value = inst.instance_id if from_mask else inst.label
             observations.append(observe(affine, shown, value, bundle.patch))
         seconds["observe"] = time.perf_counter() - start
@@ -407,7 +463,25 @@ def prepare_case(
         seconds=seconds,
         scheme=scheme,
         scheme_note=scheme_note,
+        thickness=thickness,
+        slabs=slabs,
     )
+
+
+def _slabs_of(volume: Volume, options: RefineOptions) -> tuple[SliceThickness | None, Volume | None]:
+    """(what the labels show of their slice thickness, the equivalent thick-slice map or None).
+
+    With ``options.slice_detection == 'auto'``: :func:`vertrefine.thickness.detect_slices`, and when an axis is
+    a thick staircase coarser than the header's coarsest spacing (a native thick grid says so itself),
+    :func:`vertrefine.thickness.coarse_volume`.
+    """
+    if options.slice_detection == "off":
+        return None, None
+    thickness = detect_slices(volume)
+    coarsest = max(volume.geometry.spacing) + SPACING_TOLERANCE_MM
+    if not any(s is not None and s.thickness_mm > coarsest for s in thickness.thick):
+        return thickness, None
+    return thickness, coarse_volume(volume, thickness)
 
 
 def _nothing_to_refine(
@@ -624,7 +698,8 @@ def finish_case(
     for v in vertebrae:  # specks of a result are dropped; a result in several large pieces is flagged below
         v.pieces_ml = [round(n * voxel_ml, 2) for n in _drop_specks(after, v)]
     input_ids = _input_instance_ids(prepared)
-    observations = [_box_observation(prepared, input_ids, v) for v in vertebrae]  # the input's slabs per box
+    seen_ids = input_ids if prepared.slabs is None else _input_instance_ids(prepared, prepared.slabs)
+    observations = [_box_observation(prepared, seen_ids, v) for v in vertebrae]  # the input's slabs per box
     for v, observation in zip(vertebrae, observations, strict=True):
         v.agreement_dsc, v.agreement_hd95_mm = agreement_with_input(prepared, after, observation, v)
         if v.agreement_dsc < options.min_agreement:
@@ -632,7 +707,7 @@ def finish_case(
             v.reason = (
                 f"refinement disagrees with the input (DSC {v.agreement_dsc:.3f} < {options.min_agreement:g}): check it"
             )
-    if options.consistency == "project" and _coarse(prepared.volume):
+    if options.consistency == "project" and _coarse(prepared.observed):
         for v, observation in zip(vertebrae, observations, strict=True):
             v.consistency_ml = _project(after, v, observation, voxel_ml)
     for v, observation in zip(vertebrae, observations, strict=True):
@@ -688,10 +763,10 @@ def finish_case(
     )
 
 
-def _input_instance_ids(prepared: PreparedCase) -> np.ndarray:
-    """The input's vertebra instance ids on its own grid: its labels, or for a binary mask its components
-    (the working grid's instances, nearest neighbour)."""
-    volume = prepared.volume
+def _input_instance_ids(prepared: PreparedCase, volume: Volume | None = None) -> np.ndarray:
+    """The input's vertebra instance ids on its own grid (or on ``volume``'s, e.g. :attr:`PreparedCase.slabs`):
+    its labels, or for a binary mask its components (the working grid's instances, nearest neighbour)."""
+    volume = prepared.volume if volume is None else volume
     if not prepared.from_binary_mask:
         return volume.array
     ids = prepared.instance_array  # int32; a handful of instances fit a smaller type on a large fine grid
@@ -722,9 +797,10 @@ def _drop_specks(after: np.ndarray, vertebra: RefinedVertebra) -> list[int]:
 
 
 def _box_observation(prepared: PreparedCase, input_ids: np.ndarray, vertebra: RefinedVertebra) -> SlabObservation:
-    """The input's slabs (and field of view) in a refined vertebra's axis-aligned box on the working grid."""
+    """The input's slabs (and field of view) in a refined vertebra's axis-aligned box on the working grid;
+    ``input_ids`` on the grid the labels were drawn on (:attr:`PreparedCase.observed`)."""
     size = vertebra.box.size
-    affine = patch_to_input_index(prepared.working, vertebra.box.start, np.eye(3), size, prepared.volume.geometry)
+    affine = patch_to_input_index(prepared.working, vertebra.box.start, np.eye(3), size, prepared.observed.geometry)
     return observe(affine, input_ids, vertebra.instance.instance_id, size)
 
 

@@ -196,7 +196,8 @@ class RefineJob:
         command: str = "",
         note: Callable[[str], None] | None = None,
     ) -> None:
-        """``note``: prints a line to the user (which label numbering was used: once per numbering)."""
+        """``note``: prints a line to the user (which label numbering was used: once per numbering; the slice
+        thickness read from a case's labels when it is thicker than its header says)."""
         self.refiner = refiner
         self.sessions = refiner.sessions
         self.options = refiner.options
@@ -225,6 +226,8 @@ class RefineJob:
         if self.note is not None and prepared.scheme.key not in self._schemes_said:
             self._schemes_said.add(prepared.scheme.key)
             self.note(f"{case.name}: {prepared.scheme_note}")
+        if self.note is not None and prepared.thickness_note:
+            self.note(f"{case.name}: {prepared.thickness_note}")
         return prepared
 
     def case_seed(self, case: Case) -> int:

@@ -199,6 +199,13 @@ class Sidecar:
     (DSC), ``on_disagree`` and ``sampler`` (the sampler settings; None: the VAE decodes the encoder's mean)."""
     input_grid: dict[str, Any]
     """The input's grid."""
+    effective_spacing_mm: list[float]
+    """Spacing (mm) along index axes (i, j, k) of the grid the input's labels were drawn on: a thick-slice
+    segmentation stored on a finer grid has the slab thickness read from its labels along the slice axis
+    (:mod:`vertrefine.thickness`), every other axis the header's spacing."""
+    effective_spacing_detected: list[bool]
+    """Per index axis (i, j, k): whether ``effective_spacing_mm`` comes from the labels (a staircase, refined
+    as thick slices) rather than the header."""
     working_grid: dict[str, Any]
     """The working grid (1 mm, axis-aligned in LPS) the vertebrae were refined on."""
     output_grid: dict[str, Any]
@@ -265,6 +272,8 @@ class Sidecar:
                 "sampler": None if options.sampler is None else asdict(options.sampler),
             },
             input_grid=volume.geometry.to_record(),
+            effective_spacing_mm=[round(v, 4) for v in prepared.effective_spacing_ijk_mm],
+            effective_spacing_detected=list(prepared.thickness_detected_ijk),
             working_grid=refined.working.to_record(),
             output_grid=refined.labels.geometry.to_record(),
             pose_frames=options.pose,
