@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand, TyperGroup
+
+try:  # typer 0.22+ carries its own copy of click; older typer uses click itself
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import UsageError
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -28,8 +35,70 @@ from .errors import VertrefineError
 from .labels import SCHEME_CHOICES
 from .train.config import PRESET_NAMES
 
+HELP_MIN_WIDTH = 120
+"""Columns of ``--help`` when it is not shown on a terminal (a file, ``less``, a wiki page): wide enough that
+rich's option table names every option in full (at 80 columns it cuts names such as ``--langevin-steps``)."""
+
+
+def help_width(current: int | None, stream: Any = None) -> int | None:
+    """The width of a ``--help`` page: ``current`` (typer's, from TERMINAL_WIDTH; None: the terminal's) on a
+    terminal, else at least :data:`HELP_MIN_WIDTH` (a pipe has no width, and rich assumes 80)."""
+    stream = sys.stdout if stream is None else stream
+    if getattr(stream, "isatty", lambda: False)():
+        return current
+    columns = os.environ.get("COLUMNS", "")
+    return max(current or (int(columns) if columns.isdigit() else 0), HELP_MIN_WIDTH)
+
+
+def _usage_error_line(exc: UsageError) -> typer.Exit:
+    """typer's usage errors (missing argument, a word where a number goes, an unknown option) as one line:
+    what is wrong, and the --help to read; exit code 2 (as click's)."""
+    ctx = exc.ctx
+    where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    return fail(f"{exc.format_message()}{where}", exc.exit_code)
+
+
+class _OneLineErrors:
+    """Mixed into typer's command classes: usage errors in one line, --help never cut when piped."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[misc]
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # the help was shown: click's way
+                raise
+            raise _usage_error_line(exc) from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)  # type: ignore[misc]
+        except UsageError as exc:  # a sub-command's, or a typer.BadParameter raised in a command
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                raise
+            raise _usage_error_line(exc) from None
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from typer import rich_utils
+
+        previous = rich_utils.MAX_WIDTH
+        rich_utils.MAX_WIDTH = help_width(previous)
+        try:
+            super().format_help(ctx, formatter)  # type: ignore[misc]
+        finally:
+            rich_utils.MAX_WIDTH = previous
+
+
+class Group(_OneLineErrors, TyperGroup):
+    """The ``vertrefine`` group (:class:`_OneLineErrors`)."""
+
+
+class Command(_OneLineErrors, TyperCommand):
+    """Every ``vertrefine`` command (:class:`_OneLineErrors`)."""
+
+
 app = typer.Typer(
     name="vertrefine",
+    cls=Group,
     help="CT-quality vertebra segmentations from thick-slice MRI with a latent diffusion energy-based prior.",
     no_args_is_help=True,
     add_completion=False,
@@ -191,7 +260,7 @@ def main(
     """CT-quality vertebra segmentations from thick-slice MRI with a latent diffusion energy-based prior."""
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def info() -> None:
     """Package versions, the ONNX Runtime providers that work here, and the model bundles found."""
@@ -199,8 +268,8 @@ def info() -> None:
 
     report = collect_info()
     table = Table(title=f"vertrefine {__version__}", show_header=False)
-    table.add_column("item", style="bold")
-    table.add_column("value")
+    table.add_column("item", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")  # a long bundle path is folded, never cut
     table.add_row("python", f"{sys.version.split()[0]} ({sys.executable})")
     for name, version in report.packages.items():
         table.add_row(name, version or "[dim]not installed[/]")
@@ -211,10 +280,13 @@ def info() -> None:
             table.add_row("bundle", bundle)
     else:
         table.add_row("bundle", "[dim]none found[/] (searched: " + ", ".join(report.bundle_dirs) + ")")
-    out.print(table)
+    console = Console(width=help_width(None))
+    if not console.is_terminal:  # a file or a pipe has no width: as wide as the table's longest line
+        console.width = max(console.width, Measurement.get(console, console.options.update_width(10**5), table).maximum)
+    console.print(table)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the phantoms into (created if missing).")],
@@ -323,7 +395,7 @@ def _orientation(text: str | None) -> str | None:
     return _parsed(text, parse_orientation, "--assume-orientation")
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def refine(
     ctx: typer.Context,
@@ -508,7 +580,7 @@ class Region(str, Enum):
     image = "image"
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def degrade(
     input_path: Annotated[Path, typer.Argument(metavar="IN", help="Label map (NIfTI/DICOM) or a folder of them.")],
@@ -590,7 +662,7 @@ def degrade(
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def score(
     pred: Annotated[Path, typer.Argument(help="Predicted label map, or a folder of them.")],
@@ -742,7 +814,7 @@ def _command_line(ctx: typer.Context) -> str:
     return shlex.join(words)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def train(
     ctx: typer.Context,
@@ -900,7 +972,7 @@ class TrainingProgress:
             self.bundle = payload["path"]
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A training run folder (or a .pt checkpoint).")],

@@ -25,7 +25,7 @@ from .errors import InputError, OutputError
 from .filetypes import UNSUPPORTED_OUTPUT, compound_suffix, is_dicom_file, output_format
 from .labels import LabelScheme
 from .nifti import is_nifti_path, read_nifti, write_nifti
-from .volume import Volume
+from .volume import Volume, grid_problem
 
 __all__ = [
     "MAX_LABELS",
@@ -121,14 +121,16 @@ def read_label_map(
 def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = False) -> Volume:
     """Refuse what is not a usable 3D label map; return it with a compact unsigned integer array.
 
-    Refused: single-slice (2D) data, a sheared (non-orthonormal) direction matrix, non-numeric voxels,
-    an intensity image (really fractional or negative values, or more than :data:`MAX_LABELS` values
+    Refused: a grid no scanner writes (:func:`vertrefine.volume.grid_problem`), single-slice (2D) data,
+    a sheared (non-orthonormal) direction matrix, non-numeric voxels, an intensity image (really fractional or negative values, or more than :data:`MAX_LABELS` values
     that vary from voxel to voxel) and, unless ``allow_empty``, a map without any labelled voxel. Float
     voxels within :data:`INTEGER_TOLERANCE` of an integer (NIfTI scl_slope/scl_inter or DICOM rescale
     rounding) are rounded. Many labels are fine when they form regions (a TotalSegmentator map has 117).
     The array becomes uint8 (max < 256), uint16 (max < 65536) or int32.
     """
     array, geometry = volume.array, volume.geometry
+    if problem := grid_problem(geometry):
+        raise InputError(path, f"has {problem}", "fix the file's spatial header (spacing, position, orientation)")
     if min(geometry.shape) < 2:
         raise InputError(path, f"is 2D (a single slice, array shape {geometry.shape})", "pass a 3D label map")
     if not geometry.is_orthonormal():

