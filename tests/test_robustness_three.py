@@ -172,3 +172,41 @@ def test_usage_errors_are_one_line_not_boxed_panels(args, words):
     line = error_line(result)
     assert words in line and "--help" in line, line
     assert "╭" not in result.output and "│" not in result.output and "Usage:" not in result.output
+
+
+# --- item 5: score with no name in common -------------------------------------------------------------------
+
+
+def test_score_with_no_matching_names_refuses_once_listing_names_on_both_sides(tmp_path):
+    spine = synth_spine(3, levels=("L2", "L3"))
+    for folder, names in (("pred", ("case01_pred", "case02_pred")), ("gt", ("case01", "case02", "case03", "case04"))):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            write_label_map(spine, tmp_path / folder / f"{name}.nii.gz")
+    result = invoke("score", tmp_path / "pred", tmp_path / "gt")
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert "matched by case name" in line and "case01_pred" in line and "case01" in line, line
+    assert "and 1 more" in line  # four ground truths: three shown
+    assert "missing prediction" not in result.output and "scored as an empty" not in result.output
+
+
+# --- item 1: --mesh writes every vertebra of the written label map ------------------------------------------
+
+
+def test_mesh_writes_an_stl_for_each_vertebra_kept_as_input(tmp_path):
+    import trimesh
+
+    source = tmp_path / "fine.nii.gz"
+    spine = synth_spine(5, levels=("L2", "L3"))  # 1 mm: finer than 3 mm, kept as it is by default
+    write_label_map(spine, source)
+    result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae", "--mesh", tmp_path / "meshes")
+    assert result.exit_code == 0, result.output
+    assert "passed through" in result.output
+    assert sorted(p.name for p in (tmp_path / "meshes").iterdir()) == ["L2.stl", "L3.stl"]
+    written = np.asarray(nib.load(tmp_path / "out.nii.gz").dataobj)
+    for level, label in (("L2", 21), ("L3", 22)):
+        mesh = trimesh.load(tmp_path / "meshes" / f"{level}.stl")
+        assert mesh.is_watertight
+        voxels_mm3 = float(np.count_nonzero(written == label))  # 1 mm voxels
+        assert abs(mesh.volume - voxels_mm3) < 0.1 * voxels_mm3, (level, mesh.volume, voxels_mm3)

@@ -696,16 +696,16 @@ def score(
     A ground truth without its prediction is scored as an empty prediction (DSC 0), listed, and makes
     the exit code 1.
     """
-    from .score import pair_files, score_pairs, summarize, with_missing, write_csv, write_json
+    from .score import no_pairs_message, pair_files, score_pairs, summarize, with_missing, write_csv, write_json
 
     selection = _label_set(labels)
     pairs, only_pred, only_gt = pair_files(pred, gt)
+    if not pairs:  # one answer, before any per-case line: nothing pairs up
+        raise fail(no_pairs_message(pred, gt, only_pred, only_gt))
     for path in only_pred:
         err.print(f"[yellow]unpaired prediction (no ground truth, not scored):[/] {path}", highlight=False)
     for path in only_gt:
         err.print(f"[red]missing prediction:[/] {path} has none; scored as an empty prediction", highlight=False)
-    if not pairs:
-        raise fail(f"no pairs of files with the same name in {pred} and {gt}")
     pairs = with_missing(pairs, only_gt)
     part = _shard(shard)
     if part is not None:

@@ -340,19 +340,25 @@ class RefineJob:
             paths["qc"] = qc_path
         mesh_dir = self._extra_path("mesh", name, written, folders_made)
         if mesh_dir is not None:
-            from .mesh import stl_name, vertebra_mesh, write_stl
+            from .mesh import instance_mesh, stl_name, vertebra_mesh, write_stl
 
             meshes = []
+            shapes = []  # (name, label id, mesh or None): every vertebra of the written label map
             for vertebra in refined.vertebrae:
                 inside, part = vertebra.box.slices(refined.working_after.shape)
                 owned = np.zeros(vertebra.probability.shape, dtype=bool)
                 ids = refined.working_after[inside]
                 owned[part] = (ids == 0) | (ids == vertebra.instance.instance_id)
                 mesh = vertebra_mesh(vertebra.probability, owned, vertebra.box, refined.working, self.options.threshold)
+                shapes.append((vertebra.name, vertebra.instance.label, mesh))
+            for inst, _ in refined.passed_through:  # written as the input shows them: their input shape
+                mesh = instance_mesh(refined.working_after, inst.instance_id, refined.working)
+                shapes.append((refined.name_of(inst), inst.label, mesh))
+            for vertebra_name, label, mesh in shapes:
                 if mesh is not None:
-                    stl = mesh_dir / stl_name(vertebra.name)
+                    stl = mesh_dir / stl_name(vertebra_name)
                     if stl in meshes:  # two structures of one name (SEG segments all labelled "Vertebra")
-                        stl = mesh_dir / stl_name(f"{vertebra.name}_{vertebra.instance.label}")
+                        stl = mesh_dir / stl_name(f"{vertebra_name}_{label}")
                     written.append(stl)
                     write_stl(mesh, stl)
                     meshes.append(stl)
