@@ -210,3 +210,55 @@ def test_mesh_writes_an_stl_for_each_vertebra_kept_as_input(tmp_path):
         assert mesh.is_watertight
         voxels_mm3 = float(np.count_nonzero(written == label))  # 1 mm voxels
         assert abs(mesh.volume - voxels_mm3) < 0.1 * voxels_mm3, (level, mesh.volume, voxels_mm3)
+
+
+# --- item 6: SPINEPS subregion masks --------------------------------------------------------------------------
+
+
+def _subregions(spine: Volume) -> Volume:
+    """A SPINEPS-like subregion mask of ``spine``: every vertebra's front half body (49), back half arch (41),
+    a process (42) at its back and a disc (100) between neighbours."""
+    array = np.zeros_like(spine.array)
+    labelled = spine.array > 0
+    ys = np.nonzero(labelled.any(axis=(0, 2)))[0]
+    middle = (ys.min() + ys.max()) // 2
+    array[:, :middle][labelled[:, :middle]] = 49
+    array[:, middle:][labelled[:, middle:]] = 41
+    array[:, ys.max() - 3 :][labelled[:, ys.max() - 3 :]] = 42
+    zs = np.nonzero(labelled.any(axis=(1, 2)))[0]
+    array[zs.min() + 2, :middle][~labelled[zs.min() + 2, :middle]] = 0
+    array[(zs.min() + zs.max()) // 2, :4, :4] = 100
+    return spine.with_array(array)
+
+
+def test_a_spineps_folder_refines_the_vertebra_mask_and_leaves_the_subregion_mask_out(tmp_path):
+    spine = synth_spine(7, levels=("L2", "L3"))
+    cases = tmp_path / "derivatives"
+    cases.mkdir()
+    write_label_map(spine, cases / "sub-01_seg-vert_msk.nii.gz")
+    write_label_map(_subregions(spine), cases / "sub-01_seg-spine_msk.nii.gz")
+    result = invoke("refine", cases, "-o", tmp_path / "out", "--model", "vae")
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "sub-01_seg-spine_msk.nii.gz: not a case: a SPINEPS subregion mask" in flat, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".gz") == ["sub-01_seg-vert_msk.nii.gz"]
+
+
+@pytest.mark.parametrize("name", ["sub-01_seg-spine_msk.nii.gz", "subregions.nii.gz"])
+def test_a_subregion_mask_given_directly_is_refused_in_one_line(tmp_path, name):
+    source = tmp_path / name
+    write_label_map(_subregions(synth_spine(7, levels=("L2", "L3"))), source)
+    result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae")
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert str(source) in line and "SPINEPS subregion mask" in line and "seg-vert_msk" in line, line
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_spineps_subregion_ids_are_recognised_but_totalsegmentator_and_verse_maps_are_not():
+    from vertrefine.labels import SPINEPS_SUBREGIONS, TOTALSEGMENTATOR, VERSE, recognise_scheme
+
+    assert recognise_scheme({41, 42, 45, 46, 47, 48, 49, 60, 61, 62, 100})[0] is SPINEPS_SUBREGIONS
+    assert recognise_scheme(range(1, 118))[0] is TOTALSEGMENTATOR
+    assert recognise_scheme({5, 27, 28, 29, 30, 31, 51, 52})[0] is TOTALSEGMENTATOR
+    assert recognise_scheme({20, 21, 22, 100, 120})[0] is VERSE  # VerSe vertebrae, discs of a spine tool

@@ -79,8 +79,8 @@ def is_batch(input_path: Path) -> bool:
 def plan_cases(input_path: Path, output: Path, *, note: Callable[[str], None] | None = None) -> Plan:
     """Pair every input case with its output path, checking the outputs before any case runs.
 
-    ``note`` receives one line per image series of the folder left out because a SEG case segments it
-    (:func:`vertrefine.cases.find_cases`).
+    ``note`` receives one line per image series of the folder left out because a SEG case segments it,
+    and one per other file left out (a SPINEPS subregion mask; :func:`vertrefine.cases.find_cases`).
 
     Refused (OutputError, one line): an output that would overwrite an input; a single output whose name
     is no known format (:func:`vertrefine.filetypes.output_format`) or that is a folder; a file given as
@@ -91,10 +91,19 @@ def plan_cases(input_path: Path, output: Path, *, note: Callable[[str], None] | 
     if not input_path.exists():
         raise InputError(input_path, "does not exist", "check the path")
     if input_path.is_dir():
-        cases, sources = find_cases_and_sources(input_path)
+        left_out: list[tuple[Path, str]] = []
+        cases, sources = find_cases_and_sources(input_path, left_out)
         if note is not None:
             for series, seg in sources:
                 note(f"{series}: not a case: the image series that {seg.name} segments")
+            for path, why in left_out:
+                note(f"{path.name}: not a case: {why}")
+        if not cases and left_out:
+            raise InputError(
+                input_path,
+                f"holds no case: {', '.join(p.name for p, _ in left_out[:3])} is {left_out[0][1]}",
+                "point at the vertebra label maps",
+            )
         if not cases:
             raise InputError(input_path, "holds no NIfTI or DICOM files", "point at a label map or a folder of them")
         single = len(cases) == 1 and cases[0].path == input_path  # a DICOM folder is one case

@@ -24,10 +24,12 @@ from .dicom_seg import seg_source_geometry
 from .errors import InputError, OutputError, SettingsError
 from .filetypes import NIFTI_SUFFIXES, SEG_SUFFIXES, is_nifti_name
 from .io import is_dicom_output, read_label_map, write_label_map
+from .labels import SPINEPS_SUBREGION_NOTE, SPINEPS_SUBREGIONS, is_spineps_subregion_name, label_scheme_of
 from .nifti import read_nifti_geometry, write_scalar_nifti
 from .outputs import check_writable_file, check_writable_folder, require_seg_sources
 from .refine import PreparedCase, RefinedCase, Refiner
 from .sidecar import Sidecar, bundle_digests, sidecar_path
+from .volume import Volume
 
 EXTRA_OPTIONS = {"probability": "--save-prob", "uncertainty": "--uncertainty", "mesh": "--mesh", "qc": "--qc"}
 """The command-line option of each extra output."""
@@ -180,6 +182,21 @@ def check_refine_outputs(
         )
 
 
+def refuse_subregion_mask(path: Path, volume: Volume, label_scheme: str = "auto") -> None:
+    """Refuse a SPINEPS subregion mask (InputError, one line): recognised by its name (``*_seg-spine_msk``)
+    or, under ``--label-scheme auto``, by its ids (:func:`vertrefine.labels.looks_like_spineps_subregions`).
+    Its ids are parts of every vertebra (arch, body, processes), so no id is one vertebra to refine."""
+    if label_scheme != "auto":
+        return
+    scheme, _ = label_scheme_of(volume, label_scheme)
+    if scheme is SPINEPS_SUBREGIONS or is_spineps_subregion_name(path):
+        raise InputError(
+            path,
+            f"is {SPINEPS_SUBREGION_NOTE}",
+            "pass the *_seg-vert_msk.nii.gz that SPINEPS wrote beside it (one label per vertebra)",
+        )
+
+
 class RefineJob:
     """What one ``vertrefine refine`` run needs for every case: the :class:`Refiner`, seed and extra outputs."""
 
@@ -220,6 +237,7 @@ class RefineJob:
         status("read")
         volume = read_label_map(case.path, series_uid=self.series_uid, assume_orientation=self.assume_orientation)
         read_seconds = time.perf_counter() - start
+        refuse_subregion_mask(case.path, volume, self.options.label_scheme)
         prepared = self.refiner.prepare(volume, status)
         prepared.seconds = {"read": read_seconds, **prepared.seconds}
         if self.note is not None and prepared.scheme.key not in self._schemes_said:
