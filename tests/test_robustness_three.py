@@ -262,3 +262,32 @@ def test_spineps_subregion_ids_are_recognised_but_totalsegmentator_and_verse_map
     assert recognise_scheme(range(1, 118))[0] is TOTALSEGMENTATOR
     assert recognise_scheme({5, 27, 28, 29, 30, 31, 51, 52})[0] is TOTALSEGMENTATOR
     assert recognise_scheme({20, 21, 22, 100, 120})[0] is VERSE  # VerSe vertebrae, discs of a spine tool
+
+
+# --- item 3: random label ids are no segmentation -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "zooms"), [((64, 64, 64), (1.0, 1.0, 1.0)), ((48, 96, 20), (1.0, 1.0, 5.0))])
+def test_a_map_of_random_label_ids_is_refused_as_not_a_segmentation(tmp_path, shape, zooms):
+    array = np.random.default_rng(1).integers(0, 25, size=shape).astype(np.uint8)  # ids 0-24 per voxel
+    source = _nifti(tmp_path / "random.nii", zooms=zooms, array=array)
+    result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae")
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert str(source) in line and "not a segmentation" in line and "pieces" in line, line
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_real_label_maps_with_islands_thick_slices_or_many_classes_are_segmentations(tmp_path):
+    from vertrefine.degrade import degrade
+
+    spine = synth_spine(2, levels=("L1", "L2", "L3"))
+    thick = degrade(spine, slice_mm=6.0, islands=20.0, seed=3, native=True)  # with spurious islands
+    write_label_map(thick, tmp_path / "thick.nii.gz")
+    assert read_label_map(tmp_path / "thick.nii.gz").labels == [20, 21, 22]
+    blocks = np.zeros((40, 60, 60), np.uint8)
+    for n in range(117):  # TotalSegmentator's 117 classes, each a small region, most touching others
+        i, j = divmod(n, 11)
+        blocks[5:15 + n % 7, i * 5 : i * 5 + 5, j * 5 : j * 5 + 5] = n + 1
+    write_label_map(Volume(blocks, Geometry(blocks.shape, (1.0, 1.0, 1.0), (0, 0, 0))), tmp_path / "total.nii.gz")
+    assert len(read_label_map(tmp_path / "total.nii.gz").labels) == 117
