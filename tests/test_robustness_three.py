@@ -291,3 +291,51 @@ def test_real_label_maps_with_islands_thick_slices_or_many_classes_are_segmentat
         blocks[5:15 + n % 7, i * 5 : i * 5 + 5, j * 5 : j * 5 + 5] = n + 1
     write_label_map(Volume(blocks, Geometry(blocks.shape, (1.0, 1.0, 1.0), (0, 0, 0))), tmp_path / "total.nii.gz")
     assert len(read_label_map(tmp_path / "total.nii.gz").labels) == 117
+
+
+# --- item 7: TotalSegmentator --roi_subset maps, a cube labelled L3 --------------------------------------------
+
+
+def _ellipsoid(shape, centre, radii):
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return sum((axis - c) ** 2 / r**2 for axis, c, r in zip((k, j, i), centre, radii, strict=True)) <= 1
+
+
+def test_a_totalsegmentator_roi_subset_map_is_not_read_as_verse_and_its_organs_are_not_reshaped(tmp_path):
+    spine = synth_spine(4, levels=("L4", "L5"))  # VerSe 23, 24 -> TotalSegmentator v2 28 (L4), 27 (L5)
+    shape = (spine.array.shape[0], 200, 200)
+    array = np.zeros(shape, np.uint8)
+    nz, ny, nx = spine.array.shape
+    array[:, 200 - ny :, 100 - nx // 2 : 100 - nx // 2 + nx] = np.select(
+        [spine.array == 23, spine.array == 24], [28, 27], 0
+    )
+    array[_ellipsoid(shape, (nz * 0.7, 40, 40), (40, 25, 25))] = 2  # kidney_right, about 100 mL
+    array[_ellipsoid(shape, (nz * 0.7, 40, 160), (40, 25, 25))] = 3  # kidney_left
+    array[_ellipsoid(shape, (nz * 0.8, 40, 100), (25, 35, 30))] = 5  # liver (a small one), about 110 mL
+    source = tmp_path / "roi_subset.nii.gz"
+    write_label_map(Volume(array, Geometry(shape, (1.0, 1.0, 1.0), spine.geometry.origin)), source)
+    result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae")
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert "organ-sized" in line and "kidney_right" in line and "liver" in line and "vertebrae_L4" in line, line
+    assert "--label-scheme totalsegmentator" in line and not (tmp_path / "out.nii.gz").exists()
+    named = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae", "--label-scheme", "totalsegmentator")
+    assert named.exit_code == 0, named.output
+    written = np.asarray(nib.load(tmp_path / "out.nii.gz").dataobj).transpose(2, 1, 0)
+    for organ in (2, 3, 5):  # organs pass through voxel for voxel
+        np.testing.assert_array_equal(written == organ, array == organ)
+
+
+def test_a_cube_labelled_l3_fails_the_shape_test_and_passes_through(tmp_path):
+    from vertrefine.plausibility import MAX_SOLIDITY, solidity
+
+    array = np.zeros((80, 80, 80), np.uint8)
+    array[20:60, 20:60, 20:60] = 22  # a 40 mm cube: 64 mL, a lumbar vertebra's volume
+    source = tmp_path / "cube.nii.gz"
+    write_label_map(Volume(array, Geometry(array.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))), source)
+    result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae", "--fine-inputs", "refine")
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "L3: implausible input: not shaped like a vertebra" in flat and "passed through" in flat, result.output
+    spine = synth_spine(4, levels=("L3",))
+    assert solidity(spine.array == 22) < MAX_SOLIDITY / 1.5  # a vertebra is far from convex
