@@ -339,3 +339,43 @@ def test_a_cube_labelled_l3_fails_the_shape_test_and_passes_through(tmp_path):
     assert "L3: implausible input: not shaped like a vertebra" in flat and "passed through" in flat, result.output
     spine = synth_spine(4, levels=("L3",))
     assert solidity(spine.array == 22) < MAX_SOLIDITY / 1.5  # a vertebra is far from convex
+
+
+# --- item 7: DICOM SEG segments named 'Vertebra L4' or coded as the lumbar spine --------------------------------
+
+
+def test_seg_segments_named_vertebra_l4_or_coded_lumbar_spine_are_vertebrae(tmp_path):
+    import highdicom as hd
+    import pydicom
+    from dicom_helpers import make_series
+    from pydicom.sr.coding import Code
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    from vertrefine.labels import label_scheme_of
+
+    lumbar_spine = Code("122496007", "SCT", "Lumbar spine")
+    spine = synth_spine(13, levels=("L3", "L4", "L5"))
+    array = np.select([spine.array == 22, spine.array == 23, spine.array == 24], [1, 2, 3], 0).astype(np.uint8)
+    make_series(tmp_path / "ct", np.full(array.shape, 100, np.uint16), spacing=(1.0, 1.0, 1.0),
+                origin=spine.geometry.origin)  # fmt: skip
+    ct = sorted((pydicom.dcmread(f) for f in (tmp_path / "ct").iterdir()), key=lambda d: float(d.ImagePositionPatient[2]))
+    algorithm = hd.AlgorithmIdentificationSequence(name="x", family=codes.cid7162.ArtificialIntelligence, version="1")
+
+    def segment(number, label, code):
+        return hd.seg.SegmentDescription(
+            number, label, codes.SCT.BodyStructure, code, "AUTOMATIC", algorithm_identification=algorithm
+        )
+
+    descriptions = [
+        segment(1, "bone", lumbar_spine),  # a lumbar vertebra, no level: a vertebra of unknown level
+        segment(2, "Vertebra L4", lumbar_spine),  # the label names the level
+        segment(3, "Lumbar vertebra 5", codes.SCT.Vertebra),
+    ]
+    seg = hd.seg.Segmentation(ct, array, "BINARY", descriptions, generate_uid(), 8, generate_uid(), 1, "x", "x", "1", "1")
+    seg.save_as(tmp_path / "seg.dcm")
+    volume = read_label_map(tmp_path / "seg.dcm")
+    scheme, _ = label_scheme_of(volume)
+    assert volume.source.meta["segment_labels"] == {1: 1, 2: 23, 3: 24}  # L4, L5 get their VerSe ids
+    assert scheme.level(23) == "L4" and scheme.level(24) == "L5" and scheme.unlevelled == frozenset({1})
+    assert scheme.vertebrae(volume.labels) == frozenset({1, 23, 24})

@@ -24,6 +24,7 @@ Sources of the tables (as published by their authors):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -69,7 +70,8 @@ LUMBAR_LABELS: tuple[int, ...] = (20, 21, 22, 23, 24)
 def canonical_level(name: str) -> str | None:
     """The level a name stands for, in any scheme's spelling, or None.
 
-    'L1', 'l1', 'L1 vertebra', 'vertebrae_L1' (TotalSegmentator), 'vertebra_L1', 'Vertebra L1' -> 'L1';
+    'L1', 'l1', 'L1 vertebra', 'vertebrae_L1' (TotalSegmentator), 'vertebra_L1', 'Vertebra L1',
+    'Lumbar vertebra 1', 'lumbar_vertebra_L1' -> 'L1';
     'Sacrum', 'vertebrae_S1' -> 'sacrum', 'S1'. Organ names and other text -> None.
     """
     key = " ".join(name.strip().upper().replace("-", "_").split())
@@ -79,6 +81,9 @@ def canonical_level(name: str) -> str | None:
     for prefix in ("VERTEBRAE_", "VERTEBRA_", "VERTEBRAE ", "VERTEBRA "):
         if key.startswith(prefix):
             key = key[len(prefix) :].strip()
+    region = re.fullmatch(r"(CERVICAL|THORACIC|LUMBAR)[ _]+(?:VERTEBRAE?[ _]*)?([CTL]?)(\d+)", key)
+    if region and region.group(2) in ("", region.group(1)[0]):  # 'Lumbar vertebra 3', 'lumbar_vertebra_L3'
+        key = f"{region.group(1)[0]}{int(region.group(3))}"
     return _CANONICAL.get(key)
 
 
