@@ -379,3 +379,45 @@ def test_seg_segments_named_vertebra_l4_or_coded_lumbar_spine_are_vertebrae(tmp_
     assert volume.source.meta["segment_labels"] == {1: 1, 2: 23, 3: 24}  # L4, L5 get their VerSe ids
     assert scheme.level(23) == "L4" and scheme.level(24) == "L5" and scheme.unlevelled == frozenset({1})
     assert scheme.vertebrae(volume.labels) == frozenset({1, 23, 24})
+
+
+# --- item 7: --shard on one file; Ctrl-C early ----------------------------------------------------------------
+
+
+def test_a_shard_that_does_not_hold_the_single_file_says_so_and_which_shard_does(tmp_path):
+    from vertrefine.cases import Shard
+
+    source = tmp_path / "spine.nii.gz"
+    write_label_map(synth_spine(3, levels=("L2",)), source)
+    owner = next(k for k in range(1, 4) if Shard(k, 3).holds("spine"))
+    other = 1 if owner != 1 else 2
+    result = invoke("refine", source, "-o", tmp_path / "out" / "spine.nii.gz", "--model", "vae", "--shard", f"{other}/3")
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert f"shard {other}/3 does not hold the one case spine" in flat and f"shard {owner}/3 holds it" in flat
+    assert "0 of 1" not in flat and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_early_leaves_no_empty_output_folder_made_by_the_run(tmp_path, monkeypatch):
+    from vertrefine import refine_batch
+
+    source = tmp_path / "spine.nii.gz"
+    write_label_map(synth_spine(3, levels=("L2",)), source)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+
+    def interrupted(self, case, destination, status):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refine_batch.RefineJob, "prepare", interrupted)
+    for output in (tmp_path / "new" / "deeper" / "out.nii.gz", existing / "out.nii.gz"):
+        result = invoke("refine", source, "-o", output, "--model", "vae")
+        assert result.exit_code == 130, result.output
+        assert "interrupted" in error_line(result)
+    assert not (tmp_path / "new").exists() and existing.is_dir()  # a folder that was there stays
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    shutil.copy(source, folder / "a.nii.gz")
+    shutil.copy(source, folder / "b.nii.gz")
+    result = invoke("refine", folder, "-o", tmp_path / "batch_out", "--model", "vae")
+    assert result.exit_code == 130 and not (tmp_path / "batch_out").exists(), result.output

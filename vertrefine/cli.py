@@ -388,6 +388,23 @@ def _shard(text: str | None) -> Any:
     return _parsed(text, Shard.parse, "--shard")
 
 
+def _shard_part(part: Any, items: list[Any], name: Callable[[Any], str]) -> list[Any]:
+    """The ``items`` (cases or pairs) shard ``part`` holds, with one note saying how many; when it holds none,
+    the note says so, and for a single case which shard holds it (nothing to do here: the exit code is 0)."""
+    chosen = part.select(items, name)
+    if chosen:
+        _note(f"shard {part}: {len(chosen)} of {len(items)} cases")
+    elif len(items) == 1:
+        owner = next(k for k in range(1, part.count + 1) if type(part)(k, part.count).holds(name(items[0])))
+        _note(
+            f"shard {part} does not hold the one case {name(items[0])} (cases are split by a hash of their "
+            f"names; shard {owner}/{part.count} holds it): nothing to do"
+        )
+    else:
+        _note(f"shard {part} holds none of the {len(items)} cases (split by a hash of their names): nothing to do")
+    return chosen
+
+
 def _orientation(text: str | None) -> str | None:
     """--assume-orientation: a valid three-letter code (upper-case) or None."""
     from .nifti import parse_orientation
@@ -524,9 +541,9 @@ def refine(
     extras.check(samples)
     plan = plan_cases(input_path, output, note=_note)  # every output is checked before the model is opened
     if part is not None:
-        total = len(plan)
-        plan = part.select(plan, lambda planned: planned[0].name)
-        err.print(f"[dim]note:[/] shard {part}: {len(plan)} of {total} cases", highlight=False)
+        plan = _shard_part(part, plan, lambda planned: planned[0].name)
+        if not plan:
+            raise typer.Exit(0)
     check_refine_outputs(plan, source_series, assume_orientation=orientation)
     extras.check_cases([case.name for case, _ in plan])
     refiner = Refiner.from_bundle(
@@ -709,9 +726,9 @@ def score(
     pairs = with_missing(pairs, only_gt)
     part = _shard(shard)
     if part is not None:
-        total = len(pairs)
-        pairs = part.select(pairs, lambda pair: pair[0])
-        err.print(f"[dim]note:[/] shard {part}: {len(pairs)} of {total} cases", highlight=False)
+        pairs = _shard_part(part, pairs, lambda pair: pair[0])
+        if not pairs:
+            raise typer.Exit(0)
 
     with progress_bar() as progress:
         task = progress.add_task("score", total=len(pairs))
