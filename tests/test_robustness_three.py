@@ -421,3 +421,27 @@ def test_ctrl_c_early_leaves_no_empty_output_folder_made_by_the_run(tmp_path, mo
     shutil.copy(source, folder / "b.nii.gz")
     result = invoke("refine", folder, "-o", tmp_path / "batch_out", "--model", "vae")
     assert result.exit_code == 130 and not (tmp_path / "batch_out").exists(), result.output
+
+
+# --- item 8: degrade --clean ----------------------------------------------------------------------------------
+
+
+def test_degrade_clean_is_the_noise_free_simulation_and_refuses_a_noise_option_beside_it(tmp_path):
+    from scipy import ndimage
+
+    from vertrefine.cases import case_seed
+    from vertrefine.degrade import CLEAN, degrade
+
+    spine = synth_spine(6, levels=("L2", "L3"))
+    source = tmp_path / "spine.nii.gz"
+    write_label_map(spine, source)
+    result = invoke("degrade", source, "-o", tmp_path / "clean.nii.gz", "--clean", "--slice-mm", "6")
+    assert result.exit_code == 0, result.output
+    written = read_label_map(tmp_path / "clean.nii.gz").array
+    expected = degrade(read_label_map(source), slice_mm=6.0, seed=case_seed(0, "spine"), **CLEAN)
+    np.testing.assert_array_equal(written, expected.array)
+    for label in (21, 22):  # no islands, no process tips cut loose: one piece per vertebra
+        assert ndimage.label(written == label)[1] == 1
+    refused = invoke("degrade", source, "-o", tmp_path / "x.nii.gz", "--clean", "--islands", "3")
+    assert refused.exit_code == 2 and "--clean" in error_line(refused) and "--islands" in error_line(refused)
+    assert not (tmp_path / "x.nii.gz").exists()

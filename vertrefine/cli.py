@@ -600,6 +600,7 @@ class Region(str, Enum):
 @app.command(cls=Command)
 @friendly_errors
 def degrade(
+    ctx: typer.Context,
     input_path: Annotated[Path, typer.Argument(metavar="IN", help="Label map (NIfTI/DICOM) or a folder of them.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output file, or folder when IN is a folder.")],
     slice_mm: Annotated[float, typer.Option(help="Simulated slice thickness in mm (0.5-20).")] = 5.0,
@@ -638,6 +639,14 @@ def degrade(
         1.5,
         4.0,
     ),
+    clean: Annotated[
+        bool,
+        typer.Option(
+            "--clean",
+            help="Noise-free simulation: slab partial volume alone (boundary amplitude, threshold jitter, "
+            "posterior loss, truncation and islands all 0); refused together with any of those options.",
+        ),
+    ] = False,
     series_uid: Annotated[
         str | None, typer.Option(help="Which series to read when a DICOM folder holds several.")
     ] = None,
@@ -647,7 +656,7 @@ def degrade(
     """Simulate a thick-slice MRI segmentation of a label map, on the input's grid (or --native)."""
     from .batch import plan_cases
     from .cases import Case, case_seed
-    from .degrade import check_options, degrade_file
+    from .degrade import CLEAN, check_options, clean_conflicts, degrade_file
     from .outputs import require_seg_sources
 
     orientation = _orientation(assume_orientation)
@@ -664,6 +673,11 @@ def degrade(
         island_radius_mm=island_radius_mm,
         native=native,
     )
+    if clean:
+        given = [name for name in CLEAN if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")]
+        if problem := clean_conflicts(given):
+            raise fail(problem)
+        knobs.update(CLEAN)
     check_options(output, **knobs)
     plan = plan_cases(input_path, output, note=_note)  # every output is checked before any case runs
     require_seg_sources(plan, None, None)
