@@ -445,3 +445,42 @@ def test_degrade_clean_is_the_noise_free_simulation_and_refuses_a_noise_option_b
     refused = invoke("degrade", source, "-o", tmp_path / "x.nii.gz", "--clean", "--islands", "3")
     assert refused.exit_code == 2 and "--clean" in error_line(refused) and "--islands" in error_line(refused)
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+# --- item 8: the QC image names its fill, its directions and the refinement not written -----------------------
+
+
+def _pixels_of(png, colour: str) -> int:
+    from matplotlib import image
+
+    rgb = image.imread(png)[..., :3]
+    target = np.array([int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+    return int(np.count_nonzero(np.abs(rgb - target).max(axis=-1) < 0.06))
+
+
+def test_qc_shows_the_rejected_refinement_dashed_with_a_legend_and_direction_letters(tmp_path):
+    from vertrefine.qc import QcVertebra, REJECTED_COLOUR, write_qc_png
+
+    before = np.zeros((60, 50, 50), np.int32)
+    before[15:45, 10:40, 10:40] = 1
+    rejected = np.zeros_like(before)
+    rejected[20:40, 15:35, 15:35] = 1
+    vertebra = [QcVertebra(1, "L3", (30.0, 25.0, 25.0), "kept input")]
+    with_rejected = write_qc_png(before, before, tmp_path / "a.png", vertebrae=vertebra, rejected=rejected)
+    without = write_qc_png(before, before, tmp_path / "b.png", vertebrae=vertebra)
+    assert _pixels_of(with_rejected, REJECTED_COLOUR) > 100  # dashed outlines in three views, and the legend
+    assert _pixels_of(without, REJECTED_COLOUR) == 0
+
+
+def test_refine_qc_of_a_vertebra_kept_as_input_draws_its_rejected_refinement(tmp_path):
+    from vertrefine.qc import REJECTED_COLOUR
+
+    source = tmp_path / "spine.nii.gz"
+    write_label_map(synth_spine(5, levels=("L2", "L3")), source)
+    result = invoke(
+        "refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae", "--fine-inputs", "refine",
+        "--min-agreement", "1", "--qc", tmp_path / "qc.png",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "kept input" in " ".join(result.output.split())
+    assert _pixels_of(tmp_path / "qc.png", REJECTED_COLOUR) > 100

@@ -226,6 +226,8 @@ class RefinedVertebra:
     """Volumes (mL) of the refined shape's connected pieces, largest first, after dropping specks."""
     scheme: LabelScheme = VERSE
     """The numbering of the input's label ids (the level of this vertebra's id)."""
+    rejected: np.ndarray | None = None
+    """For a vertebra kept as input: the refinement's probability patch that was not written (QC image)."""
 
     @property
     def name(self) -> str:
@@ -628,6 +630,7 @@ def finish_case(
     for v in vertebrae:
         if v.decision == "kept input":  # the input's shape everywhere: labels, probability map, mesh
             instance_id = v.instance.instance_id
+            v.rejected = v.probability
             after[after == instance_id] = 0
             after[(prepared.instance_array == instance_id) & (after == 0)] = instance_id
             v.probability = (crop(prepared.instance_array, v.box) == instance_id).astype(np.float32)

@@ -182,6 +182,19 @@ def check_refine_outputs(
         )
 
 
+def _rejected_ids(refined: RefinedCase, threshold: float) -> np.ndarray | None:
+    """Instance ids [z, y, x] on the working grid of the refinements not written (vertebrae kept as input:
+    :attr:`vertrefine.refine.RefinedVertebra.rejected` at ``threshold``); None when there is none."""
+    kept = [v for v in refined.vertebrae if v.rejected is not None and (v.rejected >= threshold).any()]
+    if not kept:
+        return None
+    ids = np.zeros(refined.working_after.shape, dtype=refined.working_after.dtype)
+    for vertebra in kept:
+        inside, part = vertebra.box.slices(ids.shape)
+        ids[inside][vertebra.rejected[part] >= threshold] = vertebra.instance.instance_id
+    return ids
+
+
 def refuse_subregion_mask(path: Path, volume: Volume, label_scheme: str = "auto") -> None:
     """Refuse a SPINEPS subregion mask (InputError, one line): recognised by its name (``*_seg-spine_msk``)
     or, under ``--label-scheme auto``, by its ids (:func:`vertrefine.labels.looks_like_spineps_subregions`).
@@ -354,7 +367,14 @@ class RefineJob:
                 for inst, _ in refined.passed_through
             ]
             written.append(qc_path)
-            write_qc_png(refined.working_before, refined.working_after, qc_path, title=name, vertebrae=shown)
+            write_qc_png(
+                refined.working_before,
+                refined.working_after,
+                qc_path,
+                title=name,
+                vertebrae=shown,
+                rejected=_rejected_ids(refined, self.options.threshold),
+            )
             paths["qc"] = qc_path
         mesh_dir = self._extra_path("mesh", name, written, folders_made)
         if mesh_dir is not None:
