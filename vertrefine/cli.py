@@ -725,7 +725,7 @@ def score(
     """DSC, VS, SEN, SPEC, NMI, Cohen's kappa (paper appendix D), HD95 and ASSD per vertebra.
 
     A ground truth without its prediction is scored as an empty prediction (DSC 0), listed, and makes
-    the exit code 1.
+    the exit code 1; two folders with no case name in common are refused (exit code 2).
     """
     from .score import no_pairs_message, pair_files, score_pairs, summarize, with_missing, write_csv, write_json
 
