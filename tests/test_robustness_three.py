@@ -319,7 +319,9 @@ def test_a_totalsegmentator_roi_subset_map_is_not_read_as_verse_and_its_organs_a
     line = error_line(result)
     assert "organ-sized" in line and "kidney_right" in line and "liver" in line and "vertebrae_L4" in line, line
     assert "--label-scheme totalsegmentator" in line and not (tmp_path / "out.nii.gz").exists()
-    named = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae", "--label-scheme", "totalsegmentator")
+    named = invoke(
+        "refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae", "--label-scheme", "totalsegmentator"
+    )
     assert named.exit_code == 0, named.output
     written = np.asarray(nib.load(tmp_path / "out.nii.gz").dataobj).transpose(2, 1, 0)
     for organ in (2, 3, 5):  # organs pass through voxel for voxel
@@ -359,7 +361,9 @@ def test_seg_segments_named_vertebra_l4_or_coded_lumbar_spine_are_vertebrae(tmp_
     array = np.select([spine.array == 22, spine.array == 23, spine.array == 24], [1, 2, 3], 0).astype(np.uint8)
     make_series(tmp_path / "ct", np.full(array.shape, 100, np.uint16), spacing=(1.0, 1.0, 1.0),
                 origin=spine.geometry.origin)  # fmt: skip
-    ct = sorted((pydicom.dcmread(f) for f in (tmp_path / "ct").iterdir()), key=lambda d: float(d.ImagePositionPatient[2]))
+    ct = sorted(
+        (pydicom.dcmread(f) for f in (tmp_path / "ct").iterdir()), key=lambda d: float(d.ImagePositionPatient[2])
+    )
     algorithm = hd.AlgorithmIdentificationSequence(name="x", family=codes.cid7162.ArtificialIntelligence, version="1")
 
     def segment(number, label, code):
@@ -372,7 +376,9 @@ def test_seg_segments_named_vertebra_l4_or_coded_lumbar_spine_are_vertebrae(tmp_
         segment(2, "Vertebra L4", lumbar_spine),  # the label names the level
         segment(3, "Lumbar vertebra 5", codes.SCT.Vertebra),
     ]
-    seg = hd.seg.Segmentation(ct, array, "BINARY", descriptions, generate_uid(), 8, generate_uid(), 1, "x", "x", "1", "1")
+    seg = hd.seg.Segmentation(
+        ct, array, "BINARY", descriptions, generate_uid(), 8, generate_uid(), 1, "x", "x", "1", "1"
+    )
     seg.save_as(tmp_path / "seg.dcm")
     volume = read_label_map(tmp_path / "seg.dcm")
     scheme, _ = label_scheme_of(volume)
@@ -391,7 +397,8 @@ def test_a_shard_that_does_not_hold_the_single_file_says_so_and_which_shard_does
     write_label_map(synth_spine(3, levels=("L2",)), source)
     owner = next(k for k in range(1, 4) if Shard(k, 3).holds("spine"))
     other = 1 if owner != 1 else 2
-    result = invoke("refine", source, "-o", tmp_path / "out" / "spine.nii.gz", "--model", "vae", "--shard", f"{other}/3")
+    output = tmp_path / "out" / "spine.nii.gz"
+    result = invoke("refine", source, "-o", output, "--model", "vae", "--shard", f"{other}/3")
     assert result.exit_code == 0, result.output
     flat = " ".join(result.output.split())
     assert f"shard {other}/3 does not hold the one case spine" in flat and f"shard {owner}/3 holds it" in flat

@@ -122,13 +122,13 @@ def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = 
     """Refuse what is not a usable 3D label map; return it with a compact unsigned integer array.
 
     Refused: a grid no scanner writes (:func:`vertrefine.volume.grid_problem`), single-slice (2D) data,
-    a sheared (non-orthonormal) direction matrix, non-numeric voxels, an intensity image (really fractional or negative values, or more than :data:`MAX_LABELS` values
-    that vary from voxel to voxel) and, unless ``allow_empty``, a map without any labelled voxel. Float
-    voxels within :data:`INTEGER_TOLERANCE` of an integer (NIfTI scl_slope/scl_inter or DICOM rescale
-    rounding) are rounded. Many labels are fine when they form regions (a TotalSegmentator map has 117);
-    a map whose labels do not form regions (fewer than :data:`MIN_REGION_FRACTION` of neighbouring labelled
-    voxels share their label, e.g. random ids per voxel) is refused as no segmentation.
-    The array becomes uint8 (max < 256), uint16 (max < 65536) or int32.
+    a sheared (non-orthonormal) direction matrix, non-numeric voxels, an intensity image (really fractional
+    or negative values, or more than :data:`MAX_LABELS` values that vary from voxel to voxel) and, unless
+    ``allow_empty``, a map without any labelled voxel. Float voxels within :data:`INTEGER_TOLERANCE` of an
+    integer (NIfTI scl_slope/scl_inter or DICOM rescale rounding) are rounded. Many labels are fine when they
+    form regions (a TotalSegmentator map has 117); a map whose labels do not form regions (fewer than
+    :data:`MIN_REGION_FRACTION` of neighbouring labelled voxels share their label, e.g. random ids per voxel)
+    is refused as no segmentation. The array becomes uint8 (max < 256), uint16 (max < 65536) or int32.
     """
     array, geometry = volume.array, volume.geometry
     if problem := grid_problem(geometry):

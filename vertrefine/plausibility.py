@@ -53,8 +53,9 @@ MAX_SOLIDITY = 0.85
 """A vertebra is far from convex: its arch, processes and canal leave most of its convex hull empty. Its
 solidity (volume / convex hull volume, on the 1 mm working grid) measured 0.30-0.41 on the phantoms of
 ``vertrefine synth``, 0.29-0.42 on real CT vertebrae (VerSe sub-gl003 T1-T5 and sub-verse006 L4-L5, a
-Sawbones lumbar spine L1-L5), and 0.20-0.55 after ``degrade --native`` at 5 mm sagittal and 7 mm axial; a block, ball or blob is near 1 (a 40 mm cube: 1.0,
-a vertebral body alone about 0.95, passed through as such: the model draws whole vertebrae)."""
+Sawbones lumbar spine L1-L5), and 0.20-0.55 after ``degrade --native`` at 5 mm sagittal and 7 mm axial.
+A block, ball or blob is near 1 (a 40 mm cube: 1.0; a vertebral body segmented alone about 0.95, passed
+through as such: the model draws whole vertebrae)."""
 MIN_CHANGE, MAX_CHANGE = 0.5, 2.0
 """A result with less than half or more than twice the input's volume is implausible."""
 
