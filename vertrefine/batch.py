@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -79,8 +80,8 @@ def is_batch(input_path: Path) -> bool:
 def plan_cases(input_path: Path, output: Path, *, note: Callable[[str], None] | None = None) -> Plan:
     """Pair every input case with its output path, checking the outputs before any case runs.
 
-    ``note`` receives one line per image series of the folder left out because a SEG case segments it
-    (:func:`vertrefine.cases.find_cases`).
+    ``note`` receives one line per image series of the folder left out because a SEG case segments it,
+    and one per other file left out (a SPINEPS subregion mask; :func:`vertrefine.cases.find_cases`).
 
     Refused (OutputError, one line): an output that would overwrite an input; a single output whose name
     is no known format (:func:`vertrefine.filetypes.output_format`) or that is a folder; a file given as
@@ -91,10 +92,19 @@ def plan_cases(input_path: Path, output: Path, *, note: Callable[[str], None] | 
     if not input_path.exists():
         raise InputError(input_path, "does not exist", "check the path")
     if input_path.is_dir():
-        cases, sources = find_cases_and_sources(input_path)
+        left_out: list[tuple[Path, str]] = []
+        cases, sources = find_cases_and_sources(input_path, left_out)
         if note is not None:
             for series, seg in sources:
                 note(f"{series}: not a case: the image series that {seg.name} segments")
+            for path, why in left_out:
+                note(f"{path.name}: not a case: {why}")
+        if not cases and left_out:
+            raise InputError(
+                input_path,
+                f"holds no case: {', '.join(p.name for p, _ in left_out[:3])} is {left_out[0][1]}",
+                "point at the vertebra label maps",
+            )
         if not cases:
             raise InputError(input_path, "holds no NIfTI or DICOM files", "point at a label map or a folder of them")
         single = len(cases) == 1 and cases[0].path == input_path  # a DICOM folder is one case
@@ -140,10 +150,45 @@ def run_batch(
     With ``complete``, a case runs in two stages: ``one_case`` returns a state, and once ``group_size``
     states are ready (or the cases run out) ``complete`` finishes the group together (refine samples the
     latents of a whole group at once). A single input is not a batch: its error propagates (one line,
-    exit code 2, from the CLI). ``plan`` comes from :func:`plan_cases`; the output folders are created now.
+    exit code 2, from the CLI). ``plan`` comes from :func:`plan_cases`; the output folders are created now,
+    and those of them still empty are removed again when the run is interrupted (Ctrl-C, SIGTERM) or its
+    single case fails.
     """
+    made = make_output_folders(plan)
+    try:
+        return _run_plan(plan, one_case, label, skip_existing, on_event, complete, group_size)
+    except BaseException:  # Ctrl-C, SIGTERM, a single case's error: no empty folder of this run is left
+        remove_empty_folders(made)
+        raise
+
+
+def make_output_folders(plan: Plan) -> list[Path]:
+    """Create the folders of every output of ``plan``; return those that did not exist, parents first."""
+    made: list[Path] = []
     for _, destination in plan:
+        missing = [f for f in [destination.parent, *destination.parent.parents] if not f.exists()][::-1]
         destination.parent.mkdir(parents=True, exist_ok=True)
+        made += [f for f in missing if f not in made]
+    return made
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (made by this run, parents first) that are empty, children first."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only an empty folder goes
+
+
+def _run_plan(
+    plan: Plan,
+    one_case: CaseFn,
+    label: str,
+    skip_existing: bool,
+    on_event: EventFn,
+    complete: CompleteFn | None,
+    group_size: int,
+) -> list[CaseOutcome]:
+    """:func:`run_batch` once the output folders exist."""
     single = len(plan) == 1
     outcomes: list[CaseOutcome] = []
     pending: list[tuple[Case, Path, Any, float]] = []  # (case, output, state, seconds so far)

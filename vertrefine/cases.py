@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from .errors import InputError
 from .filetypes import case_name, is_dicom_file
 from .filetypes import is_nifti_name as is_nifti
+from .labels import SPINEPS_SUBREGION_NOTE, is_spineps_subregion_name
 
 T = TypeVar("T")
 
@@ -149,8 +150,13 @@ def _seg_files(entry: Path) -> list[Path]:
     return [f for f in files if is_dicom_seg(f)]
 
 
-def find_cases_and_sources(folder: str | Path) -> tuple[list[Case], list[tuple[Path, Path]]]:
+def find_cases_and_sources(
+    folder: str | Path, left_out: list[tuple[Path, str]] | None = None
+) -> tuple[list[Case], list[tuple[Path, Path]]]:
     """:func:`find_cases`, plus the image series left out because a SEG case segments them.
+
+    ``left_out`` (when given) receives ``(path, why)`` for every other file left out: SPINEPS subregion
+    masks (``*_seg-spine_msk.nii.gz``, :func:`vertrefine.labels.is_spineps_subregion_name`).
 
     Returns:
         ``(cases, sources)``: ``sources`` pairs each left-out series folder with a SEG file referencing it.
@@ -167,6 +173,10 @@ def find_cases_and_sources(folder: str | Path) -> tuple[list[Case], list[tuple[P
         if entry.is_file() and is_dicom_file(entry) and not is_dicom_seg(entry):
             continue  # an image slice beside SEG files: the images a SEG segments (read_seg finds them)
         is_case_file = entry.is_file() and (is_nifti(entry) or is_dicom_file(entry))
+        if is_case_file and is_spineps_subregion_name(entry):
+            if left_out is not None:
+                left_out.append((entry, SPINEPS_SUBREGION_NOTE))
+            continue
         if is_case_file or (entry.is_dir() and holds_dicom(entry)):
             cases.append(Case(case_name(entry), entry))
     referenced = {uid: seg for case in cases for seg in _seg_files(case.path) for uid in _references(seg)}

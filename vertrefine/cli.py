@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand, TyperGroup
+
+try:  # typer 0.22+ carries its own copy of click; older typer uses click itself
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import UsageError
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -28,8 +35,70 @@ from .errors import VertrefineError
 from .labels import SCHEME_CHOICES
 from .train.config import PRESET_NAMES
 
+HELP_MIN_WIDTH = 120
+"""Columns of ``--help`` when it is not shown on a terminal (a file, ``less``, a wiki page): wide enough that
+rich's option table names every option in full (at 80 columns it cuts names such as ``--langevin-steps``)."""
+
+
+def help_width(current: int | None, stream: Any = None) -> int | None:
+    """The width of a ``--help`` page: ``current`` (typer's, from TERMINAL_WIDTH; None: the terminal's) on a
+    terminal, else at least :data:`HELP_MIN_WIDTH` (a pipe has no width, and rich assumes 80)."""
+    stream = sys.stdout if stream is None else stream
+    if getattr(stream, "isatty", lambda: False)():
+        return current
+    columns = os.environ.get("COLUMNS", "")
+    return max(current or (int(columns) if columns.isdigit() else 0), HELP_MIN_WIDTH)
+
+
+def _usage_error_line(exc: UsageError) -> typer.Exit:
+    """typer's usage errors (missing argument, a word where a number goes, an unknown option) as one line:
+    what is wrong, and the --help to read; exit code 2 (as click's)."""
+    ctx = exc.ctx
+    where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    return fail(f"{exc.format_message()}{where}", exc.exit_code)
+
+
+class _OneLineErrors:
+    """Mixed into typer's command classes: usage errors in one line, --help never cut when piped."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[misc]
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # the help was shown: click's way
+                raise
+            raise _usage_error_line(exc) from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)  # type: ignore[misc]
+        except UsageError as exc:  # a sub-command's, or a typer.BadParameter raised in a command
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                raise
+            raise _usage_error_line(exc) from None
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from typer import rich_utils
+
+        previous = rich_utils.MAX_WIDTH
+        rich_utils.MAX_WIDTH = help_width(previous)
+        try:
+            super().format_help(ctx, formatter)  # type: ignore[misc]
+        finally:
+            rich_utils.MAX_WIDTH = previous
+
+
+class Group(_OneLineErrors, TyperGroup):
+    """The ``vertrefine`` group (:class:`_OneLineErrors`)."""
+
+
+class Command(_OneLineErrors, TyperCommand):
+    """Every ``vertrefine`` command (:class:`_OneLineErrors`)."""
+
+
 app = typer.Typer(
     name="vertrefine",
+    cls=Group,
     help="CT-quality vertebra segmentations from thick-slice MRI with a latent diffusion energy-based prior.",
     no_args_is_help=True,
     add_completion=False,
@@ -191,7 +260,7 @@ def main(
     """CT-quality vertebra segmentations from thick-slice MRI with a latent diffusion energy-based prior."""
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def info() -> None:
     """Package versions, the ONNX Runtime providers that work here, and the model bundles found."""
@@ -199,8 +268,8 @@ def info() -> None:
 
     report = collect_info()
     table = Table(title=f"vertrefine {__version__}", show_header=False)
-    table.add_column("item", style="bold")
-    table.add_column("value")
+    table.add_column("item", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")  # a long bundle path is folded, never cut
     table.add_row("python", f"{sys.version.split()[0]} ({sys.executable})")
     for name, version in report.packages.items():
         table.add_row(name, version or "[dim]not installed[/]")
@@ -211,10 +280,13 @@ def info() -> None:
             table.add_row("bundle", bundle)
     else:
         table.add_row("bundle", "[dim]none found[/] (searched: " + ", ".join(report.bundle_dirs) + ")")
-    out.print(table)
+    console = Console(width=help_width(None))
+    if not console.is_terminal:  # a file or a pipe has no width: as wide as the table's longest line
+        console.width = max(console.width, Measurement.get(console, console.options.update_width(10**5), table).maximum)
+    console.print(table)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the phantoms into (created if missing).")],
@@ -326,6 +398,23 @@ def _shard(text: str | None) -> Any:
     return _parsed(text, Shard.parse, "--shard")
 
 
+def _shard_part(part: Any, items: list[Any], name: Callable[[Any], str]) -> list[Any]:
+    """The ``items`` (cases or pairs) shard ``part`` holds, with one note saying how many; when it holds none,
+    the note says so, and for a single case which shard holds it (nothing to do here: the exit code is 0)."""
+    chosen = part.select(items, name)
+    if chosen:
+        _note(f"shard {part}: {len(chosen)} of {len(items)} cases")
+    elif len(items) == 1:
+        owner = next(k for k in range(1, part.count + 1) if type(part)(k, part.count).holds(name(items[0])))
+        _note(
+            f"shard {part} does not hold the one case {name(items[0])} (cases are split by a hash of their "
+            f"names; shard {owner}/{part.count} holds it): nothing to do"
+        )
+    else:
+        _note(f"shard {part} holds none of the {len(items)} cases (split by a hash of their names): nothing to do")
+    return chosen
+
+
 def _orientation(text: str | None) -> str | None:
     """--assume-orientation: a valid three-letter code (upper-case) or None."""
     from .nifti import parse_orientation
@@ -333,7 +422,7 @@ def _orientation(text: str | None) -> str | None:
     return _parsed(text, parse_orientation, "--assume-orientation")
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def refine(
     ctx: typer.Context,
@@ -477,9 +566,9 @@ def refine(
     extras.check(samples)
     plan = plan_cases(input_path, output, note=_note)  # every output is checked before the model is opened
     if part is not None:
-        total = len(plan)
-        plan = part.select(plan, lambda planned: planned[0].name)
-        err.print(f"[dim]note:[/] shard {part}: {len(plan)} of {total} cases", highlight=False)
+        plan = _shard_part(part, plan, lambda planned: planned[0].name)
+        if not plan:
+            raise typer.Exit(0)
     check_refine_outputs(plan, source_series, assume_orientation=orientation)
     extras.check_cases([case.name for case, _ in plan])
     refiner = Refiner.from_bundle(
@@ -535,9 +624,10 @@ class Region(str, Enum):
     image = "image"
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def degrade(
+    ctx: typer.Context,
     input_path: Annotated[Path, typer.Argument(metavar="IN", help="Label map (NIfTI/DICOM) or a folder of them.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output file, or folder when IN is a folder.")],
     slice_mm: Annotated[float, typer.Option(help="Simulated slice thickness in mm (0.5-20).")] = 5.0,
@@ -576,6 +666,14 @@ def degrade(
         1.5,
         4.0,
     ),
+    clean: Annotated[
+        bool,
+        typer.Option(
+            "--clean",
+            help="Noise-free simulation: slab partial volume alone (boundary amplitude, threshold jitter, "
+            "posterior loss, truncation and islands all 0); refused together with any of those options.",
+        ),
+    ] = False,
     series_uid: Annotated[
         str | None, typer.Option(help="Which series to read when a DICOM folder holds several.")
     ] = None,
@@ -585,7 +683,7 @@ def degrade(
     """Simulate a thick-slice MRI segmentation of a label map, on the input's grid (or --native)."""
     from .batch import plan_cases
     from .cases import Case, case_seed
-    from .degrade import check_options, degrade_file
+    from .degrade import CLEAN, check_options, clean_conflicts, degrade_file
     from .outputs import require_seg_sources
 
     orientation = _orientation(assume_orientation)
@@ -602,6 +700,11 @@ def degrade(
         island_radius_mm=island_radius_mm,
         native=native,
     )
+    if clean:
+        given = [name for name in CLEAN if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")]
+        if problem := clean_conflicts(given):
+            raise fail(problem)
+        knobs.update(CLEAN)
     check_options(output, **knobs)
     plan = plan_cases(input_path, output, note=_note)  # every output is checked before any case runs
     require_seg_sources(plan, None, None)
@@ -617,7 +720,7 @@ def degrade(
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def score(
     pred: Annotated[Path, typer.Argument(help="Predicted label map, or a folder of them.")],
@@ -649,24 +752,24 @@ def score(
     """DSC, VS, SEN, SPEC, NMI, Cohen's kappa (paper appendix D), HD95 and ASSD per vertebra.
 
     A ground truth without its prediction is scored as an empty prediction (DSC 0), listed, and makes
-    the exit code 1.
+    the exit code 1; two folders with no case name in common are refused (exit code 2).
     """
-    from .score import pair_files, score_pairs, summarize, with_missing, write_csv, write_json
+    from .score import no_pairs_message, pair_files, score_pairs, summarize, with_missing, write_csv, write_json
 
     selection = _label_set(labels)
     pairs, only_pred, only_gt = pair_files(pred, gt)
+    if not pairs:  # one answer, before any per-case line: nothing pairs up
+        raise fail(no_pairs_message(pred, gt, only_pred, only_gt))
     for path in only_pred:
         err.print(f"[yellow]unpaired prediction (no ground truth, not scored):[/] {path}", highlight=False)
     for path in only_gt:
         err.print(f"[red]missing prediction:[/] {path} has none; scored as an empty prediction", highlight=False)
-    if not pairs:
-        raise fail(f"no pairs of files with the same name in {pred} and {gt}")
     pairs = with_missing(pairs, only_gt)
     part = _shard(shard)
     if part is not None:
-        total = len(pairs)
-        pairs = part.select(pairs, lambda pair: pair[0])
-        err.print(f"[dim]note:[/] shard {part}: {len(pairs)} of {total} cases", highlight=False)
+        pairs = _shard_part(part, pairs, lambda pair: pair[0])
+        if not pairs:
+            raise typer.Exit(0)
 
     with progress_bar() as progress:
         task = progress.add_task("score", total=len(pairs))
@@ -769,7 +872,7 @@ def _command_line(ctx: typer.Context) -> str:
     return shlex.join(words)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def train(
     ctx: typer.Context,
@@ -947,7 +1050,7 @@ class TrainingProgress:
             self.bundle = payload["path"]
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A training run folder (or a .pt checkpoint).")],

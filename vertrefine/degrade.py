@@ -63,6 +63,28 @@ acquisition and its segmentation can be: slices up to 20 mm (clinical MRI: 3-8 m
 25 mm high), boundary errors and openings far beyond a vertebra's thinnest parts, up to 100 islands."""
 
 
+CLEAN: dict[str, float] = {
+    "boundary_amplitude_mm": 0.0,
+    "threshold_jitter": 0.0,
+    "posterior_loss_mm": 0.0,
+    "truncation": 0.0,
+    "islands": 0.0,
+}
+"""The noise knobs of :func:`degrade` and their values for a noise-free thick-slice simulation (``degrade
+--clean``): slab partial volume alone, thresholded at exactly 0.5, no boundary error, no posterior loss, no
+cut process tips, no islands. What a perfect segmentation of the thick slices would be."""
+
+
+def clean_conflicts(given: Sequence[str]) -> str | None:
+    """The one line refusing ``--clean`` together with noise options ``given`` (knob names, e.g.
+    ``'islands'``) that it sets itself, or None. (Refused rather than letting either win: the command line
+    would say two things.)"""
+    named = [f"--{name.replace('_', '-')}" for name in given if name in CLEAN]
+    if not named:
+        return None
+    return f"--clean sets every noise option to 0, so it cannot be combined with {', '.join(named)}; drop one"
+
+
 def option_problem(**knobs: float | tuple[float, float] | None) -> tuple[str, str] | None:
     """The first knob of :func:`degrade` outside :data:`OPTION_RANGES`, as (name, "must be ..., got ..."); None
     when every knob given is valid (a knob of None takes its default). NaN is outside every range."""

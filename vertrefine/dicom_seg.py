@@ -17,6 +17,7 @@ what a SEG of such a series references.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,11 @@ def property_type_for_label(label: int) -> pydicom.sr.coding.Code:
     return property_type_for_level(name if name in LEVELS else None)
 
 
+SPINE_REGION_CODES: dict[str, str] = {"122494005": "C", "122495006": "T", "122496007": "L"}
+"""SNOMED CT 'Cervical spine', 'Thoracic spine', 'Lumbar spine' (structure; DICOM CID 4, Common Anatomic
+Regions), with the letter of their levels. Coded as a segment's property type they say 'a vertebra of this
+region' (some tools code a lumbar vertebra so); as its anatomic region, where a 'Vertebra' segment lies."""
+
 _LEVEL_OF_CODE: dict[str, str] = {
     code.value: level for level in LEVELS if (code := property_type_for_level(level)).value != GENERIC_VERTEBRA.value
 }
@@ -147,19 +153,38 @@ def _hd_affine_from_geometry(geometry: Geometry) -> np.ndarray:
 
 def segment_level(description: Dataset) -> str | None:
     """The vertebra level a SEG segment stands for: from its SegmentLabel ('L3', 'vertebrae_L3',
-    'L3 vertebra'), else from its SegmentedPropertyTypeCodeSequence (SNOMED CT, CID 7151: 'L3 vertebra'
-    36470004, 'Sacrum', 'S1 vertebra' ...); None for other anatomy and for a vertebra of unknown level."""
-    level = canonical_level(str(description.get("SegmentLabel", "") or ""))
+    'L3 vertebra', 'Vertebra L3', 'Lumbar vertebra 3'), else from its SegmentedPropertyTypeCodeSequence
+    (SNOMED CT, CID 7151: 'L3 vertebra' 36470004, 'Sacrum', 'S1 vertebra' ...), else from a number in its
+    label ('Vertebra 3', 'bone 3') and the spine region it is coded in (:data:`SPINE_REGION_CODES`: 'Lumbar
+    spine' makes it L3); None for other anatomy and for a vertebra of unknown level (a region code and no
+    number: its level is not guessed from its position)."""
+    label = str(description.get("SegmentLabel", "") or "")
+    level = canonical_level(label)
     if level is None:
         for item in description.get("SegmentedPropertyTypeCodeSequence", []) or []:
-            level = _LEVEL_OF_CODE.get(str(item.get("CodeValue", "")))
+            level = _LEVEL_OF_CODE.get(str(item.get("CodeValue", ""))) or level
+    region = _spine_region(description)
+    if level is None and region and _is_vertebra_code(description):
+        numbers = re.findall(r"\d+", label)
+        if len(numbers) == 1:
+            level = canonical_level(f"{region}{int(numbers[0])}")
     return level
 
 
+def _spine_region(description: Dataset) -> str | None:
+    """'C', 'T' or 'L' when the segment's property type or anatomic region is a spine region's code."""
+    for keyword in ("SegmentedPropertyTypeCodeSequence", "AnatomicRegionSequence"):
+        for item in description.get(keyword, []) or []:
+            if (letter := SPINE_REGION_CODES.get(str(item.get("CodeValue", "")))) is not None:
+                return letter
+    return None
+
+
 def _is_vertebra_code(description: Dataset) -> bool:
-    """The segment is coded as a vertebra ('Vertebra', 51282000) without saying which."""
+    """The segment is coded as a vertebra without saying which: 'Vertebra' (51282000), or a spine region
+    ('Lumbar spine' 122496007, ...) as its property type."""
     items = description.get("SegmentedPropertyTypeCodeSequence", []) or []
-    return any(str(item.get("CodeValue", "")) == GENERIC_VERTEBRA.value for item in items)
+    return any(str(item.get("CodeValue", "")) in (GENERIC_VERTEBRA.value, *SPINE_REGION_CODES) for item in items)
 
 
 def segment_labels(seg: hd.seg.Segmentation, path: Path | None = None) -> dict[int, int]:

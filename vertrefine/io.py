@@ -25,7 +25,7 @@ from .errors import InputError, OutputError
 from .filetypes import UNSUPPORTED_OUTPUT, compound_suffix, is_dicom_file, output_format
 from .labels import LabelScheme
 from .nifti import is_nifti_path, read_nifti, write_nifti
-from .volume import Volume
+from .volume import Volume, grid_problem
 
 __all__ = [
     "MAX_LABELS",
@@ -121,14 +121,18 @@ def read_label_map(
 def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = False) -> Volume:
     """Refuse what is not a usable 3D label map; return it with a compact unsigned integer array.
 
-    Refused: single-slice (2D) data, a sheared (non-orthonormal) direction matrix, non-numeric voxels,
-    an intensity image (really fractional or negative values, or more than :data:`MAX_LABELS` values
-    that vary from voxel to voxel) and, unless ``allow_empty``, a map without any labelled voxel. Float
-    voxels within :data:`INTEGER_TOLERANCE` of an integer (NIfTI scl_slope/scl_inter or DICOM rescale
-    rounding) are rounded. Many labels are fine when they form regions (a TotalSegmentator map has 117).
-    The array becomes uint8 (max < 256), uint16 (max < 65536) or int32.
+    Refused: a grid no scanner writes (:func:`vertrefine.volume.grid_problem`), single-slice (2D) data,
+    a sheared (non-orthonormal) direction matrix, non-numeric voxels, an intensity image (really fractional
+    or negative values, or more than :data:`MAX_LABELS` values that vary from voxel to voxel) and, unless
+    ``allow_empty``, a map without any labelled voxel. Float voxels within :data:`INTEGER_TOLERANCE` of an
+    integer (NIfTI scl_slope/scl_inter or DICOM rescale rounding) are rounded. Many labels are fine when they
+    form regions (a TotalSegmentator map has 117); a map whose labels do not form regions (fewer than
+    :data:`MIN_REGION_FRACTION` of neighbouring labelled voxels share their label, e.g. random ids per voxel)
+    is refused as no segmentation. The array becomes uint8 (max < 256), uint16 (max < 65536) or int32.
     """
     array, geometry = volume.array, volume.geometry
+    if problem := grid_problem(geometry):
+        raise InputError(path, f"has {problem}", "fix the file's spatial header (spacing, position, orientation)")
     if min(geometry.shape) < 2:
         raise InputError(path, f"is 2D (a single slice, array shape {geometry.shape})", "pass a 3D label map")
     if not geometry.is_orthonormal():
@@ -161,10 +165,11 @@ def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = 
         )
     if high >= 2**31:
         raise InputError(path, f"holds values up to {high:g}: looks like an intensity image", _SEGMENT_FIRST)
+    fraction = None
     if high > MAX_LABELS:  # only then can there be more than MAX_LABELS distinct labels
         count = int(np.count_nonzero(np.unique(array)))
         if count > MAX_LABELS:
-            fraction = region_fraction(array)
+            fraction = region_fraction(_sample_slabs(array))
             if fraction < MIN_REGION_FRACTION:
                 raise InputError(
                     path,
@@ -172,6 +177,16 @@ def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = 
                     "neighbouring labelled voxels share their value): looks like an intensity image, not a label map",
                     _SEGMENT_FIRST,
                 )
+    if high > 0 and fraction is None:
+        same, pairs = pair_counts(_sample_slabs(array))
+        if pairs >= MIN_JUDGED_PAIRS and (fraction := same / pairs) < MIN_REGION_FRACTION:
+            raise InputError(
+                path,
+                f"is not a segmentation: its labels change from voxel to voxel (only {fraction:.0%} of "
+                "neighbouring labelled voxels share their label; a segmentation's labels form regions, these "
+                "are scattered in thousands of one- or two-voxel pieces, like random ids or a corrupted file)",
+                "pass the vertebra label map itself (one integer id per vertebra)",
+            )
     if high == 0 and not allow_empty:
         raise InputError(
             path, "is an empty mask (no labelled voxel)", "check that the segmentation worked, or pass another file"
@@ -182,12 +197,26 @@ def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = 
     return volume.with_array(array) if array is not volume.array else volume
 
 
-def region_fraction(array: np.ndarray) -> float:
-    """Fraction of face-neighbouring voxel pairs, both non-zero, that hold the same value (1.0 if none).
+MIN_JUDGED_PAIRS = 1000
+"""Fewer face-neighbouring labelled voxel pairs than this (a handful of tiny labels) are not judged."""
+SAMPLED_VOXELS = 1 << 24
+"""A map larger than this is judged on evenly spaced slabs of 4 slices holding about this many voxels."""
 
-    Near 1 for a label map (values form regions and differ only where two structures touch); low for an
-    intensity image, whose values change from voxel to voxel. ``array`` is 3D, any axis order.
-    """
+
+def _sample_slabs(array: np.ndarray) -> np.ndarray:
+    """``array`` itself, or for a large map evenly spaced 4-slice slabs along its first axis (about
+    :data:`SAMPLED_VOXELS` voxels; neighbours stay neighbours within a slab, so :func:`region_fraction`
+    means the same on it, at a bounded cost)."""
+    if array.size <= SAMPLED_VOXELS or array.shape[0] < 16:
+        return array
+    slabs = max(1, SAMPLED_VOXELS // (4 * array[0].size))
+    starts = np.linspace(0, array.shape[0] - 4, slabs).astype(int)
+    return np.concatenate([np.pad(array[s : s + 4], ((0, 1), (0, 0), (0, 0))) for s in starts])
+
+
+def pair_counts(array: np.ndarray) -> tuple[int, int]:
+    """``(same, pairs)``: face-neighbouring voxel pairs both non-zero, and of those the ones holding the same
+    value, over every axis of ``array`` (3D, any axis order)."""
     same = pairs = 0
     for axis in range(array.ndim):
         a = np.moveaxis(array, axis, 0)
@@ -195,6 +224,16 @@ def region_fraction(array: np.ndarray) -> float:
         both = (first != 0) & (second != 0)
         pairs += int(np.count_nonzero(both))
         same += int(np.count_nonzero(both & (first == second)))
+    return same, pairs
+
+
+def region_fraction(array: np.ndarray) -> float:
+    """Fraction of face-neighbouring voxel pairs, both non-zero, that hold the same value (1.0 if none).
+
+    Near 1 for a label map (values form regions and differ only where two structures touch); low for an
+    intensity image, whose values change from voxel to voxel. ``array`` is 3D, any axis order.
+    """
+    same, pairs = pair_counts(array)
     return same / pairs if pairs else 1.0
 
 

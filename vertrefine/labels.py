@@ -23,6 +23,8 @@ Sources of the tables (as published by their authors):
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -68,7 +70,8 @@ LUMBAR_LABELS: tuple[int, ...] = (20, 21, 22, 23, 24)
 def canonical_level(name: str) -> str | None:
     """The level a name stands for, in any scheme's spelling, or None.
 
-    'L1', 'l1', 'L1 vertebra', 'vertebrae_L1' (TotalSegmentator), 'vertebra_L1', 'Vertebra L1' -> 'L1';
+    'L1', 'l1', 'L1 vertebra', 'vertebrae_L1' (TotalSegmentator), 'vertebra_L1', 'Vertebra L1',
+    'Lumbar vertebra 1', 'lumbar_vertebra_L1' -> 'L1';
     'Sacrum', 'vertebrae_S1' -> 'sacrum', 'S1'. Organ names and other text -> None.
     """
     key = " ".join(name.strip().upper().replace("-", "_").split())
@@ -78,6 +81,9 @@ def canonical_level(name: str) -> str | None:
     for prefix in ("VERTEBRAE_", "VERTEBRA_", "VERTEBRAE ", "VERTEBRA "):
         if key.startswith(prefix):
             key = key[len(prefix) :].strip()
+    region = re.fullmatch(r"(CERVICAL|THORACIC|LUMBAR)[ _]+(?:VERTEBRAE?[ _]*)?([CTL]?)(\d+)", key)
+    if region and region.group(2) in ("", region.group(1)[0]):  # 'Lumbar vertebra 3', 'lumbar_vertebra_L3'
+        key = f"{region.group(1)[0]}{int(region.group(3))}"
     return _CANONICAL.get(key)
 
 
@@ -224,6 +230,61 @@ SCHEMES: dict[str, LabelScheme] = {
 """The schemes ``--label-scheme`` names (besides ``auto``)."""
 SCHEME_CHOICES: tuple[str, ...] = ("auto", *SCHEMES)
 
+# SPINEPS subregion masks (*_seg-spine_msk): the ``Location`` ids of TPTBox (github.com/Hendrik-code/TPTBox,
+# TPTBox/core/vert_constants.py), which SPINEPS (Moeller et al., European Radiology 2024) writes.
+_SPINEPS_SUBREGIONS: dict[int, str] = {
+    40: "vertebra_full",
+    41: "arcus_vertebrae",
+    42: "spinosus_process",
+    43: "costal_process_left",
+    44: "costal_process_right",
+    45: "superior_articular_left",
+    46: "superior_articular_right",
+    47: "inferior_articular_left",
+    48: "inferior_articular_right",
+    49: "vertebra_corpus_border",
+    50: "vertebra_corpus",
+    51: "dens_axis",
+    52: "endplate_superior",
+    53: "endplate_inferior",
+    58: "disc_superior",
+    59: "disc_inferior",
+    60: "spinal_cord",
+    61: "spinal_canal",
+    62: "endplate",
+    100: "vertebra_disc",
+}
+_SPINEPS_PARTS = frozenset(range(41, 51))
+"""Parts of a vertebra: a subregion mask holds several of them (arch, processes, body), one id each for
+every vertebra of the image."""
+SPINEPS_SUBREGIONS = LabelScheme(
+    "spineps-subregions", "a SPINEPS subregion mask (seg-spine_msk)", dict(_SPINEPS_SUBREGIONS)
+)
+"""Vertebra parts, canal and discs, each id for every vertebra at once: nothing in it is one vertebra."""
+SPINEPS_SUBREGION_SUFFIX = "_seg-spine_msk"
+SPINEPS_SUBREGION_NOTE = (
+    "a SPINEPS subregion mask (41 arch, 42-48 processes, 49-50 body, 60-62 canal and endplates, 100 discs: "
+    "parts of every vertebra, not one label per vertebra), never refined; its *_seg-vert_msk beside it is "
+    "the vertebra label map to refine"
+)
+
+
+def is_spineps_subregion_name(path: str | os.PathLike[str]) -> bool:
+    """True for a file named as SPINEPS names its subregion masks (``*_seg-spine_msk.nii.gz``, any case)."""
+    name = os.path.basename(os.fspath(path)).lower()
+    stem = name.split(".", 1)[0]
+    return stem.endswith(SPINEPS_SUBREGION_SUFFIX)
+
+
+def looks_like_spineps_subregions(ids: Collection[int]) -> bool:
+    """Whether non-zero ``ids`` are SPINEPS subregion ids only, with at least three parts of a vertebra
+    (41-50: arch, processes, body), as every subregion mask of a spine holds. (TotalSegmentator v2 numbers
+    T4..C1 40-50 too, but a map of those vertebrae alone, with no other structure, is what ``--label-scheme
+    totalsegmentator`` is for.)"""
+    present = {int(i) for i in ids if int(i) != 0}
+    return bool(present) and present <= set(_SPINEPS_SUBREGIONS) and len(present & _SPINEPS_PARTS) >= 3
+
+
 VERSE_MAX_ID = max(_VERSE_NAMES)
 EXTRA_STRUCTURE_MIN_ID = 100
 """Spine tools that number vertebrae as VerSe put other structures at 100 and above (SPINEPS: discs
@@ -234,6 +295,8 @@ def recognise_scheme(labels: Collection[int]) -> tuple[LabelScheme, str]:
     """(scheme, why) for a label map holding the non-zero ids ``labels`` (``--label-scheme auto``).
 
     * one value of :data:`BINARY_MASK_VALUES` (1 or 255): a binary mask;
+    * SPINEPS subregion ids only, with several parts of a vertebra (:func:`looks_like_spineps_subregions`):
+      :data:`SPINEPS_SUBREGIONS`, in which nothing is one vertebra;
     * every id in 1..28, or VerSe vertebra ids plus ids of 100 and above (discs, endplates, canal of
       spine tools that number vertebrae as VerSe): VerSe;
     * every id in 1..117 and some in 29..99 (ids VerSe does not use; TotalSegmentator's vertebrae L3..C1,
@@ -245,6 +308,8 @@ def recognise_scheme(labels: Collection[int]) -> tuple[LabelScheme, str]:
     if len(ids) == 1 and ids[0] in BINARY_MASK_VALUES:
         return BINARY_MASK, f"a single value, {ids[0]}"
     shown = _id_summary(ids)
+    if looks_like_spineps_subregions(ids):
+        return SPINEPS_SUBREGIONS, f"ids {shown}: SPINEPS's subregions (41 arch, 49 body, ...), parts of every vertebra"
     if ids and ids[-1] <= VERSE_MAX_ID:
         return VERSE, f"ids {shown}, all within VerSe's 1-{VERSE_MAX_ID}"
     if ids and ids[-1] <= len(_TOTALSEG_V2) and any(VERSE_MAX_ID < i < EXTRA_STRUCTURE_MIN_ID for i in ids):
@@ -415,6 +480,8 @@ __all__ = [
     "LEVELS",
     "LUMBAR_LABELS",
     "SCHEMES",
+    "SPINEPS_SUBREGIONS",
+    "SPINEPS_SUBREGION_NOTE",
     "SCHEME_CHOICES",
     "TOTALSEGMENTATOR",
     "TOTALSEGMENTATOR_V1",
@@ -424,6 +491,8 @@ __all__ = [
     "LabelScheme",
     "LabelSelection",
     "canonical_level",
+    "is_spineps_subregion_name",
+    "looks_like_spineps_subregions",
     "choose_scheme",
     "label_for_level",
     "label_scheme_of",

@@ -1,4 +1,5 @@
-"""Surface meshes of refined vertebrae: marching cubes on the probability patch, STL in patient LPS mm.
+"""Surface meshes of vertebrae: marching cubes on a refined vertebra's probability patch, or on the mask of a
+vertebra written as the input shows it (passed through), STL in patient LPS mm.
 
 What is written is a closed 2-manifold as an STL reader sees it (vertices merged by position after the
 float32 rounding of STL): every edge is shared by exactly two triangles, none has zero area, and the
@@ -39,11 +40,35 @@ def vertebra_mesh(probability: np.ndarray, owned: np.ndarray, box: PatchBox, geo
     no iso-level gives a closed surface.
     """
     field = np.where(owned, probability, 0.0).astype(np.float64)
+    return _field_mesh(field, box.start, geometry, level)
+
+
+def instance_mesh(instances: np.ndarray, instance_id: int, geometry: Geometry):
+    """A closed ``trimesh.Trimesh`` of the voxels of ``instances == instance_id``, vertices in LPS mm.
+
+    For a vertebra written as the input shows it (passed through, e.g. every vertebra of an input finer
+    than 3 mm kept as it is): ``instances`` is the instance array [z, y, x] on ``geometry`` (the working
+    grid). The surface is the binary mask's 0.5 level, closed as :func:`vertebra_mesh` closes it. Returns
+    None when no voxel holds ``instance_id``; raises ValueError if no iso-level gives a closed surface.
+    """
+    from scipy import ndimage
+
+    mask = instances == instance_id
+    boxes = ndimage.find_objects(mask.astype(np.uint8))
+    if not boxes or boxes[0] is None:
+        return None
+    box = boxes[0]
+    return _field_mesh(mask[box].astype(np.float64), tuple(s.start for s in box), geometry, 0.5)
+
+
+def _field_mesh(field: np.ndarray, start: tuple[int, ...], geometry: Geometry, level: float):
+    """The closed ``level`` surface of ``field`` [z, y, x] whose voxel (0, 0, 0) is index ``start`` (k, j, i)
+    of ``geometry``; None when empty."""
     if not (field > level).any():
         return None
     padded = np.pad(field, 1)  # a vertebra touching the patch border still gets a closed surface
     for offset in _OFFSETS:
-        mesh = _surface(padded, level - offset, np.asarray(box.start, dtype=np.float64) - 1.0, geometry)
+        mesh = _surface(padded, level - offset, np.asarray(start, dtype=np.float64) - 1.0, geometry)
         if mesh is not None:
             return mesh
     raise ValueError(f"no closed surface of the vertebra at level {level} (marching cubes left it open)")

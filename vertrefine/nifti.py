@@ -21,7 +21,7 @@ from nibabel.spatialimages import HeaderDataError
 from .atomic import atomic_path
 from .errors import InputError
 from .filetypes import is_nifti_name as is_nifti_path
-from .volume import Geometry, Source, Volume
+from .volume import Geometry, Source, Volume, grid_problem
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 # What nibabel, gzip and zlib raise on damaged files (gzip.BadGzipFile is an OSError).
@@ -159,8 +159,9 @@ def header_geometry(
 
     When both forms are set and their voxel centres at the image's corners differ by more than
     :data:`DISAGREE_MM` or their rotations by more than :data:`DISAGREE_DEGREES`, a warning says which is
-    used. Raises InputError for an unoriented file without ``assume_orientation`` and for a degenerate
-    transform.
+    used. Raises InputError for an unoriented file without ``assume_orientation``, for a degenerate
+    transform and for a grid no scanner writes (:func:`vertrefine.volume.grid_problem`: NaN in the affine,
+    voxels of 100 mm or 0.0001 mm).
     """
     header = image.header.copy()
     shape = tuple(int(n) for n in image.shape[:3])
@@ -190,10 +191,23 @@ def header_geometry(
             warnings.append(
                 f"the sform (code {_code(scode)}) is sheared; the qform (code {_code(qcode)}) is used, as ITK does"
             )
+    for name, fields, code, form in (
+        ("sform", "srow_x/y/z", scode, header.get_sform),
+        ("qform", "qoffset_x/y/z, quatern_b/c/d, pixdim", qcode, header.get_qform),
+    ):
+        matrix = np.asarray(form(), dtype=float) if code > 0 else np.eye(4)
+        if not np.all(np.isfinite(matrix)):  # no scanner writes NaN or inf; one form of two is not trusted either
+            rows = "; ".join(", ".join(f"{v:g}" for v in row) for row in matrix[:3])
+            raise InputError(
+                path, f"has an implausible affine: its {name} ({fields}) holds NaN or infinite values ({rows})",
+                _REMEDY_HEADER,
+            )
     try:
         geometry = geometry_from_affine(affine, shape)
     except ValueError as exc:
         raise InputError(path, f"has an unusable affine: {exc}", "fix the file's sform/qform") from exc
+    if problem := grid_problem(geometry):  # before any voxel is read or resampled
+        raise InputError(path, f"has {problem}", _REMEDY_HEADER)
     return geometry, warnings, header
 
 
@@ -320,4 +334,5 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+_REMEDY_HEADER = "fix the header's sform/qform and pixdim (e.g. convert the DICOM again with dcm2niix)"
 _REMEDY_UNREADABLE = "check that the file is complete (re-copy or re-export it)"

@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .labels import level_name
+import numpy as np
+
+from .labels import LabelScheme, level_name
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ single vertebrae is flagged, and 159 of 183 pairs of adjacent vertebrae merged u
 validation individuals: 0 of 51 and 30 of 36. A lordotic spine's tilted vertebrae are tall on the grid,
 which hides some pairs from the height ratio; the volume ratio alone catches most of those, but only against
 two neighbours (a single neighbour may have lost much of its volume to a thick slice)."""
+MAX_SOLIDITY = 0.85
+"""A vertebra is far from convex: its arch, processes and canal leave most of its convex hull empty. Its
+solidity (volume / convex hull volume, on the 1 mm working grid) measured 0.30-0.41 on the phantoms of
+``vertrefine synth``, 0.29-0.42 on real CT vertebrae (VerSe sub-gl003 T1-T5 and sub-verse006 L4-L5, a
+Sawbones lumbar spine L1-L5), and 0.20-0.55 after ``degrade --native`` at 5 mm sagittal and 7 mm axial.
+A block, ball or blob is near 1 (a 40 mm cube: 1.0; a vertebral body segmented alone about 0.95, passed
+through as such: the model draws whole vertebrae)."""
 MIN_CHANGE, MAX_CHANGE = 0.5, 2.0
 """A result with less than half or more than twice the input's volume is implausible."""
 
@@ -64,13 +73,20 @@ def volume_range(label: int | None) -> VolumeRange:
 
 
 def input_problem(
-    label: int | None, voxels: int, voxel_ml: float, extent_mm: float, touches_border: bool
+    label: int | None,
+    voxels: int,
+    voxel_ml: float,
+    extent_mm: float,
+    touches_border: bool,
+    mask: np.ndarray | None = None,
 ) -> str | None:
     """Why an input vertebra is not one to refine, or None when it is plausible.
 
     ``voxels`` and ``voxel_ml`` give its volume, ``extent_mm`` the longest side of its bounding box,
     ``touches_border`` whether it reaches the edge of the field of view; ``label`` its VerSe id (None: a
-    component of a binary mask, whose level is unknown).
+    component of a binary mask, whose level is unknown). ``mask`` (its voxels [z, y, x] on an isotropic
+    grid, cropped to its bounding box; optional) adds the shape test :func:`shape_problem` for a vertebra
+    not cut by the field of view.
     """
     volume = voxels * voxel_ml
     bounds = volume_range(label)
@@ -87,6 +103,81 @@ def input_problem(
         return f"too large for one vertebra ({volume:.0f} mL > {bounds.max_ml:g} mL){hint}"
     if extent_mm > MAX_EXTENT_MM:
         return f"too long for one vertebra ({extent_mm:.0f} mm > {MAX_EXTENT_MM:g} mm)"
+    if mask is not None and not touches_border:
+        return shape_problem(mask)
+    return None
+
+
+ORGAN_SIZE_FACTOR = 2.0
+"""A label with more than twice the largest volume of its level is organ-sized, not a swollen vertebra."""
+
+
+def numbering_problem(scheme: LabelScheme, sized: Sequence[tuple[int, float]]) -> str | None:
+    """Why ids read as VerSe (``--label-scheme auto``, every id within 1-28) are a TotalSegmentator v2 map's,
+    or None.
+
+    ``sized``: (label id, volume in mL) of every label of the map. A TotalSegmentator ``--roi_subset`` run
+    can write only ids up to 28 (kidneys 2 and 3, liver 5, L5 27, L4 28), which VerSe reads as C2, C3, C5,
+    coccyx and T13. The anatomy decides: some labels are organ-sized for their VerSe level
+    (:data:`ORGAN_SIZE_FACTOR` times its largest volume), TotalSegmentator v2 names each of those as an organ,
+    and reads at least one other label as a vertebra of a plausible volume.
+    """
+    from .labels import TOTALSEGMENTATOR, VERSE
+
+    if scheme is not VERSE:
+        return None
+    organs = [
+        (label, ml)
+        for label, ml in sized
+        if scheme.is_vertebra(label) and ml > ORGAN_SIZE_FACTOR * volume_range(scheme.verse_label(label)).max_ml
+    ]
+    total = TOTALSEGMENTATOR
+    if not organs or any(total.is_vertebra(label) for label, _ in organs):
+        return None
+    vertebrae = [
+        label
+        for label, ml in sized
+        if total.is_vertebra(label)
+        and volume_range(total.verse_label(label)).min_ml <= ml <= volume_range(total.verse_label(label)).max_ml
+    ]
+    if not vertebrae:
+        return None
+    organs.sort()
+    as_verse = ", ".join(f"{label} ({scheme.name(label)}, {ml:.0f} mL)" for label, ml in organs)
+    as_total = ", ".join(f"{label} {total.name(label)}" for label, _ in organs)
+    levels = ", ".join(f"{label} {total.names.get(label, total.name(label))}" for label in sorted(vertebrae))
+    return (
+        f"its ids read as VerSe make organ-sized vertebrae ({as_verse}); as TotalSegmentator v2 (a --roi_subset "
+        f"run writes ids up to 28 too) they are {as_total}, beside the vertebrae {levels}"
+    )
+
+
+def solidity(mask: np.ndarray) -> float:
+    """Volume of ``mask`` (a 3D boolean array, isotropic voxels) over the volume of its convex hull.
+
+    The hull is the one of the voxels' corners (scipy's Qhull), so a filled box has solidity 1.0.
+    """
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull
+
+    mask = np.asarray(mask, dtype=bool)
+    surface = np.argwhere(mask & ~ndimage.binary_erosion(mask))
+    offsets = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    corners = np.unique((surface[:, None, :] + offsets[None]).reshape(-1, 3), axis=0)
+    return float(np.count_nonzero(mask) / ConvexHull(corners).volume)
+
+
+def shape_problem(mask: np.ndarray) -> str | None:
+    """Why ``mask`` (one input vertebra's voxels [z, y, x] on an isotropic grid) is not shaped like a
+    vertebra, or None: a solidity above :data:`MAX_SOLIDITY` (convex like a block or blob, no arch or canal)."""
+    if np.count_nonzero(mask) < 8 or min(mask.shape) < 2:
+        return None
+    value = solidity(mask)
+    if value > MAX_SOLIDITY:
+        return (
+            f"not shaped like a vertebra (convex like a block: solidity {value:.2f} > {MAX_SOLIDITY:g}; a vertebra's "
+            "arch and canal leave most of its convex hull empty)"
+        )
     return None
 
 
@@ -147,12 +238,16 @@ __all__ = [
     "MERGED_HEIGHT_RATIO",
     "MERGED_VOLUME_RATIO",
     "MERGED_VOLUME_RATIO_TALL",
+    "MAX_SOLIDITY",
     "THORACIC",
     "VolumeRange",
     "extent_mm",
     "input_problem",
     "merged_problem",
+    "numbering_problem",
     "result_problem",
+    "shape_problem",
+    "solidity",
     "touches",
     "volume_range",
 ]

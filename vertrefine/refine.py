@@ -38,7 +38,15 @@ from .labels import (
     parse_label_selection,
 )
 from .metrics import surface_distances
-from .plausibility import extent_mm, input_problem, merged_problem, result_problem, touches, volume_range
+from .plausibility import (
+    extent_mm,
+    input_problem,
+    merged_problem,
+    numbering_problem,
+    result_problem,
+    touches,
+    volume_range,
+)
 from .runtime import BundleSessions, open_sessions
 from .sampler import SamplerSettings, refine_latents
 from .spatial import (
@@ -284,6 +292,8 @@ class RefinedVertebra:
     """(added, removed) mL of the data-consistency projection (None: not projected)."""
     scheme: LabelScheme = VERSE
     """The numbering of the input's label ids (the level of this vertebra's id)."""
+    rejected: np.ndarray | None = None
+    """For a vertebra kept as input: the refinement's probability patch that was not written (QC image)."""
 
     @property
     def name(self) -> str:
@@ -408,6 +418,10 @@ def prepare_case(
         raise InputError(volume.source.path, *_nothing_to_refine(instances, scheme, scheme_note, options.labels))
     from_mask = scheme.binary
     voxel_ml = working_grid.voxel_volume_mm3 / 1000.0
+    if options.label_scheme == "auto" and (
+        problem := numbering_problem(scheme, [(i.label, i.voxels * voxel_ml) for i in instances])
+    ):
+        raise InputError(volume.source.path, problem, "pass --label-scheme totalsegmentator (or verse, if it is VerSe)")
     sizeable = [i for i in chosen if i.voxels * voxel_ml >= volume_range(scheme.verse_label(i.label)).min_ml]
     if problem := level_order_problem(scheme, [(i.label, i.centroid_lps[2]) for i in sizeable]):  # not specks
         raise InputError(
@@ -519,7 +533,8 @@ def _plausible(
         box = boxes[inst.instance_id - 1]
         touching = touches(box, instance_array.shape)
         level = None if from_mask else scheme.verse_label(inst.label)
-        problem = input_problem(level, inst.voxels, voxel_ml, extent_mm(box, spacing), touching)
+        mask = instance_array[box] == inst.instance_id
+        problem = input_problem(level, inst.voxels, voxel_ml, extent_mm(box, spacing), touching, mask=mask)
         if problem is None:
             keep.append(inst)
             size[inst.instance_id] = (inst.voxels * voxel_ml, (box[0].stop - box[0].start) * spacing)
@@ -733,6 +748,7 @@ def finish_case(
     for v in vertebrae:
         if v.decision == "kept input":  # the input's shape everywhere: labels, probability map, mesh
             instance_id = v.instance.instance_id
+            v.rejected = v.probability
             after[after == instance_id] = 0
             after[(prepared.instance_array == instance_id) & (after == 0)] = instance_id
             v.probability = (crop(prepared.instance_array, v.box) == instance_id).astype(np.float32)

@@ -24,10 +24,12 @@ from .dicom_seg import seg_source_geometry
 from .errors import InputError, OutputError, SettingsError
 from .filetypes import NIFTI_SUFFIXES, SEG_SUFFIXES, is_nifti_name
 from .io import is_dicom_output, read_label_map, write_label_map
+from .labels import SPINEPS_SUBREGION_NOTE, SPINEPS_SUBREGIONS, is_spineps_subregion_name, label_scheme_of
 from .nifti import read_nifti_geometry, write_scalar_nifti
 from .outputs import check_writable_file, check_writable_folder, require_seg_sources
 from .refine import PreparedCase, RefinedCase, Refiner
 from .sidecar import Sidecar, bundle_digests, sidecar_path
+from .volume import Volume
 
 EXTRA_OPTIONS = {"probability": "--save-prob", "uncertainty": "--uncertainty", "mesh": "--mesh", "qc": "--qc"}
 """The command-line option of each extra output."""
@@ -180,6 +182,34 @@ def check_refine_outputs(
         )
 
 
+def _rejected_ids(refined: RefinedCase, threshold: float) -> np.ndarray | None:
+    """Instance ids [z, y, x] on the working grid of the refinements not written (vertebrae kept as input:
+    :attr:`vertrefine.refine.RefinedVertebra.rejected` at ``threshold``); None when there is none."""
+    kept = [v for v in refined.vertebrae if v.rejected is not None and (v.rejected >= threshold).any()]
+    if not kept:
+        return None
+    ids = np.zeros(refined.working_after.shape, dtype=refined.working_after.dtype)
+    for vertebra in kept:
+        inside, part = vertebra.box.slices(ids.shape)
+        ids[inside][vertebra.rejected[part] >= threshold] = vertebra.instance.instance_id
+    return ids
+
+
+def refuse_subregion_mask(path: Path, volume: Volume, label_scheme: str = "auto") -> None:
+    """Refuse a SPINEPS subregion mask (InputError, one line): recognised by its name (``*_seg-spine_msk``)
+    or, under ``--label-scheme auto``, by its ids (:func:`vertrefine.labels.looks_like_spineps_subregions`).
+    Its ids are parts of every vertebra (arch, body, processes), so no id is one vertebra to refine."""
+    if label_scheme != "auto":
+        return
+    scheme, _ = label_scheme_of(volume, label_scheme)
+    if scheme is SPINEPS_SUBREGIONS or is_spineps_subregion_name(path):
+        raise InputError(
+            path,
+            f"is {SPINEPS_SUBREGION_NOTE}",
+            "pass the *_seg-vert_msk.nii.gz that SPINEPS wrote beside it (one label per vertebra)",
+        )
+
+
 class RefineJob:
     """What one ``vertrefine refine`` run needs for every case: the :class:`Refiner`, seed and extra outputs."""
 
@@ -221,6 +251,7 @@ class RefineJob:
         status("read")
         volume = read_label_map(case.path, series_uid=self.series_uid, assume_orientation=self.assume_orientation)
         read_seconds = time.perf_counter() - start
+        refuse_subregion_mask(case.path, volume, self.options.label_scheme)
         prepared = self.refiner.prepare(volume, status)
         prepared.seconds = {"read": read_seconds, **prepared.seconds}
         if self.note is not None and prepared.scheme.key not in self._schemes_said:
@@ -339,23 +370,36 @@ class RefineJob:
                 for inst, _ in refined.passed_through
             ]
             written.append(qc_path)
-            write_qc_png(refined.working_before, refined.working_after, qc_path, title=name, vertebrae=shown)
+            write_qc_png(
+                refined.working_before,
+                refined.working_after,
+                qc_path,
+                title=name,
+                vertebrae=shown,
+                rejected=_rejected_ids(refined, self.options.threshold),
+            )
             paths["qc"] = qc_path
         mesh_dir = self._extra_path("mesh", name, written, folders_made)
         if mesh_dir is not None:
-            from .mesh import stl_name, vertebra_mesh, write_stl
+            from .mesh import instance_mesh, stl_name, vertebra_mesh, write_stl
 
             meshes = []
+            shapes = []  # (name, label id, mesh or None): every vertebra of the written label map
             for vertebra in refined.vertebrae:
                 inside, part = vertebra.box.slices(refined.working_after.shape)
                 owned = np.zeros(vertebra.probability.shape, dtype=bool)
                 ids = refined.working_after[inside]
                 owned[part] = (ids == 0) | (ids == vertebra.instance.instance_id)
                 mesh = vertebra_mesh(vertebra.probability, owned, vertebra.box, refined.working, self.options.threshold)
+                shapes.append((vertebra.name, vertebra.instance.label, mesh))
+            for inst, _ in refined.passed_through:  # written as the input shows them: their input shape
+                mesh = instance_mesh(refined.working_after, inst.instance_id, refined.working)
+                shapes.append((refined.name_of(inst), inst.label, mesh))
+            for vertebra_name, label, mesh in shapes:
                 if mesh is not None:
-                    stl = mesh_dir / stl_name(vertebra.name)
+                    stl = mesh_dir / stl_name(vertebra_name)
                     if stl in meshes:  # two structures of one name (SEG segments all labelled "Vertebra")
-                        stl = mesh_dir / stl_name(f"{vertebra.name}_{vertebra.instance.label}")
+                        stl = mesh_dir / stl_name(f"{vertebra_name}_{label}")
                     written.append(stl)
                     write_stl(mesh, stl)
                     meshes.append(stl)

@@ -96,6 +96,23 @@ def pair_files(pred: str | Path, gt: str | Path) -> tuple[list[Pair], list[Path]
     return pairs, unpaired_pred, unpaired_gt
 
 
+def no_pairs_message(pred: Path, gt: Path, unpaired_pred: Sequence[Path], unpaired_gt: Sequence[Path]) -> str:
+    """The one line for two folders of which no prediction's case name is a ground truth's: how pairs are
+    matched (by case name: the file name without .nii.gz/.nii/.dcm in any letter case, or the sub-folder
+    name) and up to three names on each side, so a prefix or suffix that differs shows at once."""
+
+    def some(paths: Sequence[Path]) -> str:
+        names = [case_name(p) for p in paths]
+        return ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "") or "none"
+
+    return (
+        f"no prediction in {pred} has the case name of a ground truth in {gt}: pairs are matched by case name "
+        "(the file name without .nii.gz/.nii/.dcm, or the DICOM folder's name); "
+        f"predictions: {some(unpaired_pred)}; ground truths: {some(unpaired_gt)}. "
+        "Rename one side so that the names match"
+    )
+
+
 def with_missing(pairs: Sequence[Pair], unpaired_gt: Sequence[Path]) -> list[Pair]:
     """Every ground truth to score, by name: ``pairs`` plus ``(name, None, gt)`` for each ground truth
     without its prediction, which :func:`score_pairs` scores as an empty prediction (DSC 0) and lists as

@@ -23,6 +23,55 @@ if TYPE_CHECKING:  # SimpleITK is imported where it is used: the training path r
 SourceKind = Literal["nifti", "dicom-series", "dicom-seg", "memory"]
 
 
+PLAUSIBLE_SPACING_MM = (0.01, 20.0)
+"""Voxel sizes (mm, inclusive) a label map of a spine can have. The finest: micro-CT of excised vertebrae
+(about 10 micrometres; clinical CT and MRI are no finer than 0.2 mm). The coarsest: no CT or MRI protocol
+acquires slices thicker than about 10 mm, even with a slice gap (spacing = thickness + gap: 6 + 6 mm at
+most in practice); at 20 mm a vertebra (25-40 mm tall) spans one or two voxels and nothing of its shape
+is left. Outside these bounds the header is wrong (units, a lost scale, a corrupt pixdim): refine would
+resample to a 1 mm grid of terabytes (100 mm voxels) or of a few voxels (0.0001 mm voxels)."""
+MAX_FIELD_OF_VIEW_MM = 3000.0
+"""The longest side of a label map (mm): a whole-body CT is about 2000 mm long."""
+MAX_COORDINATE_MM = 1.0e6
+"""An origin further from the scanner's isocentre than 1 km is a corrupt header, not a position."""
+
+
+def grid_problem(geometry: Geometry) -> str | None:
+    """Why a file's grid cannot be a scan of a patient (what no scanner writes), or None.
+
+    Checked on the header alone, before any voxel is read or resampled: a non-finite (NaN, infinite)
+    origin, direction or spacing; a voxel size outside :data:`PLAUSIBLE_SPACING_MM`; a side longer than
+    :data:`MAX_FIELD_OF_VIEW_MM`; an origin beyond :data:`MAX_COORDINATE_MM`. Spacing is in ITK order
+    ``(i, j, k)``, mm; origin LPS mm.
+    """
+    spacing = np.asarray(geometry.spacing, dtype=float)
+    origin = np.asarray(geometry.origin, dtype=float)
+    direction = np.asarray(geometry.direction, dtype=float)
+    if not np.all(np.isfinite(origin)):
+        return f"an implausible affine: its translation (origin) is not finite ({_values(origin)} mm)"
+    if not np.all(np.isfinite(direction)) or not np.all(np.isfinite(spacing)):
+        return "an implausible affine: its rotation or voxel sizes are not finite (NaN or infinite)"
+    low, high = PLAUSIBLE_SPACING_MM
+    if spacing.min() < low or spacing.max() > high:
+        return (
+            f"an implausible voxel size ({_values(spacing)} mm; a scan's voxels are {low:g} to {high:g} mm): "
+            "the header's spacing or units are wrong"
+        )
+    extent = spacing * np.asarray(geometry.size_ijk, dtype=float)
+    if extent.max() > MAX_FIELD_OF_VIEW_MM:
+        return (
+            f"an implausible field of view ({_values(extent)} mm; no scan is longer than "
+            f"{MAX_FIELD_OF_VIEW_MM:g} mm): the header's spacing or units are wrong"
+        )
+    if np.abs(origin).max() > MAX_COORDINATE_MM:
+        return f"an implausible affine: its origin ({_values(origin)} mm) lies kilometres from the scanner"
+    return None
+
+
+def _values(values: np.ndarray) -> str:
+    return " x ".join(f"{v:.4g}" for v in values)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where an array's voxels lie in patient space."""
