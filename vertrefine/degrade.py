@@ -238,7 +238,7 @@ def degrade(
         if not inside.any():
             continue
         # 3. smooth boundary error on each label's signed distance (mm)
-        box = _bbox(inside, pad)
+        box = bounding_box(inside, pad)
         sdf = signed_distance(inside[box], coarse_spacing) + noise[box]
         take = (sdf < 0) & (sdf < best[box])
         best[box] = np.where(take, sdf, best[box])
@@ -333,12 +333,14 @@ def physical_axes(g: Geometry, lo: Sequence[int], shape: Sequence[int]) -> list[
     return terms
 
 
-def _coordinate(terms: list[np.ndarray], box: tuple[slice, ...]) -> np.ndarray:
+def physical_coordinate(terms: list[np.ndarray], box: tuple[slice, ...]) -> np.ndarray:
+    """One LPS coordinate (mm) over ``box`` of the region, from its :func:`physical_axes` terms (broadcast)."""
     t0, t1, t2 = terms
     return t0[box[0], :, :] + t1[:, box[1], :] + t2[:, :, box[2]]
 
 
-def _bbox(mask: np.ndarray, pad: Sequence[int] | int) -> tuple[slice, ...]:
+def bounding_box(mask: np.ndarray, pad: Sequence[int] | int) -> tuple[slice, ...]:
+    """Slices of the box around a non-empty mask's voxels, ``pad`` voxels wider (per axis), clipped to the array."""
     pad = np.broadcast_to(np.asarray(pad, int), (3,))
     idx = np.nonzero(mask)
     return tuple(
@@ -367,10 +369,10 @@ def lose_posterior(
     if not mask.any():
         return mask
     pad = np.ceil(radius_mm / spacing).astype(int) + 2
-    box = _bbox(mask, pad)
+    box = bounding_box(mask, pad)
     sub = mask[box]
-    x = _coordinate(phys[0], box)
-    y = _coordinate(phys[1], box)
+    x = physical_coordinate(phys[0], box)
+    y = physical_coordinate(phys[1], box)
     inside = np.nonzero(sub)
     xs = np.broadcast_to(x, sub.shape)[inside]
     ys = np.broadcast_to(y, sub.shape)[inside]
@@ -379,7 +381,7 @@ def lose_posterior(
     kept = sub.copy()
     back = sub & behind
     if radius_mm > 0 and back.any():
-        near = _bbox(back, pad)  # open only around the part behind the centre of mass
+        near = bounding_box(back, pad)  # open only around the part behind the centre of mass
         kept[near] = np.where(behind[near], _opening(sub[near], radius_mm, spacing), sub[near])
     # process tips: posterior (spinous), left and right (transverse) reach from the centre of mass
     draws = rng.uniform(size=3)
@@ -493,9 +495,11 @@ __all__ = [
     "add_islands",
     "block_mean",
     "block_starts",
+    "bounding_box",
     "degrade",
     "lose_posterior",
     "physical_axes",
+    "physical_coordinate",
     "signed_distance",
     "slab_index",
     "smooth_noise",
