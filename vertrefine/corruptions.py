@@ -39,7 +39,7 @@ Held out (never in :data:`TRAINING_FAMILIES`):
 
 - ``mri-like``: errors of the kind an MRI segmentation has, made on the fine grid on each vertebra's signed
   distance before the (clean) slabs: (a) the cortical shell is missed: dark in every MRI weighting, it is
-  left out by an erosion 0.3-0.9 mm deep, 0.3-1.0 mm deeper behind the centre of mass (the bright marrow of
+  left out by an erosion 0.2-0.6 mm deep, 0.2-0.8 mm deeper behind the centre of mass (the bright marrow of
   the body is segmented confidently, the cortical posterior elements are not), varying smoothly (sd 0.25 mm
   over 6 mm), so a part thinner than about twice that depth (laminae, process tips) is lost according to its
   own local thickness; (b) endplate blur: near each neighbouring vertebra (within 8 mm, i.e. across the
@@ -442,7 +442,7 @@ def _mri_like(
             y = np.broadcast_to(physical_coordinate(phys[1], box), phi.shape)
             y_c = float(y[mask[box]].mean())
             behind = np.clip((y - y_c) / 15.0 + 0.5, 0.0, 1.0)  # 0 in front of the centre, 1 from 7.5 mm behind
-            depth = float(rng.uniform(0.3, 0.9)) + float(rng.uniform(0.3, 1.0)) * behind
+            depth = float(rng.uniform(0.2, 0.6)) + float(rng.uniform(0.2, 0.8)) * behind
             depth = depth + 0.25 * smooth_noise(phi.shape, spacing, 6.0, rng)
             phi = phi + depth.astype(np.float32)
         fields[lab] = (box, phi)
