@@ -87,7 +87,8 @@ def test_shape_based_interpolation_beats_nearest_on_clean_thick_slices(run):
 
 def test_conditions_are_family_thickness_axis_and_form(run):
     doc = run[0]
-    assert set(doc["conditions"]) == {f"{f} 5mm sagittal {form}" for f in ("clean", "warp") for form in ("native", "fine")}
+    keys = {f"{family} 5mm sagittal {form}" for family in ("clean", "warp") for form in ("native", "fine")}
+    assert set(doc["conditions"]) == keys
     native, fine = doc["conditions"][KEY], doc["conditions"]["clean 5mm sagittal fine"]
     for case in CASES:
         assert sorted(native["input_spacing_mm"][case])[-1] == pytest.approx(5.0)  # the slabs, one voxel each
