@@ -372,7 +372,8 @@ class _WarpField:
 
     def at(self, slabs: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Displacement [2, len(slabs), len(u), len(v)] (mm, along in-plane axes 1 and 2), bounded by ``reach_mm``."""
-        axes = [np.asarray(i, float) * s / _WARP_CELL_MM for i, s in zip((slabs, u, v), self.native_spacing, strict=True)]
+        indices = (slabs, u, v)
+        axes = [np.asarray(i, float) * s / _WARP_CELL_MM for i, s in zip(indices, self.native_spacing, strict=True)]
         grid = np.meshgrid(*axes, indexing="ij")
         moved = np.stack([ndimage.map_coordinates(f, grid, order=1, mode="nearest") for f in self.fields])
         return np.clip(moved, -self.reach_mm, self.reach_mm)
