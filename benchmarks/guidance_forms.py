@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for axis in args.axis:
                 seed = case_seed(case, slice_mm, axis)
                 native = degrade(gt, slice_mm=slice_mm, axis=axis, seed=seed, native=True)
-                name = f"{case} {condition_key(slice_mm, axis)}"
+                name = f"{case} {condition_key('degrade', slice_mm, axis, 'native')}"
                 rows["input"] += score_case(name, resample_labels(native, gt.geometry, method="nearest"), gt)
                 vertebrae += len(gt.labels)
                 for form, (form_refiner, make_guide) in forms.items():

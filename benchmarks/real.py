@@ -1,26 +1,36 @@
-"""Refinement quality on real CT vertebra label maps, degraded like thick-slice MRI segmentations.
+"""Refinement quality on real CT vertebra label maps, made into thick-slice segmentations by each corruption family.
 
     python -m benchmarks.real --data /work/shared/data/real-ct \\
         --json docs/results/real.json --markdown docs/results/real.md
     # the same with every default spelled out:
     python -m benchmarks.real --data /work/shared/data/real-ct \\
         --cases verse__sub-verse006 verse__sub-verse008 verse__sub-verse010 verse__sub-verse012 \\
-        --slice-mm 3 5 7 --axis sagittal axial --methods input sdf vae lsd-ebm-noguide lsd-ebm refine \\
+        --families clean partial-volume in-plane warp processes islands slab-shift mri-like degrade \\
+        --slice-mm 3 5 7 --axis sagittal axial --forms native fine \\
+        --methods input sdf sdf2d vae lsd-ebm-noguide lsd-ebm refine \\
         --weights weights/lsd-ebm --threads 2 --ceiling --pose \\
         --json docs/results/real.json --markdown docs/results/real.md
-    # quick look, no model: python -m benchmarks.real --data DIR --methods input sdf --slice-mm 5 \\
-    #     --axis sagittal --no-ceiling --no-pose
+    # quick look, no model: python -m benchmarks.real --data DIR --families clean --methods input sdf sdf2d \\
+    #     --slice-mm 5 --axis sagittal --forms native --no-ceiling --no-pose
+    # add rows or conditions to an earlier run's JSON: --merge (same --json)
 
 Cases are the validation individuals of the split in weights/README.md (``--cases``, file names without
-.nii.gz in ``--data``; never tune on them). Each ground truth is read, its labels outside the VerSe vertebra
-range 1..25 are dropped, and it is put on its 1 mm LPS working grid (label-aware). It is then degraded with
-``degrade(gt, slice_mm=S, axis=A, seed=case_seed(case, S, A), native=True)``: the simulated thick-slice
-segmentation on its own acquisition grid (e.g. 1 x 1 x 5 mm), as a clinic's comes. The seed depends on the
-case name and the settings only, never on which other cases are listed. Rows, each a label map on the
-ground truth's 1 mm grid:
+.nii.gz in ``--data``; pass training individuals to choose settings, never tune on the validation ones). Each
+ground truth is read, its labels outside the VerSe vertebra range 1..25 are dropped, and it is put on its 1 mm
+LPS working grid (label-aware). A condition is a corruption family (:mod:`vertrefine.corruptions`: ``clean``,
+the training families, the held-out ``mri-like`` and ``degrade``, ``mixed``) x slice thickness x slice axis x
+input form. The thick segmentation is ``corrupt(gt, family, slice_mm=S, axis=A, seed=case_seed(case, S, A))``
+on its own native grid (e.g. 0.7 x 0.7 x 5 mm), as a clinic's comes; the seed depends on the case name and
+S, A only (never on the family or which other cases are listed), so every family of a case shares one grid
+and ``degrade`` gets the seeds it had before this benchmark had families. Input forms: ``native`` (that grid)
+and ``fine`` (the same resampled to the ground truth's 1 mm grid by nearest neighbour: a staircase on a fine
+grid, as many pipelines store it). Rows, each a label map on the ground truth's 1 mm grid:
 
-- ``input``: the thick input, nearest neighbour (always run: the changes below are measured from it);
-- ``sdf``: classical shape-based interpolation (per-label signed distances, ``resample_labels``' default);
+- ``input``: the input, nearest neighbour (always run: the changes below are measured from it);
+- ``sdf``: shape-based interpolation with 3D per-label signed distances (``resample_labels``' default);
+- ``sdf2d``: shape-based interpolation per slice (Raya and Udupa 1990; ``resample_labels(method="slice-sdf")``:
+  2D signed distances in each slice across the input's coarsest axis, linear across slices). On the ``fine``
+  form both interpolations see a 1 mm grid and return the input as it is (they read no thickness from it);
 - ``vae``: the :class:`~vertrefine.refine.Refiner` decoding the encoder's mean (``sampler=None``,
   ``fine_inputs="refine"``);
 - ``lsd-ebm-noguide``: the bundle's sampler with data-consistency guidance 0;
@@ -29,12 +39,14 @@ ground truth's 1 mm grid:
   that keeps the input for a vertebra whose result disagrees with it (DSC below ``MIN_AGREEMENT`` on the
   input grid), and an input no coarser than ``FINE_INPUT_MAX_MM`` written as it is.
 
+A model row is one line of :data:`MODEL_ROWS` (how its Refiner is made from the bundle's) plus its title.
 The model rows use one bundle (``--weights``, default the shipped lsd-ebm), refine with the case seed, and
 their 1 mm working-grid result goes to the ground-truth grid by nearest neighbour; the ``refine`` row's result
 is the label map refine writes (on its output grid), which goes there by nearest neighbour too. Every ground-
 truth vertebra is scored with ``score_case(region="patch")`` (the paper's 128^3 patch protocol): mean +- std
-over vertebrae of DSC, VS, SEN, SPEC, NMI, CK, HD95 and ASSD, and the per-vertebra change of DSC from the
-input (mean, worst = minimum, count of vertebrae below their input).
+over vertebrae of DSC, VS, SEN, SPEC, NMI, CK, HD95 and ASSD, the signed volume error against the truth (% of
+the truth's volume, the label's voxels on the 1 mm grid), and the per-vertebra change of DSC from the input
+(mean, worst = minimum, count of vertebrae below their input).
 
 ``--ceiling``: every clean ground-truth vertebra encoded and its mean decoded (target: mean DSC >= 0.95,
 mean HD95 <= 1.5 mm). ``--pose``: at 5 mm sagittal, the whole ground truth rotated by 30 degrees about each
@@ -43,9 +55,10 @@ refined with the default method and rotated back; mean DSC against the upright r
 with the DSC of the ground truth's own nearest-neighbour round trip through the rotated working grid as
 the floor that resampling alone costs.
 
-The last stdout line is ``real: 5mm sagittal  input DSC a  sdf b  VAE c  LSD-EBM(no guidance) d  LSD-EBM e
-worst change f`` (n/a: not run; f = the lowest per-vertebra DSC change from the input of the last of those
-rows that ran). Progress goes to stderr.
+The last stdout line is ``real: clean 5mm sagittal native  input DSC a  sdf b  sdf2d c  VAE d
+LSD-EBM(no guidance) e  LSD-EBM f  refine g  worst change h`` (n/a: not run; the first condition run when
+that one is not; h = the lowest per-vertebra DSC change from the input of the last of those rows that ran).
+Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -68,6 +81,7 @@ from scipy.spatial.transform import Rotation
 from benchmarks.quality import NAMES, _cell, paired_difference
 from vertrefine.bundle import MANIFEST_NAME, sha256_file
 from vertrefine.cases import find_cases
+from vertrefine.corruptions import FAMILIES, HELD_OUT_FAMILIES, TRAINING_FAMILIES, corrupt
 from vertrefine.degrade import SLICE_AXES, degrade
 from vertrefine.errors import InputError
 from vertrefine.info import PACKAGES, package_version
@@ -87,24 +101,51 @@ DEFAULT_CASES: tuple[str, ...] = (
 """The validation individuals of the split in weights/README.md."""
 VERTEBRA_LABELS: tuple[int, ...] = tuple(range(1, 26))
 """VerSe C1..L6; every other label (sacrum, coccyx, T13, ...) is dropped from the ground truth."""
-METHODS: tuple[str, ...] = ("input", "sdf", "vae", "lsd-ebm-noguide", "lsd-ebm", "refine")
-MODEL_METHODS: tuple[str, ...] = ("vae", "lsd-ebm-noguide", "lsd-ebm", "refine")
+DEFAULT_FAMILIES: tuple[str, ...] = (*TRAINING_FAMILIES, *HELD_OUT_FAMILIES)
+"""Every corruption family but ``mixed`` (a training draw; ``--families mixed`` runs it)."""
+FORMS: tuple[str, ...] = ("native", "fine")
+"""Input forms: the native thick grid, or the same resampled to the ground truth's 1 mm grid (nearest)."""
+INTERPOLATIONS: dict[str, str] = {"input": "nearest", "sdf": "label-aware", "sdf2d": "slice-sdf"}
+"""The rows made by resampling the input onto the ground truth's grid, and how."""
+_WRITTEN = {"on_disagree": "write", "fine_inputs": "refine"}  # every vertebra written as refined
+
+
+def _sampled(refiner: Refiner, **changes: Any) -> Refiner | None:
+    """``refiner`` with every vertebra written as refined and its sampler settings changed (None: no sampler)."""
+    sampler = refiner.options.sampler
+    if sampler is None:
+        return None
+    return refiner.with_options(sampler=dataclasses.replace(sampler, **changes), **_WRITTEN)
+
+
+MODEL_ROWS: dict[str, Callable[[Refiner], Refiner | None]] = {
+    "vae": lambda r: r.with_options(sampler=None, **_WRITTEN),
+    "lsd-ebm-noguide": lambda r: _sampled(r, guidance=0.0),
+    "lsd-ebm": lambda r: _sampled(r),
+    "refine": lambda r: r if r.options.sampler is not None else None,  # as `vertrefine refine` runs
+}
+"""Each model row: its Refiner made from the bundle's (as refine runs it); None where the bundle cannot run it.
+A new row (e.g. LSD-EBM with a data-consistency projection) is one line here plus its entry in ``TITLES``."""
+MODEL_METHODS: tuple[str, ...] = tuple(MODEL_ROWS)
+METHODS: tuple[str, ...] = (*INTERPOLATIONS, *MODEL_METHODS)
 TITLES: dict[str, str] = {
     **NAMES,
-    "sdf": "SDF interpolation",
+    "sdf": "SDF interpolation, 3D label-aware",
+    "sdf2d": "SDF interpolation per slice (2D, Raya-Udupa)",
     "lsd-ebm-noguide": "LSD-EBM (no guidance)",
     "refine": "`vertrefine refine` (LSD-EBM + agreement gate; inputs up to 3 mm kept)",
 }
 LINE_NAMES: dict[str, str] = {
     "input": "input DSC",
     "sdf": "sdf",
+    "sdf2d": "sdf2d",
     "vae": "VAE",
     "lsd-ebm-noguide": "LSD-EBM(no guidance)",
     "lsd-ebm": "LSD-EBM",
     "refine": "refine",
 }
-"""How the last stdout line names each row."""
-LINE_CONDITION = (5.0, "sagittal")
+"""How the last stdout line names each row (a row missing here is named by its key)."""
+LINE_CONDITION = ("clean", 5.0, "sagittal", "native")
 """The condition the last stdout line reports (the first one run when it is not)."""
 
 CEILING_TARGET = {"dsc_mean": 0.95, "hd95_mm_mean": 1.5}
@@ -130,9 +171,9 @@ def case_seed(case: str, slice_mm: float, axis: str) -> int:
     return zlib.crc32(f"{case}|{float(slice_mm):g}|{axis}".encode())
 
 
-def condition_key(slice_mm: float, axis: str) -> str:
-    """'5mm sagittal'."""
-    return f"{float(slice_mm):g}mm {axis}"
+def condition_key(family: str, slice_mm: float, axis: str, form: str) -> str:
+    """'clean 5mm sagittal native'."""
+    return f"{family} {float(slice_mm):g}mm {axis} {form}"
 
 
 def load_ground_truth(path: Path) -> Volume:
@@ -157,16 +198,10 @@ def find_case_paths(data: Path, cases: Sequence[str]) -> dict[str, Path]:
 
 
 def method_refiners(refiner: Refiner) -> dict[str, Refiner]:
-    """The model methods this bundle can run, each a Refiner over ``refiner``'s sessions (the lsd-ebm rows
-    need an lsd-ebm bundle). ``refiner``: the bundle as ``vertrefine refine`` runs it (its sampler defaults)."""
-    written = {"on_disagree": "write", "fine_inputs": "refine"}  # every vertebra written as refined
-    methods = {"vae": refiner.with_options(sampler=None, **written)}
-    sampler = refiner.options.sampler
-    if sampler is not None:
-        methods["lsd-ebm-noguide"] = refiner.with_options(sampler=dataclasses.replace(sampler, guidance=0.0), **written)
-        methods["lsd-ebm"] = refiner.with_options(**written)
-        methods["refine"] = refiner  # as refine runs
-    return methods
+    """The model rows (:data:`MODEL_ROWS`) this bundle can run, each a Refiner over ``refiner``'s sessions (the
+    lsd-ebm rows need an lsd-ebm bundle). ``refiner``: the bundle as ``vertrefine refine`` runs it."""
+    made = {method: make(refiner) for method, make in MODEL_ROWS.items()}
+    return {method: r for method, r in made.items() if r is not None}
 
 
 class ModelRunner:
@@ -206,15 +241,43 @@ class ModelRunner:
         }
 
 
-def predict(method: str, native: Volume, gt: Volume, seed: int, runner: ModelRunner | None) -> Volume:
-    """The label map ``method`` makes of the thick input ``native``, on the ground truth's grid."""
-    if method == "input":
-        return resample_labels(native, gt.geometry, method="nearest")
-    if method == "sdf":
-        return resample_labels(native, gt.geometry)
+def predict(method: str, given: Volume, gt: Volume, seed: int, runner: ModelRunner | None) -> Volume:
+    """The label map ``method`` makes of the input ``given`` (either form), on the ground truth's grid."""
+    if method in INTERPOLATIONS:
+        return resample_labels(given, gt.geometry, method=INTERPOLATIONS[method])
     if runner is None:
         raise ValueError(f"method {method!r} needs a model bundle")
-    return resample_labels(runner.refine(method, native, seed), gt.geometry, method="nearest")
+    return resample_labels(runner.refine(method, given, seed), gt.geometry, method="nearest")
+
+
+def thick_input(gt: Volume, family: str, slice_mm: float, axis: str, form: str, seed: int) -> Volume:
+    """The thick-slice segmentation of ``gt`` under one condition: on its native grid, or (``fine``) that
+    resampled to ``gt``'s grid by nearest neighbour."""
+    native = corrupt(gt, family, slice_mm=slice_mm, axis=axis, seed=seed)
+    return native if form == "native" else resample_labels(native, gt.geometry, method="nearest")
+
+
+def add_volume_errors(rows: list[dict[str, Any]], pred: Volume, gt: Volume) -> None:
+    """Each ground-truth row gets ``volume_error_pct``: 100 (|pred == label| - |gt == label|) / |gt == label|
+    over the whole 1 mm grid (in place; the grids must match)."""
+    labels = [r["label"] for r in rows if not r.get("extra")]
+    truth = np.bincount(gt.array.ravel().astype(np.int64), minlength=max(labels, default=0) + 1)
+    found = np.bincount(pred.array.ravel().astype(np.int64), minlength=len(truth))
+    for row in rows:
+        if not row.get("extra"):
+            label = row["label"]
+            row["volume_error_pct"] = 100.0 * (float(found[label]) - float(truth[label])) / float(truth[label])
+
+
+def volume_error_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, std, lowest and highest ``volume_error_pct`` over the ground-truth rows (%, signed)."""
+    values = np.array([r["volume_error_pct"] for r in _truth(rows)], dtype=float)
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -259,40 +322,56 @@ def _mean_dsc(rows: Sequence[dict[str, Any]]) -> float:
 
 def run_condition(
     gts: dict[str, Volume],
+    family: str,
     slice_mm: float,
     axis: str,
+    form: str,
     methods: Sequence[str],
     runner: ModelRunner | None,
     log: Log = _stderr,
 ) -> dict[str, Any]:
-    """Every case degraded at ``slice_mm`` / ``axis`` and each method's result scored against the ground truth."""
-    key = condition_key(slice_mm, axis)
+    """Every case made into a thick-slice segmentation by ``family`` at ``slice_mm`` / ``axis`` in ``form``,
+    and each method's result scored against the ground truth."""
+    key = condition_key(family, slice_mm, axis, form)
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     seconds = dict.fromkeys(methods, 0.0)
-    seeds, native_spacing = {}, {}
+    seeds, input_spacing = {}, {}
     for n, (case, gt) in enumerate(gts.items(), start=1):
         seed = seeds[case] = case_seed(case, slice_mm, axis)
-        native = degrade(gt, slice_mm=slice_mm, axis=axis, seed=seed, native=True)
-        native_spacing[case] = list(native.geometry.spacing)
+        given = thick_input(gt, family, slice_mm, axis, form, seed)
+        input_spacing[case] = list(given.geometry.spacing)
         start_case = time.perf_counter()
         case_dsc = {}
         for method in methods:
             start = time.perf_counter()
-            pred = predict(method, native, gt, seed, runner)
+            pred = predict(method, given, gt, seed, runner)
             seconds[method] += time.perf_counter() - start
             case_rows = score_case(case, pred, gt, region="patch")
+            add_volume_errors(case_rows, pred, gt)
             rows[method] += case_rows
             case_dsc[method] = _mean_dsc(case_rows)
         dscs = "  ".join(f"{m} {d:.3f}" for m, d in case_dsc.items())
         log(f"{key} [{n}/{len(gts)}] {case}: DSC {dscs} ({time.perf_counter() - start_case:.0f} s)")
     results: dict[str, Any] = {}
     for method in methods:
-        entry: dict[str, Any] = {"summary": summarize(rows[method]), "seconds_per_case": seconds[method] / len(gts)}
+        entry: dict[str, Any] = {
+            "summary": summarize(rows[method]),
+            "volume_error_pct": volume_error_summary(rows[method]),
+            "seconds_per_case": seconds[method] / len(gts),
+        }
         if method != "input":
             entry["dsc_change"] = dsc_change(rows[method], rows["input"])
         entry["rows"] = rows[method]
         results[method] = entry
-    return {"slice_mm": slice_mm, "axis": axis, "seeds": seeds, "native_spacing_mm": native_spacing, "methods": results}
+    return {
+        "family": family,
+        "slice_mm": slice_mm,
+        "axis": axis,
+        "form": form,
+        "seeds": seeds,
+        "input_spacing_mm": input_spacing,
+        "methods": results,
+    }
 
 
 def ceiling_check(gts: dict[str, Volume], runner: ModelRunner, log: Log = _stderr) -> dict[str, Any]:
@@ -414,8 +493,10 @@ def benchmark(
     data: Path,
     cases: Sequence[str] = DEFAULT_CASES,
     *,
+    families: Sequence[str] = DEFAULT_FAMILIES,
     slice_mm: Sequence[float] = (3.0, 5.0, 7.0),
     axes: Sequence[str] = ("sagittal", "axial"),
+    forms: Sequence[str] = FORMS,
     methods: Sequence[str] = METHODS,
     weights: Path | None = None,
     threads: int = 2,
@@ -428,9 +509,11 @@ def benchmark(
     ``input`` is always run. A model bundle is opened only when a model row, the ceiling or the pose check
     needs it (``weights``: its folder, default the shipped lsd-ebm).
     """
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    choices = (("methods", methods, METHODS), ("families", families, FAMILIES), ("forms", forms, FORMS))
+    for name, given, known in choices:
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ValueError(f"unknown {name} {unknown}; choose from {known}")
     chosen = [m for m in METHODS if m in methods or m == "input"]
     start = time.perf_counter()
     paths = find_case_paths(Path(data), cases)
@@ -445,13 +528,19 @@ def benchmark(
         gts[case] = load_ground_truth(path)
         log(f"{case}: vertebrae {gts[case].labels}, 1 mm grid {gts[case].geometry.shape}")
     conditions = {
-        condition_key(mm, axis): run_condition(gts, mm, axis, chosen, runner, log) for axis in axes for mm in slice_mm
+        condition_key(family, mm, axis, form): run_condition(gts, family, mm, axis, form, chosen, runner, log)
+        for family in families
+        for form in forms
+        for axis in axes
+        for mm in slice_mm
     }
     settings = {
         "data": str(data),
         "cases": list(cases),
+        "families": list(families),
         "slice_mm": list(slice_mm),
         "axes": list(axes),
+        "forms": list(forms),
         "methods": chosen,
         "threads": threads,
         "ceiling": ceiling,
@@ -479,23 +568,57 @@ def _f(value: float | None, digits: int = 3, sign: bool = False) -> str:
 
 
 def condition_markdown(key: str, block: dict[str, Any]) -> str:
-    """One condition's table: a row per method, mean +- std per vertebra and the change of DSC from the input."""
+    """One condition's table: a row per method, mean +- std per vertebra of DSC, HD95, ASSD and the signed
+    volume error, and the change of DSC from the input (mean / worst, vertebrae below the input)."""
     methods = block["methods"]
     n = methods["input"]["summary"]["n_vertebrae"]
-    heads = [m.upper().replace("_MM", " (mm)") for m in METRIC_KEYS]
     lines = [
         f"### {key} ({len(block['seeds'])} cases, {n} vertebrae)",
         "",
-        "| method | " + " | ".join(heads) + " | ΔDSC vs input mean / worst | below input |",
-        "|---|" + "---|" * (len(heads) + 2),
+        "| method | DSC | HD95 (mm) | ASSD (mm) | volume error % | ΔDSC vs input mean / worst | below input |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method, entry in methods.items():
-        cells = " | ".join(_cell(entry["summary"]["overall"][m]) for m in METRIC_KEYS)
+        cells = " | ".join(_cell(entry["summary"]["overall"][m]) for m in ("dsc", "hd95_mm", "assd_mm"))
+        volume = entry.get("volume_error_pct")
+        vol = f"{volume['mean']:+.1f} ± {volume['std']:.1f}" if volume else "n/a"
         change = entry.get("dsc_change")
         delta = f"{_f(change['mean'], 4, True)} / {_f(change['worst'], 4, True)}" if change else "—"
         below = f"{change['below']} / {change['n']}" if change else "—"
-        lines.append(f"| {TITLES.get(method, method)} | {cells} | {delta} | {below} |")
+        lines.append(f"| {TITLES.get(method, method)} | {cells} | {vol} | {delta} | {below} |")
     return "\n".join(lines) + "\n"
+
+
+def overview_markdown(doc: dict[str, Any]) -> str:
+    """One table per slice axis and input form: a row per family and thickness, per method the mean DSC and,
+    beside every row but the input, the worst per-vertebra change from the input."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for block in doc["conditions"].values():
+        groups.setdefault((block["axis"], block["form"]), []).append(block)
+    parts = []
+    for (axis, form), blocks in groups.items():
+        methods = [m for m in METHODS if any(m in b["methods"] for b in blocks)]
+        heads = [TITLES.get(m, m) for m in methods]
+        lines = [
+            f"### Mean DSC, {axis}, {form} input (worst per-vertebra ΔDSC from the input in brackets)",
+            "",
+            "| family | slice (mm) | " + " | ".join(heads) + " |",
+            "|---|---|" + "---|" * len(methods),
+        ]
+        for b in blocks:
+            cells = []
+            for m in methods:
+                entry = b["methods"].get(m)
+                if entry is None:
+                    cells.append("")
+                    continue
+                cell = f"{entry['summary']['overall']['dsc']['mean']:.3f}"
+                if "dsc_change" in entry:
+                    cell += f" ({entry['dsc_change']['worst']:+.3f})"
+                cells.append(cell)
+            lines.append(f"| {b['family']} | {b['slice_mm']:g} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
 def ceiling_markdown(ceiling: dict[str, Any]) -> str:
@@ -521,7 +644,7 @@ def pose_markdown(pose: dict[str, Any]) -> str:
     """The pose check's table: mean DSC per pose, the change from upright and the resampling floor."""
     method = pose["method"]
     lines = [
-        f"### Pose ({condition_key(pose['slice_mm'], pose['axis'])}, {TITLES.get(method, method)}, "
+        f"### Pose (degrade {pose['slice_mm']:g}mm {pose['axis']}, {TITLES.get(method, method)}, "
         f"spine rotated {pose['degrees']:g}° about each LPS axis)",
         "",
         "| pose | input DSC | refined DSC | refined − upright | within ±"
@@ -545,6 +668,7 @@ def markdown_report(doc: dict[str, Any]) -> str:
     cases = set(settings["cases"])
     which = "validation " if cases <= set(DEFAULT_CASES) else "" if cases & set(DEFAULT_CASES) else "training "
     parts = [f"## Real CT: {len(cases)} {which}cases ({', '.join(settings['cases'])})\n"]
+    parts.append(overview_markdown(doc))
     parts += [condition_markdown(key, block) for key, block in doc["conditions"].items()]
     if doc.get("ceiling"):
         parts.append(ceiling_markdown(doc["ceiling"]))
@@ -554,7 +678,7 @@ def markdown_report(doc: dict[str, Any]) -> str:
 
 
 def summary_line(doc: dict[str, Any]) -> str:
-    """The last stdout line: ``real: 5mm sagittal  input DSC a  sdf b  VAE c ... refine g  worst change f``
+    """The last stdout line: ``real: clean 5mm sagittal native  input DSC a  sdf b ... refine g  worst change h``
 
     (n/a: not run)."""
     key = condition_key(*LINE_CONDITION)
@@ -562,14 +686,41 @@ def summary_line(doc: dict[str, Any]) -> str:
         key = next(iter(doc["conditions"]))
     methods = doc["conditions"][key]["methods"]
     cells = [
-        f"{LINE_NAMES[m]} {methods[m]['summary']['overall']['dsc']['mean']:.4f}"
+        f"{LINE_NAMES.get(m, m)} {methods[m]['summary']['overall']['dsc']['mean']:.4f}"
         if m in methods
-        else f"{LINE_NAMES[m]} n/a"
+        else f"{LINE_NAMES.get(m, m)} n/a"
         for m in METHODS
     ]
     last = [m for m in METHODS[1:] if m in methods]
     worst = f"{methods[last[-1]]['dsc_change']['worst']:+.4f}" if last else "n/a"
     return f"real: {key}  " + "  ".join(cells) + f"  worst change {worst}"
+
+
+def merge_runs(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """``earlier``'s document with ``later``'s conditions added (a condition in both gets ``later``'s rows beside
+    its own, ``later``'s winning for a method in both); the ceiling, pose and bundle of the later run where it
+    has them. Both must be on the same cases (the changes from the input pair vertebra by vertebra).
+
+    Raises:
+        ValueError: the runs are on different cases.
+    """
+    if earlier["settings"]["cases"] != later["settings"]["cases"]:
+        cases = f"{earlier['settings']['cases']} and {later['settings']['cases']}"
+        raise ValueError(f"cannot merge runs on different cases: {cases}")
+    merged = dict(earlier)
+    conditions = {key: dict(block, methods=dict(block["methods"])) for key, block in earlier["conditions"].items()}
+    for key, block in later["conditions"].items():
+        if key in conditions:
+            conditions[key]["methods"].update(block["methods"])
+        else:
+            conditions[key] = block
+    merged["conditions"] = conditions
+    merged["runs"] = [*earlier.get("runs", [earlier["settings"]]), later["settings"]]
+    for part in ("ceiling", "pose", "bundle"):
+        if later.get(part):
+            merged[part] = later[part]
+    merged["seconds"] = earlier["seconds"] + later["seconds"]
+    return merged
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -581,8 +732,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=list(DEFAULT_CASES),
         help="case names (default: the validation individuals; pass training ones to choose settings)",
     )
+    parser.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--slice-mm", type=float, nargs="+", default=[3.0, 5.0, 7.0])
     parser.add_argument("--axis", nargs="+", default=["sagittal", "axial"], choices=list(SLICE_AXES))
+    parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--weights", type=Path, help="model bundle folder (default: the shipped lsd-ebm)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
@@ -590,18 +743,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pose", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--json", type=Path, help="write every number, row and setting here")
     parser.add_argument("--markdown", type=Path, help="write the tables as markdown here")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add this run's conditions and rows to the --json file of an earlier run (same cases) and report both",
+    )
     args = parser.parse_args(argv)
+    if args.merge and not (args.json and args.json.is_file()):
+        parser.error("--merge needs --json naming an earlier run's file")
     doc = benchmark(
         args.data,
         args.cases,
+        families=args.families,
         slice_mm=args.slice_mm,
         axes=args.axis,
+        forms=args.forms,
         methods=args.methods,
         weights=args.weights,
         threads=args.threads,
         ceiling=args.ceiling,
         pose=args.pose,
     )
+    if args.merge:
+        doc = merge_runs(json.loads(args.json.read_text(encoding="utf-8")), _plain(doc))
     report = markdown_report(doc)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ def thick_inputs(
         for axis in axes:
             seed = case_seed(case, slice_mm, axis)
             native = degrade(gt, slice_mm=slice_mm, axis=axis, seed=seed, native=True)
-            inputs.append((f"{case} {condition_key(slice_mm, axis)}", gt, native, seed))
+            inputs.append((f"{case} {condition_key('degrade', slice_mm, axis, 'native')}", gt, native, seed))
     return inputs
 
 

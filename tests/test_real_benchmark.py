@@ -1,4 +1,4 @@
-"""benchmarks/real.py: the real-CT protocol on two small phantom spines (input and sdf rows, no model)."""
+"""benchmarks/real.py: the real-CT protocol on two small phantom spines (input and interpolation rows, no model)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,18 @@ import numpy as np
 import pytest
 
 from benchmarks.real import (
+    METHODS,
+    MODEL_ROWS,
     axis_rotation,
     benchmark,
     case_seed,
     grid_centre,
     load_ground_truth,
     main,
+    merge_runs,
     rotate_geometry,
     rotate_volume,
+    thick_input,
 )
 from vertrefine.nifti import write_nifti
 from vertrefine.synth import synth_spine
@@ -52,7 +56,8 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory) -> tuple[dict, str, str]:
     out = tmp_path_factory.mktemp("out")
-    argv = ["--data", str(data), "--cases", *CASES, "--methods", "input", "sdf", "--slice-mm", "5"]
+    argv = ["--data", str(data), "--cases", *CASES, "--methods", "input", "sdf", "sdf2d", "--slice-mm", "5"]
+    argv += ["--families", "clean", "warp", "--forms", "native", "fine"]
     argv += ["--axis", "sagittal", "--no-ceiling", "--no-pose", "--json", str(out / "r.json")]
     argv += ["--markdown", str(out / "r.md")]
     stdout = io.StringIO()
@@ -62,13 +67,67 @@ def run(data, tmp_path_factory) -> tuple[dict, str, str]:
     return doc, (out / "r.md").read_text(), stdout.getvalue().strip().splitlines()[-1]
 
 
-def _methods(doc: dict) -> dict:
-    return doc["conditions"]["5mm sagittal"]["methods"]
+KEY = "clean 5mm sagittal native"
 
 
-def test_shape_based_interpolation_beats_nearest_on_thick_slices(run):
+def _methods(doc: dict, key: str = KEY) -> dict:
+    return doc["conditions"][key]["methods"]
+
+
+def _dsc(entry: dict) -> float:
+    return entry["summary"]["overall"]["dsc"]["mean"]
+
+
+def test_shape_based_interpolation_beats_nearest_on_clean_thick_slices(run):
     methods = _methods(run[0])
-    assert methods["sdf"]["summary"]["overall"]["dsc"]["mean"] > methods["input"]["summary"]["overall"]["dsc"]["mean"]
+    assert _dsc(methods["sdf"]) > _dsc(methods["input"])
+    assert _dsc(methods["sdf2d"]) > _dsc(methods["input"])
+    assert _dsc(methods["sdf"]) != _dsc(methods["sdf2d"])  # two different interpolations
+
+
+def test_conditions_are_family_thickness_axis_and_form(run):
+    doc = run[0]
+    keys = {f"{family} 5mm sagittal {form}" for family in ("clean", "warp") for form in ("native", "fine")}
+    assert set(doc["conditions"]) == keys
+    native, fine = doc["conditions"][KEY], doc["conditions"]["clean 5mm sagittal fine"]
+    for case in CASES:
+        assert sorted(native["input_spacing_mm"][case])[-1] == pytest.approx(5.0)  # the slabs, one voxel each
+        assert fine["input_spacing_mm"][case] == pytest.approx([1.0, 1.0, 1.0])
+    # the fine form holds the same staircase: its input row scores as the native one's
+    assert _dsc(_methods(doc, "clean 5mm sagittal fine")["input"]) == pytest.approx(_dsc(_methods(doc)["input"]))
+    assert _dsc(_methods(doc, "warp 5mm sagittal native")["input"]) < _dsc(_methods(doc)["input"])
+
+
+def test_signed_volume_error_is_measured_against_the_truth(run, data):
+    doc = run[0]
+    rows = _methods(doc)["input"]["rows"]
+    gt = load_ground_truth(data / f"{CASES[0]}.nii.gz")
+    given = thick_input(gt, "clean", 5.0, "sagittal", "fine", case_seed(CASES[0], 5.0, "sagittal"))
+    for row in rows:
+        if row["case"] == CASES[0]:
+            truth, found = np.sum(gt.array == row["label"]), np.sum(given.array == row["label"])
+            assert row["volume_error_pct"] == pytest.approx(100.0 * (found - truth) / truth)
+    summary = _methods(doc)["input"]["volume_error_pct"]
+    assert summary["min"] <= summary["mean"] <= summary["max"]
+    assert "volume error %" in run[1]
+
+
+def test_a_model_row_is_one_entry_and_the_rows_are_in_order():
+    assert METHODS[:3] == ("input", "sdf", "sdf2d") and set(MODEL_ROWS) <= set(METHODS)
+    assert METHODS[-1] == "refine"
+
+
+def test_merging_runs_adds_conditions_and_rows(run, data):
+    doc = run[0]
+    later = benchmark(
+        data, CASES, families=["clean"], slice_mm=[5.0], axes=["axial"], forms=["native"], methods=["input"],
+        ceiling=False, pose=False,
+    )  # fmt: skip
+    merged = merge_runs(doc, json.loads(json.dumps(later)))
+    assert set(merged["conditions"]) == set(doc["conditions"]) | {"clean 5mm axial native"}
+    assert len(merged["runs"]) == 2
+    with pytest.raises(ValueError, match="different cases"):
+        merge_runs(doc, dict(later, settings=dict(later["settings"], cases=[CASES[0]])))
 
 
 def test_every_case_and_vertebra_has_a_row_and_non_vertebra_labels_are_dropped(run):
@@ -79,32 +138,36 @@ def test_every_case_and_vertebra_has_a_row_and_non_vertebra_labels_are_dropped(r
         assert {(r["case"], r["label"]) for r in rows if not r["extra"]} == expected
         assert all(r["label"] != SACRUM for r in rows)
         assert all(r[key] is not None for r in rows for key in ("dsc", "hd95_mm", "assd_mm"))
-    assert doc["settings"]["methods"] == ["input", "sdf"]
+    assert doc["settings"]["methods"] == ["input", "sdf", "sdf2d"]
     assert doc["bundle"] is None and doc["ceiling"] is None and doc["pose"] is None
-    assert "| SDF interpolation |" in markdown and "4 vertebrae" in markdown
+    assert "| SDF interpolation, 3D label-aware |" in markdown and "4 vertebrae" in markdown
+    assert "| SDF interpolation per slice (2D, Raya-Udupa) |" in markdown
 
 
 def test_worst_change_is_the_lowest_per_vertebra_difference(run):
     doc, markdown, line = run
     methods = _methods(doc)
     base = {(r["case"], r["label"]): r["dsc"] for r in methods["input"]["rows"]}
-    diffs = [r["dsc"] - base[(r["case"], r["label"])] for r in methods["sdf"]["rows"]]
-    change = methods["sdf"]["dsc_change"]
+    diffs = [r["dsc"] - base[(r["case"], r["label"])] for r in methods["sdf2d"]["rows"]]
+    change = methods["sdf2d"]["dsc_change"]
     assert change["worst"] == pytest.approx(min(diffs))
     assert change["mean"] == pytest.approx(np.mean(diffs))
     assert change["below"] == sum(d < 0 for d in diffs)
     assert f"{min(diffs):+.4f}" in markdown
-    assert line.startswith("real: 5mm sagittal  input DSC ")
+    assert line.startswith("real: clean 5mm sagittal native  input DSC ")
     assert line.endswith(f"LSD-EBM n/a  refine n/a  worst change {min(diffs):+.4f}")
 
 
 def test_a_case_gets_the_same_seed_and_result_whichever_cases_are_listed(run, data):
     doc = run[0]
-    alone = benchmark(data, CASES[1:], slice_mm=[5.0], axes=["sagittal"], methods=["input"], ceiling=False, pose=False)
-    seeds = alone["conditions"]["5mm sagittal"]["seeds"]
-    assert seeds == {CASES[1]: doc["conditions"]["5mm sagittal"]["seeds"][CASES[1]]}
+    alone = benchmark(
+        data, CASES[1:], families=["clean"], slice_mm=[5.0], axes=["sagittal"], forms=["native"], methods=["input"],
+        ceiling=False, pose=False,
+    )  # fmt: skip
+    seeds = alone["conditions"][KEY]["seeds"]
+    assert seeds == {CASES[1]: doc["conditions"][KEY]["seeds"][CASES[1]]}
     together = [r for r in _methods(doc)["input"]["rows"] if r["case"] == CASES[1]]
-    assert json.loads(json.dumps(alone["conditions"]["5mm sagittal"]["methods"]["input"]["rows"])) == together
+    assert json.loads(json.dumps(alone["conditions"][KEY]["methods"]["input"]["rows"])) == together
     assert len({case_seed(CASES[0], mm, axis) for mm in (3, 5) for axis in ("sagittal", "axial")}) == 4
 
 

@@ -582,3 +582,24 @@ def test_reoriented_moves_every_voxel_to_the_same_place_on_a_flipped_or_permuted
         np.testing.assert_array_equal(moved.array.ravel(), volume.array[src[:, 2], src[:, 1], src[:, 0]])
     with pytest.raises(ValueError, match="same voxels"):
         volume.reoriented(Geometry((5, 6, 8), g.spacing, g.origin, g.direction))
+
+
+def test_slice_sdf_interpolates_each_slices_2d_shape_across_slices():
+    """Raya and Udupa: discs of radius 4, 6, 8 ... mm in 4 mm slices give discs of the interpolated radius
+    between them (a cone), and the shape ends at the last slab's face."""
+    n, step = 41, 4.0
+    radii = [4.0, 6.0, 8.0, 10.0]
+    array = np.zeros((len(radii) + 2, n, n), np.uint8)  # axis 0: slices, an empty one at each end
+    yy, xx = np.mgrid[:n, :n] - n // 2
+    for k, r in enumerate(radii, start=1):
+        array[k][yy**2 + xx**2 <= r**2] = 5
+    thick = Volume(array, Geometry(array.shape, (1.0, 1.0, step), (0.0, 0.0, 0.0)))
+    fine_geometry = Geometry((int(step * (len(radii) + 1)) + 1, n, n), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    fine = resample_labels(thick, fine_geometry, method="slice-sdf").array
+    for k in range(1, len(radii)):
+        z = int(step * k + step / 2)  # half-way between slices k and k + 1
+        r = np.sqrt(np.count_nonzero(fine[z] == 5) / np.pi)
+        assert r == pytest.approx((radii[k - 1] + radii[k]) / 2, abs=0.5)
+    present = np.flatnonzero((fine == 5).any(axis=(1, 2)))
+    assert present[0] == pytest.approx(step * 0.5, abs=1) and present[-1] == pytest.approx(step * 4.5, abs=1)
+    assert set(np.unique(fine)) == {0, 5}

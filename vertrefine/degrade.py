@@ -235,39 +235,39 @@ def degrade(
     hi = np.minimum([int(a.max()) + 1 for a in nz] + margin, array.shape)
     region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     work = array[region]
-    phys = _physical_axes(g, lo, work.shape)
+    phys = physical_axes(g, lo, work.shape)
 
     # 1. thin posterior structures and process tips
     masks = {lab: work == lab for lab in labels}
     for lab in labels:
-        masks[lab] = _lose_posterior(masks[lab], phys, spacing, posterior_loss_mm, truncation, rng)
+        masks[lab] = lose_posterior(masks[lab], phys, spacing, posterior_loss_mm, truncation, rng)
 
     # 2. slab partial volume on the acquisition grid
     phases = [rng.uniform(0.0, block_mm[a]) if block_mm[a] > spacing[a] * 1.0001 else 0.0 for a in range(3)]
-    starts = [_block_starts(lo[a], work.shape[a], spacing[a], block_mm[a], phases[a]) for a in range(3)]
+    starts = [block_starts(lo[a], work.shape[a], spacing[a], block_mm[a], phases[a]) for a in range(3)]
     counts = [np.diff(np.append(s, work.shape[a])) for a, s in enumerate(starts)]
     coarse_spacing = np.array([block_mm[a] if len(starts[a]) < work.shape[a] else spacing[a] for a in range(3)])
     case_shift = rng.normal(0.0, threshold_jitter)
     coarse_shape = tuple(len(s) for s in starts)
-    noise = _smooth_noise(coarse_shape, coarse_spacing, boundary_sigma_mm, rng) * np.float32(boundary_amplitude_mm)
+    noise = smooth_noise(coarse_shape, coarse_spacing, boundary_sigma_mm, rng) * np.float32(boundary_amplitude_mm)
     best = np.full(coarse_shape, np.inf, np.float32)
     owner = np.zeros(coarse_shape, array.dtype)
     pad = np.ceil((3 * boundary_amplitude_mm + 2 * coarse_spacing) / coarse_spacing).astype(int) + 1
     for lab in labels:
-        fraction = _block_mean(masks[lab], starts, counts)
+        fraction = block_mean(masks[lab], starts, counts)
         threshold = float(np.clip(0.5 + case_shift + rng.normal(0.0, threshold_jitter / 2), 0.15, 0.85))
         inside = fraction > threshold
         if not inside.any():
             continue
         # 3. smooth boundary error on each label's signed distance (mm)
-        box = _bbox(inside, pad)
-        sdf = _signed_distance(inside[box], coarse_spacing) + noise[box]
+        box = bounding_box(inside, pad)
+        sdf = signed_distance(inside[box], coarse_spacing) + noise[box]
         take = (sdf < 0) & (sdf < best[box])
         best[box] = np.where(take, sdf, best[box])
         owner[box] = np.where(take, lab, owner[box])
 
     # 4. islands near the spine, on the acquisition grid too (so they are slab-shaped)
-    _add_islands(owner, coarse_spacing, islands, island_radius_mm, rng)
+    add_islands(owner, coarse_spacing, islands, island_radius_mm, rng)
 
     if native:
         return _on_acquisition_grid(volume, owner, lo, spacing, block_mm, phases)
@@ -278,11 +278,43 @@ def degrade(
     return volume.with_array(out)
 
 
-def _slab_index(index: np.ndarray, spacing: float, block_mm: float, phase: float) -> np.ndarray:
+def slab_index(index: np.ndarray, spacing: float, block_mm: float, phase: float) -> np.ndarray:
     """Slab number of global voxel indices along one array axis (the voxel itself when not coarser)."""
     if block_mm <= spacing * 1.0001:
         return np.asarray(index, dtype=np.int64)
     return np.floor((np.asarray(index) * spacing - phase) / block_mm).astype(np.int64)
+
+
+def acquisition_geometry(
+    geometry: Geometry, block_mm: Sequence[float], phases: Sequence[float]
+) -> tuple[Geometry, list[int]]:
+    """The grid of a thick-slice acquisition covering ``geometry``'s field of view, and its first slabs.
+
+    Along each array axis ``a`` (``[k, j, i]``) with ``block_mm[a]`` coarser than the voxel spacing, blocks
+    ``block_mm[a]`` thick are laid on the global index axis from ``phases[a]`` mm (see :func:`slab_index`);
+    the acquisition has one voxel per block that holds a voxel of ``geometry``, centred on the block's centre
+    (the outermost blocks may reach past the field of view). Other axes keep their voxels. Direction cosines
+    are ``geometry``'s.
+
+    Returns:
+        (the acquisition's Geometry, the global block number of its first voxel along each array axis; for an
+        axis that is not coarser, 0).
+    """
+    from dataclasses import replace
+
+    spacing = np.asarray(geometry.spacing[::-1], float)  # per array axis
+    first, shape, centre = [], [], np.zeros(3)
+    for a in range(3):
+        slabs = slab_index(np.array([0, geometry.shape[a] - 1]), spacing[a], block_mm[a], phases[a])
+        first.append(int(slabs[0]))
+        shape.append(int(slabs[1] - slabs[0] + 1))
+        coarse = block_mm[a] > spacing[a] * 1.0001
+        # continuous index (along array axis a) of the centre of the first slab
+        centre[a] = (phases[a] + (slabs[0] + 0.5) * block_mm[a]) / spacing[a] if coarse else 0.0
+    new_spacing = [float(block_mm[a]) if block_mm[a] > spacing[a] * 1.0001 else float(spacing[a]) for a in range(3)]
+    origin = geometry.index_to_physical(centre[::-1])  # ITK order (i, j, k)
+    out = replace(geometry, shape=tuple(shape), spacing=tuple(new_spacing[::-1]), origin=tuple(origin))
+    return out, first
 
 
 def _on_acquisition_grid(
@@ -294,24 +326,11 @@ def _on_acquisition_grid(
     phases: list[float],
 ) -> Volume:
     """The slab labels ``owner`` (of the work region starting at ``lo``) on the acquisition grid of the whole FOV."""
-    from dataclasses import replace
-
-    g = volume.geometry
-    first, shape, offset, centre = [], [], [], np.zeros(3)
-    for a in range(3):
-        slabs = _slab_index(np.array([0, g.shape[a] - 1, lo[a]]), spacing[a], block_mm[a], phases[a])
-        first.append(int(slabs[0]))
-        shape.append(int(slabs[1] - slabs[0] + 1))
-        offset.append(int(slabs[2] - slabs[0]))
-        coarse = block_mm[a] > spacing[a] * 1.0001
-        # continuous index (along array axis a) of the centre of the first slab
-        centre[a] = (phases[a] + (slabs[0] + 0.5) * block_mm[a]) / spacing[a] if coarse else 0.0
-    out = np.zeros(shape, owner.dtype)
+    geometry, first = acquisition_geometry(volume.geometry, block_mm, phases)
+    offset = [int(slab_index(np.array([lo[a]]), spacing[a], block_mm[a], phases[a])[0]) - first[a] for a in range(3)]
+    out = np.zeros(geometry.shape, owner.dtype)
     region = tuple(slice(offset[a], offset[a] + owner.shape[a]) for a in range(3))
     out[region] = owner
-    new_spacing = [float(block_mm[a]) if block_mm[a] > spacing[a] * 1.0001 else float(spacing[a]) for a in range(3)]
-    origin = g.index_to_physical(centre[::-1])  # ITK order (i, j, k)
-    geometry = replace(g, shape=tuple(shape), spacing=tuple(new_spacing[::-1]), origin=tuple(origin))
     return Volume(out, geometry, volume.source)
 
 
@@ -320,7 +339,7 @@ def _on_acquisition_grid(
 # --------------------------------------------------------------------------------------------------
 
 
-def _physical_axes(g: Geometry, lo: Sequence[int], shape: Sequence[int]) -> list[list[np.ndarray]]:
+def physical_axes(g: Geometry, lo: Sequence[int], shape: Sequence[int]) -> list[list[np.ndarray]]:
     """For LPS coordinate c (0 = x, 1 = y), the three broadcastable per-array-axis terms of its value."""
     m = g.index_to_physical_matrix()
     terms = []
@@ -336,12 +355,14 @@ def _physical_axes(g: Geometry, lo: Sequence[int], shape: Sequence[int]) -> list
     return terms
 
 
-def _coordinate(terms: list[np.ndarray], box: tuple[slice, ...]) -> np.ndarray:
+def physical_coordinate(terms: list[np.ndarray], box: tuple[slice, ...]) -> np.ndarray:
+    """One LPS coordinate (mm) over ``box`` of the region, from its :func:`physical_axes` terms (broadcast)."""
     t0, t1, t2 = terms
     return t0[box[0], :, :] + t1[:, box[1], :] + t2[:, :, box[2]]
 
 
-def _bbox(mask: np.ndarray, pad: Sequence[int] | int) -> tuple[slice, ...]:
+def bounding_box(mask: np.ndarray, pad: Sequence[int] | int) -> tuple[slice, ...]:
+    """Slices of the box around a non-empty mask's voxels, ``pad`` voxels wider (per axis), clipped to the array."""
     pad = np.broadcast_to(np.asarray(pad, int), (3,))
     idx = np.nonzero(mask)
     return tuple(
@@ -358,7 +379,7 @@ def _opening(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndar
     return ndimage.distance_transform_edt(~eroded, sampling=spacing) <= radius_mm
 
 
-def _lose_posterior(
+def lose_posterior(
     mask: np.ndarray,
     phys: list[list[np.ndarray]],
     spacing: np.ndarray,
@@ -370,10 +391,10 @@ def _lose_posterior(
     if not mask.any():
         return mask
     pad = np.ceil(radius_mm / spacing).astype(int) + 2
-    box = _bbox(mask, pad)
+    box = bounding_box(mask, pad)
     sub = mask[box]
-    x = _coordinate(phys[0], box)
-    y = _coordinate(phys[1], box)
+    x = physical_coordinate(phys[0], box)
+    y = physical_coordinate(phys[1], box)
     inside = np.nonzero(sub)
     xs = np.broadcast_to(x, sub.shape)[inside]
     ys = np.broadcast_to(y, sub.shape)[inside]
@@ -382,7 +403,7 @@ def _lose_posterior(
     kept = sub.copy()
     back = sub & behind
     if radius_mm > 0 and back.any():
-        near = _bbox(back, pad)  # open only around the part behind the centre of mass
+        near = bounding_box(back, pad)  # open only around the part behind the centre of mass
         kept[near] = np.where(behind[near], _opening(sub[near], radius_mm, spacing), sub[near])
     # process tips: posterior (spinous), left and right (transverse) reach from the centre of mass
     draws = rng.uniform(size=3)
@@ -406,7 +427,7 @@ def _not_in_front(y: np.ndarray, y_c: float, slack_mm: float = 15.0) -> np.ndarr
     return y > y_c - slack_mm
 
 
-def _block_starts(first: int, n: int, spacing: float, block_mm: float, phase: float) -> np.ndarray:
+def block_starts(first: int, n: int, spacing: float, block_mm: float, phase: float) -> np.ndarray:
     """Start indices (within a run of ``n`` voxels from global index ``first``) of blocks ``block_mm`` thick.
 
     Blocks are laid on the global index axis with the given phase (mm); no blocks (every voxel its own) when
@@ -414,11 +435,11 @@ def _block_starts(first: int, n: int, spacing: float, block_mm: float, phase: fl
     """
     if block_mm <= spacing * 1.0001:
         return np.arange(n)
-    block = _slab_index(first + np.arange(n), spacing, block_mm, phase)
+    block = slab_index(first + np.arange(n), spacing, block_mm, phase)
     return np.flatnonzero(np.diff(block, prepend=block[0] - 1))
 
 
-def _block_mean(mask: np.ndarray, starts: list[np.ndarray], counts: list[np.ndarray]) -> np.ndarray:
+def block_mean(mask: np.ndarray, starts: list[np.ndarray], counts: list[np.ndarray]) -> np.ndarray:
     """Mean of ``mask`` over the blocks (one value per block)."""
     out = mask.astype(np.float32)
     for a in range(3):
@@ -431,7 +452,7 @@ def _block_mean(mask: np.ndarray, starts: list[np.ndarray], counts: list[np.ndar
     return out
 
 
-def _signed_distance(inside: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+def signed_distance(inside: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """Signed distance (mm), negative inside, crossing zero half-way between in- and outside voxels."""
     half = 0.5 * float(spacing.min())
     outside_d = ndimage.distance_transform_edt(~inside, sampling=spacing)
@@ -439,7 +460,7 @@ def _signed_distance(inside: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     return np.where(inside, half - inside_d, outside_d - half).astype(np.float32)
 
 
-def _smooth_noise(shape: Sequence[int], spacing: np.ndarray, sigma_mm: float, rng: np.random.Generator) -> np.ndarray:
+def smooth_noise(shape: Sequence[int], spacing: np.ndarray, sigma_mm: float, rng: np.random.Generator) -> np.ndarray:
     """Gaussian-filtered white noise with unit standard deviation."""
     field = rng.standard_normal(shape).astype(np.float32)
     field = ndimage.gaussian_filter(field, sigma=np.maximum(sigma_mm / spacing, 1e-3), mode="reflect")
@@ -447,7 +468,7 @@ def _smooth_noise(shape: Sequence[int], spacing: np.ndarray, sigma_mm: float, rn
     return field / std if std > 0 else field
 
 
-def _add_islands(
+def add_islands(
     owner: np.ndarray,
     spacing: np.ndarray,
     mean_count: float,
@@ -492,7 +513,18 @@ __all__ = [
     "OPTION_RANGES",
     "POSTERIOR_LOSS_PER_SLICE_MM",
     "SLICE_AXES",
+    "acquisition_geometry",
+    "add_islands",
+    "block_mean",
+    "block_starts",
+    "bounding_box",
     "degrade",
+    "lose_posterior",
+    "physical_axes",
+    "physical_coordinate",
+    "signed_distance",
+    "slab_index",
+    "smooth_noise",
     "option_problem",
     "slice_array_axis",
 ]

@@ -16,6 +16,13 @@ Label resampling (``resample_labels``):
   target's voxel centres (nearest neighbour) instead: its surface is then known to within half a source
   voxel, and the distance maps would cost an EDT over every label's box at the fine spacing (seconds per
   vertebra at 0.3 mm).
+* ``"slice-sdf"``: shape-based interpolation as Raya and Udupa (1990) define it for thick slices: the
+  same, but each label's signed distance is two-dimensional, computed in each slice across the source's
+  coarsest array axis (the slice axis) on its own, and interpolated linearly across slices. A slice of the
+  label's box that does not hold the label takes the absolute distance of the nearest slice that does, so
+  the shape ends half-way to the first slice without it (the slab's face), as nearest neighbour ends it.
+  Raya, S.P. and Udupa, J.K. (1990) "Shape-based interpolation of multidimensional objects", IEEE Trans.
+  Med. Imaging 9(1):32-42.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from .conventions import PATCH_SIZE, SPACING_TOLERANCE_MM, WORKING_SPACING_MM
 from .labels import BINARY_MASK_VALUES
 from .volume import Geometry, Volume
 
-LABEL_METHODS = ("label-aware", "nearest")
+LABEL_METHODS = ("label-aware", "nearest", "slice-sdf")
 FINE_FACTOR = 2.0
 """Label-aware resampling samples (nearest neighbour) a source this many times finer than the target."""
 _SDF_MARGIN = 2  # source voxels of background kept around each label's box for its distance map
@@ -109,7 +116,8 @@ def output_geometry(geometry: Geometry, spacing: float | str = "auto") -> Geomet
 def resample_labels(volume: Volume, target: Geometry, *, method: str = "label-aware") -> Volume:
     """The label map on ``target``'s grid (dtype and ``source`` kept); on the same grid, an exact copy.
 
-    ``method``: ``"label-aware"`` (smooth, volume-keeping; see the module docstring) or ``"nearest"``.
+    ``method``: ``"label-aware"`` (smooth, volume-keeping; see the module docstring), ``"nearest"`` or
+    ``"slice-sdf"`` (per-slice 2D signed distances across the source's coarsest axis, Raya and Udupa 1990).
     """
     if method not in LABEL_METHODS:
         raise ValueError(f"unknown label resampling method {method!r}; use one of {LABEL_METHODS}")
@@ -118,6 +126,9 @@ def resample_labels(volume: Volume, target: Geometry, *, method: str = "label-aw
         out = array.copy()
     elif method == "nearest" or max(volume.geometry.spacing) * FINE_FACTOR <= min(target.spacing):
         out = _sitk_resample(array, volume.geometry, target, sitk.sitkNearestNeighbor, 0.0)
+    elif method == "slice-sdf":
+        slice_axis = int(np.argmax(volume.geometry.spacing[::-1]))  # array axis of the thickest spacing
+        out = _resample_labels_sdf(array, volume.geometry, target, slice_axis=slice_axis)
     else:
         out = _resample_labels_sdf(array, volume.geometry, target)
     return replace(volume, array=out, geometry=target)
@@ -211,8 +222,32 @@ def _signed_distance(mask: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
     return phi
 
 
-def _resample_labels_sdf(array: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
-    """Label-aware resampling (see the module docstring).
+def _slice_signed_distance(mask: np.ndarray, sampling: Sequence[float], axis: int) -> np.ndarray:
+    """Signed distance (mm, negative inside) in each slice across array ``axis`` on its own (2D, as
+    :func:`_signed_distance` measures it); a slice without the mask takes the absolute distance of the nearest
+    slice with it (the lower one on a tie). ``mask`` must hold at least one voxel."""
+    phi = np.empty(mask.shape, dtype=np.float32)
+    held = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+    for q in held:
+        view = [slice(None)] * 3
+        view[axis] = slice(int(q), int(q) + 1)
+        sub = mask[tuple(view)]
+        phi[tuple(view)] = -_FAR if sub.all() else _signed_distance(sub, sampling)
+    for q in np.setdiff1d(np.arange(mask.shape[axis]), held):
+        nearest = int(held[np.argmin(np.abs(held - q))])
+        source = [slice(None)] * 3
+        source[axis] = nearest
+        dest = [slice(None)] * 3
+        dest[axis] = int(q)
+        phi[tuple(dest)] = np.abs(phi[tuple(source)])
+    return phi
+
+
+def _resample_labels_sdf(
+    array: np.ndarray, source: Geometry, target: Geometry, slice_axis: int | None = None
+) -> np.ndarray:
+    """Label-aware resampling (see the module docstring); with ``slice_axis`` (an array axis) the signed
+    distances are per slice across it (``"slice-sdf"``).
 
     Each label's signed distance is computed once on its box; the target is then filled in slabs of about
     :data:`_SLAB_VOXELS` voxels along axis 0, so the running minimum distance never spans a whole large
@@ -229,7 +264,12 @@ def _resample_labels_sdf(array: np.ndarray, source: Geometry, target: Geometry) 
         region = target_region(box_geometry, target)
         if region is None:
             continue
-        phi = np.full(sub.shape, -_FAR, dtype=np.float32) if sub.all() else _signed_distance(sub, sampling)
+        if sub.all():
+            phi = np.full(sub.shape, -_FAR, dtype=np.float32)
+        elif slice_axis is None:
+            phi = _signed_distance(sub, sampling)
+        else:
+            phi = _slice_signed_distance(sub, sampling, slice_axis)
         fields.append((value, box_geometry, phi, region))
     step = max(1, _SLAB_VOXELS // max(1, target.shape[1] * target.shape[2]))
     for k0 in range(0, target.shape[0], step):
