@@ -33,9 +33,11 @@ grid, as many pipelines store it). Rows, each a label map on the ground truth's 
   form both interpolations see a 1 mm grid and return the input as it is (they read no thickness from it);
 - ``vae``: the :class:`~vertrefine.refine.Refiner` decoding the encoder's mean (``sampler=None``,
   ``fine_inputs="refine"``);
-- ``lsd-ebm-noguide``: the bundle's sampler with data-consistency guidance 0;
-- ``lsd-ebm``: the bundle's sampler defaults (the model: every vertebra written as refined);
-- ``refine``: what ``vertrefine refine`` writes with its defaults, i.e. ``lsd-ebm`` plus the agreement gate
+- ``vae-dc``: the same, then projected onto the input's slabs (``consistency="project"``);
+- ``lsd-ebm-noguide``: the bundle's sampler with data-consistency guidance 0, no projection;
+- ``lsd-ebm``: the bundle's sampler defaults (the model: every vertebra written as refined), no projection;
+- ``lsd-ebm-dc``: the same, then projected onto the input's slabs (refine's default ``--consistency project``);
+- ``refine``: what ``vertrefine refine`` writes with its defaults, i.e. ``lsd-ebm-dc`` plus the agreement gate
   that keeps the input for a vertebra whose result disagrees with it (DSC below ``MIN_AGREEMENT`` on the
   input grid), and an input no coarser than ``FINE_INPUT_MAX_MM`` written as it is.
 
@@ -108,20 +110,26 @@ FORMS: tuple[str, ...] = ("native", "fine")
 INTERPOLATIONS: dict[str, str] = {"input": "nearest", "sdf": "label-aware", "sdf2d": "slice-sdf"}
 """The rows made by resampling the input onto the ground truth's grid, and how."""
 _WRITTEN = {"on_disagree": "write", "fine_inputs": "refine"}  # every vertebra written as refined
+_MODEL_ONLY = {**_WRITTEN, "consistency": "none"}  # ... as the model left it (no projection onto the slabs)
 
 
-def _sampled(refiner: Refiner, **changes: Any) -> Refiner | None:
-    """``refiner`` with every vertebra written as refined and its sampler settings changed (None: no sampler)."""
+def _sampled(refiner: Refiner, consistency: str = "none", **changes: Any) -> Refiner | None:
+    """``refiner`` with every vertebra written as refined, the data-consistency projection ``consistency`` and
+    its sampler settings changed (None: no sampler)."""
     sampler = refiner.options.sampler
     if sampler is None:
         return None
-    return refiner.with_options(sampler=dataclasses.replace(sampler, **changes), **_WRITTEN)
+    return refiner.with_options(
+        sampler=dataclasses.replace(sampler, **changes), **{**_WRITTEN, "consistency": consistency}
+    )
 
 
 MODEL_ROWS: dict[str, Callable[[Refiner], Refiner | None]] = {
-    "vae": lambda r: r.with_options(sampler=None, **_WRITTEN),
+    "vae": lambda r: r.with_options(sampler=None, **_MODEL_ONLY),
+    "vae-dc": lambda r: r.with_options(sampler=None, **_WRITTEN, consistency="project"),
     "lsd-ebm-noguide": lambda r: _sampled(r, guidance=0.0),
     "lsd-ebm": lambda r: _sampled(r),
+    "lsd-ebm-dc": lambda r: _sampled(r, consistency="project"),
     "refine": lambda r: r if r.options.sampler is not None else None,  # as `vertrefine refine` runs
 }
 """Each model row: its Refiner made from the bundle's (as refine runs it); None where the bundle cannot run it.
@@ -132,7 +140,10 @@ TITLES: dict[str, str] = {
     **NAMES,
     "sdf": "SDF interpolation, 3D label-aware",
     "sdf2d": "SDF interpolation per slice (2D, Raya-Udupa)",
-    "lsd-ebm-noguide": "LSD-EBM (no guidance)",
+    "vae-dc": "VAE + consistency projection",
+    "lsd-ebm-noguide": "LSD-EBM (no guidance, no projection)",
+    "lsd-ebm": "LSD-EBM (no projection)",
+    "lsd-ebm-dc": "LSD-EBM + consistency projection",
     "refine": "`vertrefine refine` (LSD-EBM + agreement gate; inputs up to 3 mm kept)",
 }
 LINE_NAMES: dict[str, str] = {

@@ -519,3 +519,30 @@ def test_rotation_augmentation_turns_content_about_the_patch_centre():
     moved = transform(torch.from_numpy(blob), 1.0, (0.0, 0.0, 0.0), False, elastic=field)
     expected = transform(torch.from_numpy(blob), 1.0, (0.0, 0.0, -2.0), False)
     torch.testing.assert_close(moved, expected, atol=1e-5, rtol=0)
+
+
+def test_clean_variants_and_corruption_family_variants(spine, tmp_path):
+    from vertrefine.corruptions import corrupt
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    io.write_label_map(spine, folder / "spine_a.nii.gz")
+    cache = build_patch_cache(
+        folder, tmp_path / "cache", degraded_variants=2, clean_variants=1, variant_errors="families", seed=5
+    )
+    assert cache.params["clean_variants"] == 1 and cache.params["variant_errors"] == "families"
+    working = spatial.to_working_grid(io.read_label_map(folder / "spine_a.nii.gz"))
+    instance_array, instances = spatial.find_instances(working)
+    ids = range(1, int(instance_array.max()) + 1)
+    crops = spatial.crop_instances(instance_array, instances)
+    for v, family in enumerate(("clean", "mixed")):  # variant 0 clean slabs, variant 1 a training-family draw
+        axis, mm, seed = data.variant_settings(5, "spine_a", v)
+        native = corrupt(working.with_array(instance_array), family, slice_mm=mm, axis=axis, seed=seed, vertebrae=ids)
+        damaged = spatial.resample_labels(native, working.geometry).array
+        for entry, (instance, box, _) in zip(cache.entries, crops, strict=True):
+            expected = block_mean(spatial.crop(damaged, box) == instance.instance_id)
+            np.testing.assert_array_equal(cache.degraded_lowres(entry.index, v), expected)
+    with pytest.raises(ValueError, match="variant_errors"):
+        build_patch_cache(folder, tmp_path / "cache2", degraded_variants=1, variant_errors="mri-like")
+    # without the new options the key is the one caches had before them
+    assert "variant_errors" not in build_patch_cache(folder, tmp_path / "cache3", degraded_variants=1).params

@@ -932,6 +932,13 @@ def train(
         int | None,
         typer.Option(min=0, help="How many of the thick-slice copies are clean slabs (partial volume only)."),
     ] = None,
+    variant_errors: Annotated[
+        str | None,
+        typer.Option(
+            help="Errors of the other thick-slice copies: degrade (the simulator's) or families (a random draw of "
+            "the training corruption families; mri-like and degrade stay held out)."
+        ),
+    ] = None,
     degraded_prob: Annotated[
         float | None,
         typer.Option(min=0.0, max=1.0, help="Probability that a training input is a thick-slice copy."),
@@ -986,6 +993,7 @@ def train(
         langevin_steps=langevin_steps,
         degraded_variants=degraded_variants,
         clean_variants=clean_variants,
+        variant_errors=variant_errors,
         degraded_prob=degraded_prob,
         device=device and device.value,
         seed=seed,

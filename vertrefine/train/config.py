@@ -117,6 +117,9 @@ class TrainConfig:
     """Degraded (thick-slice-like) copies per patch stored in the cache; 0 = clean training only."""
     clean_variants: int = 0
     """How many of the degraded variants are clean thick slices (partial volume only, no other error)."""
+    variant_errors: str = "degrade"
+    """The other variants' errors: 'degrade' (the thick-slice simulator's) or 'families' (a random draw of the
+    training corruption families, :mod:`vertrefine.corruptions`; the held-out families are never drawn)."""
     degraded_prob: float = 0.0
     """Probability that a training item's input is one of its degraded variants (target stays clean)."""
     synth_cases: int = 3
@@ -172,6 +175,8 @@ class TrainConfig:
             problems.append("--conditioned needs a spatial latent (--latent-grid > 0) and --model vae or lsd-ebm")
         if not 0.0 <= self.degraded_prob <= 1.0:
             problems.append(f"degraded_prob must be in [0, 1] (got {self.degraded_prob})")
+        if self.variant_errors not in ("degrade", "families"):
+            problems.append(f"variant_errors must be degrade or families (got {self.variant_errors!r})")
         if not 0 <= self.clean_variants <= self.degraded_variants:
             problems.append("clean_variants must be from 0 to degraded_variants")
         if self.degraded_prob > 0 and self.degraded_variants == 0:

@@ -120,6 +120,7 @@ def _prepare_cache(config: TrainConfig, emit: EventCallback) -> None:
             cache_path,
             degraded_variants=config.degraded_variants,
             clean_variants=config.clean_variants,
+            variant_errors=config.variant_errors,
             seed=config.seed,
             drop_cut=config.drop_cut,
             workers=max(1, config.num_workers),

@@ -53,6 +53,7 @@ import numpy as np
 from ..atomic import atomic_path
 from ..cases import Case, case_name, find_cases, is_dicom_file, is_nifti
 from ..conventions import PATCH_SIZE, WORKING_SPACING_MM
+from ..corruptions import corrupt
 from ..degrade import degrade
 from ..errors import InputError
 from ..labels import BINARY_MASK_VALUES, label_for_level, level_name
@@ -74,6 +75,8 @@ DEGRADE_AXES = ("sagittal", "axial", "coronal")
 DEGRADE_SLICE_MM = (3.0, 7.0)
 CLEAN_SLABS = dict(boundary_amplitude_mm=0.0, threshold_jitter=0.0, posterior_loss_mm=0.0, truncation=0.0, islands=0.0)
 """:func:`vertrefine.degrade.degrade` settings of a clean thick-slice variant: partial volume thresholded at 0.5."""
+VARIANT_ERRORS = ("degrade", "families")
+"""Where the errors of the degraded variants come from (``build_patch_cache(variant_errors=...)``)."""
 _ARRAYS = ("lowres", "masks", "degraded")
 BIDS_MASK = re.compile(r"_seg-vert_msk\.nii(\.gz)?$", re.IGNORECASE)
 """File names of VerSe's vertebra masks in its BIDS layout."""
@@ -244,6 +247,7 @@ def build_patch_cache(
     *,
     degraded_variants: int = 0,
     clean_variants: int = 0,
+    variant_errors: str = "degrade",
     seed: int = 0,
     min_voxels: int = 1000,
     drop_cut: bool = True,
@@ -265,6 +269,10 @@ def build_patch_cache(
             partial volume thresholded at 0.5 and nothing else (no boundary error, lost parts or islands),
             what a good segmentation of a thick-slice MRI gives; the others have every error of
             :func:`vertrefine.degrade.degrade`.
+        variant_errors: the errors of the other variants: "degrade" (:func:`vertrefine.degrade.degrade`'s,
+            thickness-scaled boundary error, lost posterior parts, islands) or "families" (a random draw of
+            :data:`vertrefine.corruptions.TRAINING_FAMILIES` per variant, the ``mixed`` family; the held-out
+            families ``mri-like`` and ``degrade`` are never used, so they stay a test of generalisation).
         seed: seed of the variants (ignored, and not part of the key, when there are none).
         min_voxels: instances smaller than this (1 mm voxels) are left out (fragments, tiny labels).
         drop_cut: leave out instances touching the edge of the scan's field of view in cases with more
@@ -282,6 +290,8 @@ def build_patch_cache(
         raise ValueError("degraded_variants and seed must be non-negative and workers positive")
     if not 0 <= clean_variants <= degraded_variants:
         raise ValueError("clean_variants must be from 0 to degraded_variants")
+    if variant_errors not in VARIANT_ERRORS:
+        raise ValueError(f"variant_errors must be one of {', '.join(VARIANT_ERRORS)}, got {variant_errors!r}")
     data_dir = folders[0] if len(folders) == 1 else Path(", ".join(str(f) for f in folders))
     cases = [case for folder in folders for case in find_training_cases(folder)]
     if not cases:
@@ -303,6 +313,8 @@ def build_patch_cache(
     }
     if clean_variants:  # only then part of the key: caches built before the option stay valid
         params["clean_variants"] = int(clean_variants)
+    if variant_errors != "degrade" and degraded_variants:
+        params["variant_errors"] = variant_errors
     cache_dir.mkdir(parents=True, exist_ok=True)
     shard_dir = cache_dir / SHARDS
     shard_dir.mkdir(exist_ok=True)
@@ -443,8 +455,14 @@ def _patches_of(
             variants.append((axis, slice_mm))
             # as refine sees a clinic's thick-slice segmentation: on its native grid, then put on the 1 mm
             # working grid by the same label-aware resampling
-            noise = CLEAN_SLABS if v < params.get("clean_variants", 0) else {}
-            native = degrade(instances_volume, slice_mm=slice_mm, axis=axis, seed=degrade_seed, native=True, **noise)
+            clean = v < params.get("clean_variants", 0)
+            if params.get("variant_errors", "degrade") == "families":
+                ids = range(1, int(instance_array.max()) + 1)
+                family = "clean" if clean else "mixed"
+                native = corrupt(instances_volume, family, slice_mm=slice_mm, axis=axis, seed=degrade_seed, vertebrae=ids)
+            else:
+                noise = CLEAN_SLABS if clean else {}
+                native = degrade(instances_volume, slice_mm=slice_mm, axis=axis, seed=degrade_seed, native=True, **noise)
             damaged = spatial.resample_labels(native, working.geometry).array
             for n, (inst, box, _) in enumerate(crops):
                 degraded[n, v] = block_mean(spatial.crop(damaged, box) == inst.instance_id)
