@@ -7,7 +7,7 @@
         --cases verse__sub-verse006 verse__sub-verse008 verse__sub-verse010 verse__sub-verse012 \\
         --families clean partial-volume in-plane warp processes islands slab-shift mri-like degrade \\
         --slice-mm 3 5 7 --axis sagittal axial --forms native fine \\
-        --methods input sdf sdf2d vae lsd-ebm-noguide lsd-ebm refine \\
+        --methods input sdf sdf2d vae vae-dc lsd-ebm-noguide lsd-ebm lsd-ebm-dc refine \\
         --weights weights/lsd-ebm --threads 2 --ceiling --pose \\
         --json docs/results/real.json --markdown docs/results/real.md
     # quick look, no model: python -m benchmarks.real --data DIR --families clean --methods input sdf sdf2d \\

@@ -183,6 +183,7 @@ def validate(
     ``i % k`` of patch ``i``; at 1 mm its 2 mm occupancy upsampled and thresholded at 0.5); it equals the
     clean Dice for a cache without variants.
     """
+    from .objectives import one_mm_input
     from .validation import validation_masks
 
     was_training = model.training
@@ -203,7 +204,7 @@ def validate(
             thick = [np.asarray(cache.degraded_lowres(int(i), int(i) % cache.n_variants), np.float32) for i in chunk]
             x_thick = torch.from_numpy(np.stack(thick))[:, None].to(device)
             mu, _ = model.encoder.forward_lowres(x_thick)
-            x_1mm = (F.interpolate(x_thick, scale_factor=2, mode="trilinear", align_corners=False) > 0.5).float()
+            x_1mm = one_mm_input(x_thick, model.config.downsample)
             low = model.decoder.logits_lowres(mu, x_thick) if conditioned else model.decoder.logits_lowres(mu)
             dice = _dice_1mm(model, mu, x_1mm, low, masks)
         thick_sum += float(dice.sum())

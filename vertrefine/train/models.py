@@ -25,10 +25,10 @@ and a *bias* b, and the logit is
 
     logit = b + a * (2 x - 1)
 
-evaluated on the internal grid in training (x the 2 mm soft occupancy) and, in the exported decoder, with a
-and b trilinearly upsampled and x the 1 mm input itself: where the model trusts the input (a large, b near
-0) the result keeps the input's 1 mm detail, elsewhere b (the model's own shape, from z and the input's
-features) decides. Each voxel's formula is the same at both resolutions, so no 1 mm training data is needed.
+evaluated at 1 mm with a and b trilinearly upsampled and x the binary 1 mm input (in training, the cached
+2 mm input upsampled and thresholded: :func:`vertrefine.train.objectives.one_mm_input`): where the model
+trusts the input (a large, b near 0) the result keeps the input's 1 mm detail, elsewhere b (the model's own
+shape, from z and the input's features) decides.
 
 ONNX cannot export autograd, so both energies write dE/dz as their explicit backward pass
 (``energy_and_grad``): transposed GEMMs for the MLP, transposed convolutions for the CNN; both are tested
@@ -275,6 +275,10 @@ class SpatialDecoder(_Decoding):
         return self.out(self.features(z))
 
 
+INITIAL_TRUST = 2.0
+"""The conditioned decoder's trust a before training (its bias b starts at 0): the input itself, at logit +-2."""
+
+
 class ConditionedDecoder(nn.Module):
     """(z [B, C, g, g, g], x [B, 1, P, P, P]) -> probability [B, 1, P, P, P]: the decoder that also sees the input.
 
@@ -308,8 +312,8 @@ class ConditionedDecoder(nn.Module):
         self.ups, self.fuses = nn.ModuleList(ups), nn.ModuleList(fuses)
         self.head = nn.Conv3d(inputs[0], 2, 1)
         nn.init.zeros_(self.head.weight)
-        with torch.no_grad():  # start by trusting the input: logit = 4 (2 x - 1)
-            self.head.bias.copy_(torch.tensor([math.log(math.expm1(4.0)), 0.0]))
+        with torch.no_grad():  # start by trusting the input, mildly (p = 0.88 / 0.12): logit = 2 (2 x - 1)
+            self.head.bias.copy_(torch.tensor([math.log(math.expm1(INITIAL_TRUST)), 0.0]))
 
     def trust_and_bias(self, z: torch.Tensor, x_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a [B, 1, p, p, p] >= 0, b [B, 1, p, p, p]) on the internal grid (p = P / downsample)."""
