@@ -104,7 +104,8 @@ def test_each_scheme_maps_its_ids_to_verse_levels_through_one_function():
     [
         ({20, 21, 22}, VERSE),
         ({1, 2, 3, 5, 28, 29, 30, 52, 63}, TOTALSEGMENTATOR),  # organs, L4-L2, aorta, vena cava
-        ({26, 27, 28}, VERSE),  # TS S1, L5, L4 alone use only VerSe ids: read as VerSe (documented limit)
+        ({26, 27, 28}, UNKNOWN),  # TS S1, L5, L4 alone: VerSe ids, but T13 (28) without T12 or L1: named by hand
+        ({19, 20, 28}, VERSE),  # a real T13 between T12 and L1
         ({19, 20, 21, 119, 120, 121, 219}, VERSE),  # SPINEPS: vertebrae + discs 100+ and endplates 200+
         ({1}, BINARY_MASK),
         ({255}, BINARY_MASK),

@@ -317,8 +317,8 @@ def test_a_totalsegmentator_roi_subset_map_is_not_read_as_verse_and_its_organs_a
     result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae")
     assert result.exit_code == 2, result.output
     line = error_line(result)
-    assert "organ-sized" in line and "kidney_right" in line and "liver" in line and "vertebrae_L4" in line, line
-    assert "--label-scheme totalsegmentator" in line and not (tmp_path / "out.nii.gz").exists()
+    assert "kidney_right" in line and "liver" in line and "vertebrae_L4" in line, line
+    assert "--label-scheme" in line and not (tmp_path / "out.nii.gz").exists()
     named = invoke(
         "refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae", "--label-scheme", "totalsegmentator"
     )
@@ -491,3 +491,76 @@ def test_refine_qc_of_a_vertebra_kept_as_input_draws_its_rejected_refinement(tmp
     assert result.exit_code == 0, result.output
     assert "kept input" in " ".join(result.output.split())
     assert _pixels_of(tmp_path / "qc.png", REJECTED_COLOUR) > 100
+
+
+# --- found by the fresh-user check ------------------------------------------------------------------------------
+
+
+def _qform_only(path, zooms=(1.0, 1.0, 5.0)):
+    """An uncompressed NIfTI whose orientation is its qform alone (sform_code 0), as some converters write."""
+    affine = np.diag([*zooms, 1.0])
+    image = nib.Nifti1Image(_blocks(), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(None, code=0)
+    nib.save(image, str(path))
+    return path
+
+
+def test_a_zero_voxel_size_a_huge_or_a_truncated_array_is_one_line_before_any_allocation(tmp_path):
+    zero = _patch(_qform_only(tmp_path / "pixdim0.nii"), PIXDIM + 12, [0.0])  # pixdim[3], which nibabel sets to 1
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    header.set_qform(np.diag([0.1, 0.1, 0.1, 1.0]), code=1)
+    cases = {zero: "voxel size of 0 mm"}
+    for name, side, words in (("huge.nii", 29000, "implausible array size"), ("short.nii", 1200, "truncated")):
+        header.set_data_shape((side, side, side))
+        (tmp_path / name).write_bytes(header.binaryblock + b"\0" * 1004)  # a 1 kB file claiming GB of voxels
+        cases[tmp_path / name] = words
+    for source, words in cases.items():
+        result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae")
+        assert result.exit_code == 2, result.output
+        line = error_line(result)
+        assert str(source) in line and words in line, line
+        assert "should be non-zero" not in result.output and not (tmp_path / "out.nii.gz").exists()
+
+
+def test_a_random_binary_mask_is_not_a_segmentation(tmp_path):
+    array = (np.random.default_rng(2).random((48, 96, 20)) < 0.5).astype(np.uint8)
+    source = _nifti(tmp_path / "noise.nii", array=array)
+    result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae")
+    assert result.exit_code == 2 and "not a segmentation" in error_line(result), result.output
+
+
+@pytest.mark.parametrize(("ids", "other"), [((25, 27, 28), None), ((27, 28), 15)])
+def test_a_totalsegmentator_lumbar_subset_without_organ_sized_labels_is_not_read_as_verse(tmp_path, ids, other):
+    spine = synth_spine(5, levels=("L3", "L4", "L5"))  # as VerSe 22-24 -> TotalSegmentator 28 (L4), 27 (L5), ...
+    as_total = dict(zip((22, 23, 24), (28, 27, 25), strict=True))  # sacrum 25 stands in below L5
+    array = np.zeros_like(spine.array)
+    for verse, total in as_total.items():
+        if total in ids:
+            array[spine.array == verse] = total
+    if other is not None:  # an esophagus-like tube (id 15) beside them
+        array[:, 5:9, 5:9] = other
+    source = tmp_path / "lumbar_subset.nii.gz"
+    write_label_map(spine.with_array(array), source)
+    result = invoke("refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae")
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert "T13" in line and "vertebrae_L4" in line and "--label-scheme" in line, line
+    named = invoke(
+        "refine", source, "-o", tmp_path / "out.nii.gz", "--model", "vae", "--label-scheme", "totalsegmentator"
+    )
+    assert named.exit_code == 0, named.output
+
+
+def test_score_pairs_case_names_in_any_letter_case(tmp_path):
+    spine = synth_spine(3, levels=("L2", "L3"))
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    write_label_map(spine, tmp_path / "pred" / "Y.NII.GZ")  # as refine names an output of CASE.NII.GZ
+    write_label_map(spine, tmp_path / "gt" / "y.nii.gz")
+    result = invoke("score", tmp_path / "pred", tmp_path / "gt")
+    assert result.exit_code == 0, result.output
+    write_label_map(spine, tmp_path / "gt" / "Y.nii.gz")
+    clash = invoke("score", tmp_path / "pred", tmp_path / "gt")
+    assert clash.exit_code == 2 and "share the case name" in error_line(clash), clash.output

@@ -187,6 +187,16 @@ def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = 
                 "are scattered in thousands of one- or two-voxel pieces, like random ids or a corrupted file)",
                 "pass the vertebra label map itself (one integer id per vertebra)",
             )
+        if fraction is None or fraction >= MIN_REGION_FRACTION:
+            edge, touching = edge_counts(_sample_slabs(array))
+            if touching >= MIN_JUDGED_PAIRS and edge / touching > MAX_EDGE_FRACTION:
+                raise InputError(
+                    path,
+                    f"is not a segmentation: its labelled voxels are scattered ({edge / touching:.0%} of the "
+                    "neighbour pairs touching a labelled voxel cross to the background, against 8-28% for real "
+                    "CT and thick-slice segmentations: noise, like a random mask or a corrupted file)",
+                    "pass the vertebra label map itself (one integer id per vertebra)",
+                )
     if high == 0 and not allow_empty:
         raise InputError(
             path, "is an empty mask (no labelled voxel)", "check that the segmentation worked, or pass another file"
@@ -197,6 +207,11 @@ def validate_label_map(volume: Volume, path: str | Path, *, allow_empty: bool = 
     return volume.with_array(array) if array is not volume.array else volume
 
 
+MAX_EDGE_FRACTION = 0.5
+"""A label map whose face-neighbour pairs touching a labelled voxel cross to the background more often than
+this is noise, not a segmentation: 0.08-0.28 on the real CT maps of the development data and their 3-7 mm
+thick-slice simulations at 0.4 mm in-plane (every corruption family), 0.67 for a random half-filled mask,
+0.95 for a random tenth-filled one."""
 MIN_JUDGED_PAIRS = 1000
 """Fewer face-neighbouring labelled voxel pairs than this (a handful of tiny labels) are not judged."""
 SAMPLED_VOXELS = 1 << 24
@@ -225,6 +240,18 @@ def pair_counts(array: np.ndarray) -> tuple[int, int]:
         pairs += int(np.count_nonzero(both))
         same += int(np.count_nonzero(both & (first == second)))
     return same, pairs
+
+
+def edge_counts(array: np.ndarray) -> tuple[int, int]:
+    """``(edge, touching)``: face-neighbouring voxel pairs with at least one non-zero voxel, and of those the
+    ones with exactly one (a boundary to the background), over every axis of ``array`` (3D)."""
+    edge = touching = 0
+    for axis in range(array.ndim):
+        a = np.moveaxis(array, axis, 0) != 0
+        first, second = a[1:], a[:-1]
+        touching += int(np.count_nonzero(first | second))
+        edge += int(np.count_nonzero(first ^ second))
+    return edge, touching
 
 
 def region_fraction(array: np.ndarray) -> float:

@@ -298,7 +298,9 @@ def recognise_scheme(labels: Collection[int]) -> tuple[LabelScheme, str]:
     * SPINEPS subregion ids only, with several parts of a vertebra (:func:`looks_like_spineps_subregions`):
       :data:`SPINEPS_SUBREGIONS`, in which nothing is one vertebra;
     * every id in 1..28, or VerSe vertebra ids plus ids of 100 and above (discs, endplates, canal of
-      spine tools that number vertebrae as VerSe): VerSe;
+      spine tools that number vertebrae as VerSe): VerSe; unless a transitional vertebra stands without the
+      levels it sits between (28 T13 without T12 or L1, 25 L6 without L5: a TotalSegmentator --roi_subset map
+      of L4, L5 and the sacrum is 28, 27, 25), which is :data:`UNKNOWN`: name the numbering;
     * every id in 1..117 and some in 29..99 (ids VerSe does not use; TotalSegmentator's vertebrae L3..C1,
       heart, vessels, muscles): TotalSegmentator v2 'total'. v1 and 'vertebrae_mr' maps cannot be told
       from v2 and VerSe by their ids: name them with ``--label-scheme``;
@@ -310,6 +312,12 @@ def recognise_scheme(labels: Collection[int]) -> tuple[LabelScheme, str]:
     shown = _id_summary(ids)
     if looks_like_spineps_subregions(ids):
         return SPINEPS_SUBREGIONS, f"ids {shown}: SPINEPS's subregions (41 arch, 49 body, ...), parts of every vertebra"
+    if ids and ids[-1] <= VERSE_MAX_ID and (lone := _lone_transitional(ids)):
+        named = ", ".join(f"{i} {_TOTALSEG_V2[i - 1]}" for i in ids if i <= len(_TOTALSEG_V2))
+        return UNKNOWN, (
+            f"ids {shown}: read as VerSe, {lone}, which a VerSe map never holds alone; read as TotalSegmentator "
+            f"v2 (a --roi_subset run) they are {named}"
+        )
     if ids and ids[-1] <= VERSE_MAX_ID:
         return VERSE, f"ids {shown}, all within VerSe's 1-{VERSE_MAX_ID}"
     if ids and ids[-1] <= len(_TOTALSEG_V2) and any(VERSE_MAX_ID < i < EXTRA_STRUCTURE_MIN_ID for i in ids):
@@ -318,6 +326,19 @@ def recognise_scheme(labels: Collection[int]) -> tuple[LabelScheme, str]:
     if low and all(i <= VERSE_MAX_ID for i in low):
         return VERSE, f"ids {shown}: VerSe vertebrae, other structures numbered {EXTRA_STRUCTURE_MIN_ID} and up"
     return UNKNOWN, f"ids {shown} match neither VerSe nor TotalSegmentator"
+
+
+def _lone_transitional(ids: Collection[int]) -> str:
+    """'' or what makes ids within 1..28 unlikely to be VerSe's: its transitional vertebrae without the
+    neighbours they sit between (28 T13 without T12 19 or L1 20; 25 L6 without L5 24 but beside 27 or 28).
+    A VerSe map with a mislabelled L6 alone (a poor prediction) stays VerSe."""
+    found = set(ids)
+    lone = []
+    if 28 in found and not found & {19, 20}:
+        lone.append("28 (T13) without T12 or L1")
+    if 25 in found and 24 not in found and found & {27, 28}:  # with the coccyx or T13: TotalSegmentator's L5/L4
+        lone.append("25 (L6) without L5")
+    return " and ".join(lone)
 
 
 def _id_summary(ids: Sequence[int], most: int = 8) -> str:

@@ -8,6 +8,9 @@ Use :func:`vertrefine.io.read_label_map` / :func:`vertrefine.io.write_label_map`
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -125,10 +128,15 @@ def read_nifti_geometry(path: Path, *, assume_orientation: str | None = None) ->
 
 def _load(path: Path) -> tuple[nib.Nifti1Image | nib.Nifti2Image, tuple[int, ...]]:
     """The nibabel image (voxels not yet read) and its shape; refuse what is not one 3D NIfTI volume."""
+    quiet = logging.getLogger("nibabel.global")  # its own fixes of a header are said here, in one line
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         image = nib.load(str(path))
     except _READ_ERRORS as exc:
         raise InputError(path, f"cannot read this NIfTI file ({_reason(exc)})", _REMEDY_UNREADABLE) from exc
+    finally:
+        quiet.setLevel(level)
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"is a {type(image).__name__}, not a NIfTI image", "save it as .nii or .nii.gz")
     shape = tuple(int(n) for n in image.shape)
@@ -140,7 +148,48 @@ def _load(path: Path) -> tuple[nib.Nifti1Image | nib.Nifti2Image, tuple[int, ...
             f"is {len(shape)}D (shape {shape}), a series of volumes, not one label map",
             "split it and pass one 3D volume",
         )
+    if problem := _size_problem(image, path, shape):  # before a byte of voxels is read or allocated
+        raise InputError(path, *problem)
     return image, shape
+
+
+def _size_problem(
+    image: nib.Nifti1Image | nib.Nifti2Image, path: Path, shape: tuple[int, ...]
+) -> tuple[str, str] | None:
+    """(problem, remedy) when the header's array cannot be what the file holds, else None: more voxels than a
+    label map of a body can have (:data:`vertrefine.volume.MAX_VOXELS`); a voxel size of 0 in pixdim used by
+    the qform (nibabel silently reads it as 1 mm); for an uncompressed .nii, fewer bytes on disk than the
+    header's array needs (a truncated file)."""
+    from .volume import MAX_VOXELS
+
+    voxels = int(np.prod(shape, dtype=np.float64))
+    if voxels > MAX_VOXELS:
+        dims = " x ".join(str(n) for n in shape)
+        return f"has an implausible array size in its header ({dims} = {voxels:.3g} voxels, more than {MAX_VOXELS:.3g})", _REMEDY_HEADER
+    pixdim = _stored_pixdim(image, path)
+    if pixdim is not None and np.any(pixdim == 0) and int(image.header["sform_code"]) == 0:
+        return "has a voxel size of 0 mm in its header (pixdim), which no scanner writes", _REMEDY_HEADER
+    if path.name.lower().endswith(".nii"):
+        needed = int(image.header.get("vox_offset", 0)) + voxels * image.get_data_dtype().itemsize
+        if path.stat().st_size < needed:
+            return (
+                f"is truncated: its header describes {needed} bytes, the file holds {path.stat().st_size}",
+                _REMEDY_UNREADABLE,
+            )
+    return None
+
+
+def _stored_pixdim(image: nib.Nifti1Image | nib.Nifti2Image, path: Path) -> np.ndarray | None:
+    """pixdim[1:4] as stored in the file (nibabel's loaded header has zeros already replaced by 1), or None."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as handle:
+            raw = type(image.header).from_fileobj(handle, check=False)
+    except _READ_ERRORS:
+        return None
+    return np.asarray(raw["pixdim"][1:4], dtype=float)
+
 
 
 def header_geometry(

@@ -74,7 +74,8 @@ def pair_files(pred: str | Path, gt: str | Path) -> tuple[list[Pair], list[Path]
 
     ``pred`` and ``gt`` are both single label maps (a NIfTI or DICOM file, or a DICOM series/SEG folder),
     giving one pair named by the ground truth's case name, or both folders of cases, paired by case
-    name (the file name without .nii.gz/.nii/.dcm, or the sub-folder name). Pairs are sorted by name.
+    name in any letter case (the file name without .nii.gz/.nii/.dcm, or the sub-folder name), named by the
+    ground truth's. Pairs are sorted by name.
     """
     pred, gt = Path(pred), Path(gt)
     pred_single, pred_cases = _as_cases(pred)
@@ -88,12 +89,17 @@ def pair_files(pred: str | Path, gt: str | Path) -> tuple[list[Pair], list[Path]
         )
     if pred_single:
         return [(gt_cases[0].name, pred_cases[0].path, gt_cases[0].path)], [], []
-    by_name_pred = {c.name: c.path for c in pred_cases}
-    by_name_gt = {c.name: c.path for c in gt_cases}
-    pairs = [(name, by_name_pred[name], by_name_gt[name]) for name in sorted(by_name_gt) if name in by_name_pred]
-    unpaired_pred = [by_name_pred[n] for n in sorted(by_name_pred) if n not in by_name_gt]
-    unpaired_gt = [by_name_gt[n] for n in sorted(by_name_gt) if n not in by_name_pred]
-    return pairs, unpaired_pred, unpaired_gt
+    by_key_pred, by_key_gt = _by_key(pred_cases), _by_key(gt_cases)
+    pairs = [(c.name, by_key_pred[k].path, c.path) for k, c in sorted(by_key_gt.items()) if k in by_key_pred]
+    unpaired_pred = [c.path for k, c in sorted(by_key_pred.items()) if k not in by_key_gt]
+    unpaired_gt = [c.path for k, c in sorted(by_key_gt.items()) if k not in by_key_pred]
+    return sorted(pairs), unpaired_pred, unpaired_gt
+
+
+def _by_key(cases: Sequence[Case]) -> dict[str, Case]:
+    """The cases of one side by case name in any letter case (``CASE.NII.GZ`` pairs with ``case.nii.gz``, as
+    refine names their outputs; :func:`vertrefine.cases.find_cases` refuses names that differ only so)."""
+    return {case.name.casefold(): case for case in cases}
 
 
 def no_pairs_message(pred: Path, gt: Path, unpaired_pred: Sequence[Path], unpaired_gt: Sequence[Path]) -> str:
@@ -107,7 +113,7 @@ def no_pairs_message(pred: Path, gt: Path, unpaired_pred: Sequence[Path], unpair
 
     return (
         f"no prediction in {pred} has the case name of a ground truth in {gt}: pairs are matched by case name "
-        "(the file name without .nii.gz/.nii/.dcm, or the DICOM folder's name); "
+        "(the file name without .nii.gz/.nii/.dcm, or the DICOM folder's name, in any letter case); "
         f"predictions: {some(unpaired_pred)}; ground truths: {some(unpaired_gt)}. "
         "Rename one side so that the names match"
     )

@@ -32,6 +32,9 @@ is left. Outside these bounds the header is wrong (units, a lost scale, a corrup
 resample to a 1 mm grid of terabytes (100 mm voxels) or of a few voxels (0.0001 mm voxels)."""
 MAX_FIELD_OF_VIEW_MM = 3000.0
 """The longest side of a label map (mm): a whole-body CT is about 2000 mm long."""
+MAX_VOXELS = 2**31 - 1
+"""The most voxels a label map may hold: 2 GB at one byte a voxel, 16 times a 0.3 mm lumbar CT map (131 M);
+more is a corrupt header (and more than NIfTI-1 tools index)."""
 MAX_COORDINATE_MM = 1.0e6
 """An origin further from the scanner's isocentre than 1 km is a corrupt header, not a position."""
 
