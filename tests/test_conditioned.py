@@ -35,13 +35,16 @@ def _ball(radius: float, size: int = 128) -> np.ndarray:
     return (k**2 + (j / 1.3) ** 2 + i**2 <= radius**2).astype(np.float32)
 
 
-def test_an_untrained_conditioned_decoder_reproduces_its_1mm_input_exactly():
+def test_an_untrained_conditioned_decoder_returns_its_input_as_the_2mm_occupancy_holds_it():
     model = _model()
     x = torch.from_numpy(_ball(20.5))[None, None]
-    x[..., 60:64, 60:62, 10:40] = 1.0  # a thin process: 2 x 4 voxels, finer than the 2 mm internal grid
     with torch.no_grad():
         probability = model.decoder(torch.randn(1, 2, 16, 16, 16), x)
-    assert torch.equal(probability > 0.5, x > 0.5)
+        low = torch.nn.functional.avg_pool3d(x, 2)
+        upsampled = torch.nn.functional.interpolate(low, scale_factor=2, mode="trilinear", align_corners=False)
+    assert torch.equal(probability > 0.5, upsampled > 0.5)  # trust only: the input's occupancy, thresholded
+    a, b = probability > 0.5, x > 0.5
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.98
 
 
 def test_the_trust_and_bias_decide_the_logit_voxel_by_voxel():
@@ -49,11 +52,13 @@ def test_the_trust_and_bias_decide_the_logit_voxel_by_voxel():
     with torch.no_grad():
         model.decoder.head.weight.normal_(std=0.5)  # a trained head: trust and bias vary in space
         z, x = torch.randn(1, 2, 16, 16, 16), torch.from_numpy(_ball(30.0))[None, None]
-        a, b = model.decoder.trust_and_bias(z, torch.nn.functional.avg_pool3d(x, 2))
+        low = torch.nn.functional.avg_pool3d(x, 2)
+        a, b = model.decoder.trust_and_bias(z, low)
         logits = model.decoder.logits(z, x)
         up = lambda m: torch.nn.functional.interpolate(m, scale_factor=2, mode="trilinear", align_corners=False)  # noqa: E731
     assert bool((a >= 0).all())
-    torch.testing.assert_close(logits, up(b) + up(a) * (2 * x - 1))
+    torch.testing.assert_close(logits, up(b) + up(a) * (2 * up(low) - 1))
+    torch.testing.assert_close(model.decoder.logits_lowres(z, low), b + a * (2 * low - 1))
 
 
 def test_decoder_input_dropout_empties_whole_rows_only():

@@ -180,10 +180,9 @@ def validate(
     The posterior mean is decoded (no sampling), upsampled to 1 mm and thresholded at 0.5, as refine's
     exported encoder and decoder do, and compared with the cached 1 mm mask. The thick-slice Dice encodes
     (and, for a conditioned decoder, decodes with) a degraded variant of the patch instead (variant
-    ``i % k`` of patch ``i``; at 1 mm its 2 mm occupancy upsampled and thresholded at 0.5); it equals the
+    ``i % k`` of patch ``i``, its 2 mm occupancy); it equals the
     clean Dice for a cache without variants.
     """
-    from .objectives import one_mm_input
     from .validation import validation_masks
 
     was_training = model.training
@@ -197,30 +196,29 @@ def validate(
         mu, _ = model.encoder.forward_lowres(x)
         logits = model.decoder.logits_lowres(mu, x) if conditioned else model.decoder.logits_lowres(mu)
         recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).mean(1)
-        dice = _dice_1mm(model, mu, masks.to(device, torch.float32), logits, masks)
+        dice = _dice_1mm(model, mu, x, logits, masks)
         dice_sum += float(dice.sum())
         recon_sum += float(recon.sum())
         if cache.n_variants:
             thick = [np.asarray(cache.degraded_lowres(int(i), int(i) % cache.n_variants), np.float32) for i in chunk]
             x_thick = torch.from_numpy(np.stack(thick))[:, None].to(device)
             mu, _ = model.encoder.forward_lowres(x_thick)
-            x_1mm = one_mm_input(x_thick, model.config.downsample)
             low = model.decoder.logits_lowres(mu, x_thick) if conditioned else model.decoder.logits_lowres(mu)
-            dice = _dice_1mm(model, mu, x_1mm, low, masks)
+            dice = _dice_1mm(model, mu, x_thick, low, masks)
         thick_sum += float(dice.sum())
     model.train(was_training)
     return dice_sum, recon_sum, len(indices), thick_sum
 
 
 def _dice_1mm(
-    model: VertebraModel, mu: torch.Tensor, x_1mm: torch.Tensor, logits_lowres: torch.Tensor, masks: torch.Tensor
+    model: VertebraModel, mu: torch.Tensor, x_low: torch.Tensor, logits_lowres: torch.Tensor, masks: torch.Tensor
 ) -> torch.Tensor:
-    """Dice [B] at 1 mm of the decoded means against ``masks``: a conditioned decoder decodes with the 1 mm
-    input ``x_1mm`` [B, 1, 128, 128, 128], the others' internal-grid logits are upsampled."""
+    """Dice [B] at 1 mm of the decoded means against ``masks``: a conditioned decoder decodes at 1 mm from the
+    input's internal-grid occupancy ``x_low`` as its exported form does, the others' logits are upsampled."""
     from .validation import reconstruction_dice
 
     if model.config.conditioned:
-        return reconstruction_dice(model.decoder.logits(mu, x_1mm), masks, upsample=False)
+        return reconstruction_dice(model.decoder.logits_from_lowres(mu, x_low), masks, upsample=False)
     return reconstruction_dice(logits_lowres, masks)
 
 

@@ -85,15 +85,6 @@ def decoder_input(x: torch.Tensor, dropout: float, generator: torch.Generator) -
     return x * _rows(keep.to(x.dtype), x)
 
 
-def one_mm_input(x_low: torch.Tensor, scale: int = 2) -> torch.Tensor:
-    """A binary 1 mm input [B, 1, P, P, P] from a 2 mm soft occupancy [B, 1, p, p, p]: trilinear upsampling
-    thresholded at 1/2. A conditioned decoder is trained on such inputs so that its trust ``a`` and bias ``b``
-    are learned against a binary 1 mm input, which is what refine gives it (trained on the soft 2 mm
-    occupancy, the trust stayed far above the bias and the 1 mm result was the input itself)."""
-    up = F.interpolate(x_low, scale_factor=scale, mode="trilinear", align_corners=False)
-    return (up > 0.5).to(x_low.dtype)
-
-
 def _elbo_terms(
     model: VertebraModel,
     x: torch.Tensor,
@@ -107,11 +98,8 @@ def _elbo_terms(
     (:func:`decoder_input`: rows emptied with probability ``input_dropout``)."""
     mu, logvar = model.encoder.forward_lowres(x)
     z0 = mu + torch.exp(0.5 * logvar) * _randn(mu.shape, mu, generator)
-    if model.config.conditioned:  # scored at 1 mm, as refine decodes it (binary 1 mm input)
-        x_1mm = one_mm_input(decoder_input(x, input_dropout, generator), model.config.downsample)
-        logits = model.decoder.logits(z0, x_1mm)
-        target = F.interpolate(target, scale_factor=model.config.downsample, mode="trilinear", align_corners=False)
-        target = target.clamp(0.0, 1.0)
+    if model.config.conditioned:
+        logits = model.decoder.logits_lowres(z0, decoder_input(x, input_dropout, generator))
     else:
         logits = model.decoder.logits_lowres(z0)
     recon = F.binary_cross_entropy_with_logits(logits, target)
