@@ -151,8 +151,10 @@ LINE_NAMES: dict[str, str] = {
     "sdf": "sdf",
     "sdf2d": "sdf2d",
     "vae": "VAE",
+    "vae-dc": "VAE+DC",
     "lsd-ebm-noguide": "LSD-EBM(no guidance)",
     "lsd-ebm": "LSD-EBM",
+    "lsd-ebm-dc": "LSD-EBM+DC",
     "refine": "refine",
 }
 """How the last stdout line names each row (a row missing here is named by its key)."""

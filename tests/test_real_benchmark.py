@@ -155,7 +155,7 @@ def test_worst_change_is_the_lowest_per_vertebra_difference(run):
     assert change["below"] == sum(d < 0 for d in diffs)
     assert f"{min(diffs):+.4f}" in markdown
     assert line.startswith("real: clean 5mm sagittal native  input DSC ")
-    assert line.endswith(f"LSD-EBM n/a  refine n/a  worst change {min(diffs):+.4f}")
+    assert line.endswith(f"LSD-EBM n/a  LSD-EBM+DC n/a  refine n/a  worst change {min(diffs):+.4f}")
 
 
 def test_a_case_gets_the_same_seed_and_result_whichever_cases_are_listed(run, data):
