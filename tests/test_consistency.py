@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from vertrefine.degrade import degrade
+from vertrefine.degrade import CLEAN, degrade
 from vertrefine.guidance import project_labels, slab_means
 from vertrefine.refine import Refiner, _box_observation, _input_instance_ids
 from vertrefine.sampler import SamplerSettings
 from vertrefine.spatial import crop, resample_labels
 from vertrefine.synth import synth_spine
 
-NOISE_FREE = dict(boundary_amplitude_mm=0, threshold_jitter=0, posterior_loss_mm=0, truncation=0, islands=0)
+NOISE_FREE = CLEAN  # degrade --clean
 
 
 def _columns(shape: tuple[int, int, int], thickness: int) -> np.ndarray:

@@ -54,7 +54,7 @@ from ..atomic import atomic_path
 from ..cases import Case, case_name, find_cases, is_dicom_file, is_nifti
 from ..conventions import PATCH_SIZE, WORKING_SPACING_MM
 from ..corruptions import corrupt
-from ..degrade import degrade
+from ..degrade import CLEAN, degrade
 from ..errors import InputError
 from ..labels import BINARY_MASK_VALUES, label_for_level, level_name
 from ..volume import Volume
@@ -73,8 +73,6 @@ INDEX_NAME = "index.json"
 SHARDS = "shards"
 DEGRADE_AXES = ("sagittal", "axial", "coronal")
 DEGRADE_SLICE_MM = (3.0, 7.0)
-CLEAN_SLABS = dict(boundary_amplitude_mm=0.0, threshold_jitter=0.0, posterior_loss_mm=0.0, truncation=0.0, islands=0.0)
-""":func:`vertrefine.degrade.degrade` settings of a clean thick-slice variant: partial volume thresholded at 0.5."""
 VARIANT_ERRORS = ("degrade", "families")
 """Where the errors of the degraded variants come from (``build_patch_cache(variant_errors=...)``)."""
 _ARRAYS = ("lowres", "masks", "degraded")
@@ -461,7 +459,7 @@ def _patches_of(
                 family = "clean" if clean else "mixed"
                 native = corrupt(instances_volume, family, slice_mm=slice_mm, axis=axis, seed=degrade_seed, vertebrae=ids)
             else:
-                noise = CLEAN_SLABS if clean else {}
+                noise = CLEAN if clean else {}  # degrade --clean's settings
                 native = degrade(instances_volume, slice_mm=slice_mm, axis=axis, seed=degrade_seed, native=True, **noise)
             damaged = spatial.resample_labels(native, working.geometry).array
             for n, (inst, box, _) in enumerate(crops):
