@@ -88,7 +88,6 @@ from vertrefine.degrade import SLICE_AXES, degrade
 from vertrefine.errors import InputError
 from vertrefine.info import PACKAGES, package_version
 from vertrefine.io import read_label_map
-from vertrefine.metrics import METRIC_KEYS
 from vertrefine.refine import Refiner
 from vertrefine.score import _plain, score_case, summarize
 from vertrefine.spatial import resample_labels, to_working_grid, working_geometry

@@ -8,7 +8,6 @@ Use :func:`vertrefine.io.read_label_map` / :func:`vertrefine.io.write_label_map`
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import zlib
